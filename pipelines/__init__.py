@@ -1,0 +1,1 @@
+"""Beam pipelines: passthrough (baseline), tickets, documents."""
