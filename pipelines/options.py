@@ -1,0 +1,191 @@
+"""Pipeline options (Beam ``PipelineOptions`` conventions) and the typed config built from them.
+
+Every flag is accepted with hyphens (``--bootstrap-servers``) and with
+underscores (``--bootstrap_servers``, what Dataflow Flex Template parameters
+use). ``--streaming`` is Beam's own flag: it makes the Kafka read unbounded;
+without it the read is bounded (``--bounded``, the default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime, timezone
+from typing import Any, Mapping, Optional
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from tierflow import schemas
+from tierflow.connectors.codecs import FORMATS, Codec, make_codec
+from tierflow.connectors.kafka_source import KafkaReadConfig
+
+__all__ = ["KafkaSourceOptions", "ParquetSinkOptions", "SourceSinkConfig", "parse_time_ms"]
+
+
+def _add(parser, name: str, **kwargs) -> None:
+  parser.add_argument(f"--{name}", f"--{name.replace('-', '_')}",
+                      dest=name.replace("-", "_"), **kwargs)
+
+
+def parse_time_ms(value: str | int | None) -> Optional[int]:
+  """Epoch millis from an int, digits, or ISO-8601 (``2026-11-20``, ``2026-11-20T06:00Z``)."""
+  if value is None or value == "":
+    return None
+  if isinstance(value, int):
+    return value
+  text = str(value).strip()
+  if text.lstrip("-").isdigit():
+    return int(text)
+  try:
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+  except ValueError as e:
+    raise ValueError(f"{value!r} is neither epoch millis nor an ISO-8601 time") from e
+  if parsed.tzinfo is None:
+    parsed = parsed.replace(tzinfo=timezone.utc)
+  return int(parsed.timestamp() * 1000)
+
+
+def _key_values(pairs: list[str] | None) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for pair in pairs or []:
+    key, sep, value = pair.partition("=")
+    if not sep:
+      raise ValueError(f"--kafka-consumer-config takes KEY=VALUE, got {pair!r}")
+    try:
+      out[key.strip()] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key.strip()] = value
+  return out
+
+
+class KafkaSourceOptions(PipelineOptions):
+  """Where to read from and how to decode."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    # Beam's KafkaStreamsRunnerOptions already owns --bootstrap_servers (with a
+    # localhost default); --bootstrap-servers is ours, and an explicit
+    # --bootstrap_servers is honoured too (see SourceSinkConfig.from_options).
+    parser.add_argument("--bootstrap-servers", "--kafka-bootstrap-servers",
+                        "--kafka_bootstrap_servers", dest="kafka_bootstrap_servers",
+                        default=None, help="Kafka bootstrap servers, host:port[,host:port]")
+    _add(parser, "topic", help="Kafka topic to read")
+    _add(parser, "format", default="json", choices=FORMATS, help="message value format")
+    _add(parser, "schema", default=None,
+         help="reader schema: a bundled name (ticket, document) or a path to an .avsc")
+    _add(parser, "schema-registry-url", default=None,
+         help="Confluent schema registry, for --format confluent-avro")
+    _add(parser, "schema-id", type=int, default=1,
+         help="schema id of the bundled schema when no registry is given")
+    _add(parser, "bounded", action="store_true", default=False,
+         help="read from the committed (else earliest) offsets up to the high-watermark "
+              "seen at start, then finish (the default unless --streaming)")
+    _add(parser, "start-offset", default=None,
+         help="first offset to read: N for every partition, or P:N,P:N")
+    _add(parser, "end-offset", default=None,
+         help="offset to stop before (exclusive): N or P:N,P:N")
+    _add(parser, "start-time", default=None,
+         help="read from the first record at or after this time (epoch ms or ISO-8601)")
+    _add(parser, "end-time", default=None,
+         help="stop before the first record at or after this time (epoch ms or ISO-8601)")
+    _add(parser, "group-id", default=None,
+         help="consumer group for committed offsets (default tierflow.<pipeline>.<topic>)")
+    _add(parser, "commit-offsets", default="auto", choices=("auto", "always", "never"),
+         help="commit offsets on bundle finalization; auto = not for explicit offset/time "
+              "ranges, so a backfill never moves the group's position")
+    _add(parser, "kafka-consumer-config", action="append", default=None,
+         help="extra kafka-python consumer setting KEY=VALUE (repeatable), e.g. "
+              "security_protocol=SASL_SSL")
+    _add(parser, "max-record-bytes", type=int, default=1024 * 1024,
+         help="records larger than this go to the dead-letter output")
+    _add(parser, "max-read-seconds", type=float, default=None,
+         help="stop a streaming read after this long (for tests, demos and bounded soaks)")
+    _add(parser, "max-out-of-orderness-seconds", type=float, default=5.0,
+         help="how far the streaming watermark trails the newest record timestamp")
+
+
+class ParquetSinkOptions(PipelineOptions):
+  """Where and how to write."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    _add(parser, "output", help="output directory (local path, gs://, s3://)")
+    _add(parser, "rows-per-file", type=int, default=100_000,
+         help="maximum rows per Parquet file")
+    _add(parser, "window-seconds", type=int, default=60,
+         help="streaming: length of the event-time windows that cut files")
+    _add(parser, "allowed-lateness-seconds", type=int, default=3600,
+         help="streaming: how long a window accepts late records (a second line of "
+              "defence; the source stamps records behind the watermark at the watermark)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSinkConfig:
+  """The typed configuration shared by every pipeline: Kafka in, Parquet out."""
+  source: KafkaReadConfig
+  format: str
+  schema: Mapping[str, Any]
+  output: str
+  schema_registry_url: Optional[str] = None
+  schema_id: int = 1
+  max_record_bytes: int = 1024 * 1024
+  rows_per_file: int = 100_000
+  window_seconds: int = 60
+  allowed_lateness_seconds: int = 3600
+
+  @property
+  def streaming(self) -> bool:
+    return not self.source.bounded
+
+  def codec(self) -> Codec:
+    return make_codec(self.format, self.schema, schema_registry_url=self.schema_registry_url,
+                      schema_id=self.schema_id)
+
+  @classmethod
+  def from_options(cls, options: PipelineOptions, *, pipeline: str,
+                   default_schema: str = "ticket") -> "SourceSinkConfig":
+    """Builds and validates the config; raises ValueError naming the flag at fault."""
+    k = options.view_as(KafkaSourceOptions)
+    o = options.view_as(ParquetSinkOptions)
+    streaming = bool(options.view_as(StandardOptions).streaming)
+    bootstrap = (k.kafka_bootstrap_servers
+                 or options.get_all_options(drop_default=True).get("bootstrap_servers"))
+    for flag, value in (("--bootstrap-servers", bootstrap), ("--topic", k.topic),
+                        ("--output", o.output)):
+      if not value:
+        raise ValueError(f"{flag} is required")
+    if streaming and k.bounded:
+      raise ValueError("--bounded and --streaming exclude each other")
+    explicit_range = any(v is not None for v in (k.start_offset, k.end_offset, k.start_time,
+                                                 k.end_time))
+    commit = {"always": True, "never": False, "auto": not explicit_range}[k.commit_offsets]
+    if k.max_record_bytes <= 0:
+      raise ValueError("--max-record-bytes must be positive")
+    if o.rows_per_file <= 0:
+      raise ValueError("--rows-per-file must be positive")
+    source = KafkaReadConfig(
+        bootstrap_servers=bootstrap,
+        topic=k.topic,
+        bounded=not streaming,
+        start_offset=k.start_offset,
+        end_offset=k.end_offset,
+        start_time_ms=parse_time_ms(k.start_time),
+        end_time_ms=parse_time_ms(k.end_time),
+        group_id=k.group_id or f"tierflow.{pipeline}.{k.topic}",
+        commit_offsets=commit,
+        consumer_config=_key_values(k.kafka_consumer_config),
+        max_out_of_orderness_s=k.max_out_of_orderness_seconds,
+        max_read_seconds=k.max_read_seconds,
+    )
+    return cls(
+        source=source,
+        format=k.format,
+        schema=schemas.load(k.schema or default_schema),
+        output=o.output.rstrip("/"),
+        schema_registry_url=k.schema_registry_url,
+        schema_id=k.schema_id,
+        max_record_bytes=k.max_record_bytes,
+        rows_per_file=o.rows_per_file,
+        window_seconds=o.window_seconds,
+        allowed_lateness_seconds=o.allowed_lateness_seconds,
+    )

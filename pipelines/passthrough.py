@@ -1,0 +1,20 @@
+"""``passthrough``: Kafka -> decode -> Parquet, no models.
+
+The baseline every model pipeline is benchmarked against, and a plain
+Kafka-to-lake backfill job in its own right.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+
+from tierflow.pipelines.options import SourceSinkConfig
+from tierflow.pipelines.transforms import ReadRecords, WriteOutputs, row_schema
+
+NAME = "passthrough"
+
+
+def build_pipeline(p: beam.Pipeline, config: SourceSinkConfig) -> None:
+  """Adds the passthrough graph to ``p``; no I/O happens until ``p`` runs."""
+  records = p | "Read" >> ReadRecords(config)
+  _ = records | "Write" >> WriteOutputs(config, row_schema(config))
