@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping, NamedTuple
 
 import apache_beam as beam
+from apache_beam.transforms import window
 
 from tierflow import schemas
 from tierflow.connectors.decode import DecodeRecords
@@ -67,7 +68,9 @@ class WriteOutputs(beam.PTransform):
   def expand(self, outputs: Records):
     rows, dead = outputs
     written = rows | "WriteResults" >> self._sink(RESULTS_DIR, self._schema)
-    unwritable = written.failed | "UnwritableToDeadLetter" >> beam.Map(to_dead_letter)
+    unwritable = (written.failed
+                  | "UnwritableToDeadLetter" >> beam.Map(to_dead_letter)
+                  | "BackToGlobalWindow" >> beam.WindowInto(window.GlobalWindows()))
     dead_written = ((dead, unwritable)
                     | "AllDeadLetters" >> beam.Flatten()
                     | "WriteDeadLetters" >> self._sink(DEAD_LETTER_DIR,

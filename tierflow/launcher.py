@@ -27,6 +27,8 @@ _LOGGER = logging.getLogger(__name__)
 # optionally config_from_options(options) (else SourceSinkConfig.from_options).
 PIPELINES = {
     "passthrough": "tierflow.pipelines.passthrough",
+    "tickets": "tierflow.pipelines.tickets",
+    "documents": "tierflow.pipelines.documents",
 }
 
 

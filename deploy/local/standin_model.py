@@ -1,0 +1,165 @@
+"""A rule-based STAND-IN model that answers tierflow's stage prompts.
+
+Not a language model and not a quality reference: it scores labels by keyword
+hits, extracts a few known fields (order ids, amounts) by regex, and summarises with
+the first sentence. It exists so the offline demo has a frontier tier to call
+over the real Anthropic/OpenAI wire formats, and so benchmarks have an instant
+model. Its confidences (logprobs) come from keyword margins. Never report its
+outputs as model quality.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Mapping, Optional
+
+from tierflow.local.provider_server import Completion, ProviderRequest, TokenLogprob, tokenize
+
+__all__ = ["KeywordStandIn", "DEFAULT_KEYWORDS"]
+
+DEFAULT_KEYWORDS: Mapping[str, tuple] = {
+    "billing": ("charge", "charged", "refund", "invoice", "payment", "billed", "bill", "card",
+                "subscription", "price", "paid", "pay", "cobro", "rechnung", "facture", "fee"),
+    "shipping": ("delivery", "deliver", "parcel", "package", "tracking", "shipped", "shipping",
+                 "courier", "arrived", "arrive", "address", "lieferung", "envío", "livraison"),
+    "returns": ("return", "exchange", "rma", "send back", "label", "swap", "devolución",
+                "rücksendung", "retour", "wrong size"),
+    "account": ("login", "log in", "password", "account", "2fa", "sign in", "email address",
+                "locked", "reset", "delete my", "username", "konto", "cuenta", "compte"),
+    "product_defect": ("broken", "defect", "faulty", "stopped working", "cracked", "damaged",
+                       "doesn't work", "does not work", "leak", "smoke", "overheat", "kaputt",
+                       "roto", "cassé"),
+    "other": ("thank", "partnership", "question", "feedback", "love", "great", "suggestion",
+              "wholesale", "press", "collaborat"),
+    "business": ("company", "market", "shares", "profit", "economy", "bank", "firm", "sales"),
+    "entertainment": ("film", "music", "award", "actor", "star", "show", "band", "album"),
+    "politics": ("government", "minister", "election", "party", "labour", "tory", "mp"),
+    "sport": ("match", "game", "team", "player", "cup", "win", "coach", "season"),
+    "tech": ("software", "computer", "internet", "mobile", "technology", "users", "digital"),
+}
+
+_CURRENCY = {"$": "USD", "€": "EUR", "£": "GBP", "EUR": "EUR", "USD": "USD", "GBP": "GBP",
+             "CAD": "CAD"}
+_AMOUNT_RE = re.compile(r"(CAD \$|\$|€|£|EUR |USD |GBP )\s?(\d+(?:[.,]\d{1,2})?)"
+                        r"|(\d+(?:[.,]\d{1,2})?)\s?(€|EUR|USD|GBP)")
+
+
+def _amount(text: str) -> tuple[Optional[float], Optional[str]]:
+  m = _AMOUNT_RE.search(text)
+  if not m:
+    return None, None
+  symbol, number = (m.group(1), m.group(2)) if m.group(2) else (m.group(4), m.group(3))
+  symbol = symbol.strip()
+  return float(number.replace(",", ".")), _CURRENCY.get(symbol.split()[0] if symbol.startswith(
+      "CAD") else symbol, _CURRENCY.get(symbol))
+
+
+def _order_id(text: str) -> Optional[str]:
+  m = re.search(r"(?:\bNW[-\s]?|\border\s#?|#)(\d{5})\b", text, re.IGNORECASE)
+  return f"NW-{m.group(1)}" if m else None
+
+
+# Field extractors of the stand-in, by field name; other fields come back null.
+FIELD_EXTRACTORS = {
+    "order_id": _order_id,
+    "amount": lambda text: _amount(text)[0],
+    "currency": lambda text: _amount(text)[1],
+}
+
+_LABELS_RE = re.compile(r"exactly one of these labels: (.+?)\.\n", re.S)
+_FIELD_RE = re.compile(r'^- "([^"]+)" \(([a-z]+) or null\)', re.M)
+_WORDS_RE = re.compile(r"at most (\d+) words")
+
+
+def _softmax_top(scores: Mapping[str, float]) -> list[tuple[str, float]]:
+  m = max(scores.values())
+  exp = {k: math.exp(v - m) for k, v in scores.items()}
+  z = sum(exp.values())
+  return sorted(((k, math.log(v / z)) for k, v in exp.items()), key=lambda kv: -kv[1])
+
+
+class KeywordStandIn:
+  """Responder for ``LocalProviderServer``: parses tierflow prompts, answers them."""
+
+  def __init__(self, keywords: Optional[Mapping[str, tuple]] = None, sharpness: float = 1.5):
+    self.keywords = dict(DEFAULT_KEYWORDS if keywords is None else keywords)
+    self.sharpness = sharpness
+
+  # -- the three tasks -----------------------------------------------------
+  def classify(self, labels: list[str], text: str) -> tuple[str, list[tuple[str, float]]]:
+    low = text.casefold()
+    scores = {}
+    for label in labels:
+      words = self.keywords.get(label, tuple(re.split(r"[_\s]+", label)))
+      scores[label] = self.sharpness * sum(low.count(w) for w in words)
+    ranked = _softmax_top(scores)
+    return ranked[0][0], ranked
+
+  @staticmethod
+  def extract(fields: list[tuple[str, str]], text: str) -> dict:
+    return {name: (FIELD_EXTRACTORS[name](text) if name in FIELD_EXTRACTORS else None)
+            for name, _ in fields}
+
+  @staticmethod
+  def summarise(text: str, max_words: int) -> str:
+    body = text.split("\n\n", 1)[-1] if "\n\n" in text else text
+    sentence = re.split(r"(?<=[.!?])\s", body.strip(), maxsplit=1)[0]
+    return " ".join(sentence.split()[:max_words]) or "No content."
+
+  # -- protocol ------------------------------------------------------------
+  def __call__(self, request: ProviderRequest) -> Completion:
+    system, user = request.system, request.last_user_text
+    records = self._records(user)
+    labels_m = _LABELS_RE.search(system + "\n")
+    packed = len(records) > 1
+    pieces: list[tuple[str, Optional[list]]] = []  # (text, top alternatives at its start)
+    for i, (rid, text) in enumerate(records):
+      if labels_m:
+        labels = [l.strip() for l in labels_m.group(1).split(",")]
+        label, ranked = self.classify(labels, text)
+        if packed:
+          pieces += [(f'{{"id": "{rid}", "label": "', None), (label, ranked), ('"}\n', None)]
+        else:
+          pieces.append((label, ranked))
+      elif _FIELD_RE.search(system):
+        fields = _FIELD_RE.findall(system)
+        values = self.extract(fields, text)
+        obj = {"id": rid, "fields": values} if packed else values
+        pieces.append((json.dumps(obj, ensure_ascii=False) + ("\n" if packed else ""), None))
+      else:
+        words = int((_WORDS_RE.search(system) or [None, 40])[1])
+        summary = self.summarise(text, words)
+        obj = json.dumps({"id": rid, "summary": summary}, ensure_ascii=False) + "\n" \
+            if packed else summary
+        pieces.append((obj, None))
+    return self._completion(pieces)
+
+  @staticmethod
+  def _records(user: str) -> list[tuple[str, str]]:
+    if user.startswith("Record:\n"):
+      line = user[len("Record:\n"):].split("\n", 1)[0]
+      return [("r1", json.loads(line))]
+    out = []
+    for line in user.splitlines():
+      if line.startswith('{"id"'):
+        obj = json.loads(line)
+        out.append((obj["id"], obj["text"]))
+    return out
+
+  @staticmethod
+  def _completion(pieces: list[tuple[str, Optional[list]]]) -> Completion:
+    text, tokens = "", []
+    for piece, ranked in pieces:
+      toks = tokenize(piece)
+      for j, tok in enumerate(toks):
+        if ranked is not None and j == 0:
+          # The label's first token carries the label distribution.
+          chosen = ranked[0][1]
+          top = tuple((tokenize(l)[0] if tokenize(l) else l, lp) for l, lp in ranked[:5])
+          tokens.append(TokenLogprob(tok, chosen, top))
+        else:
+          tokens.append(TokenLogprob(tok, -0.001, ((tok, -0.001),)))
+      text += piece
+    return Completion(text, tokens if "".join(t.token for t in tokens) == text else None)

@@ -1,0 +1,82 @@
+"""What ``tickets`` and ``documents`` share: Kafka -> small tier -> escalation -> ledger -> Parquet."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from tierflow import schemas
+from tierflow.config import RunConfig, load_config
+from tierflow.connectors.decode import dead_letter
+from tierflow.pipelines.options import SourceSinkConfig, _add
+from tierflow.pipelines.routing import RouteThroughTiers
+from tierflow.pipelines.transforms import ReadRecords, Records, WriteOutputs, row_schema
+from tierflow.prices import PriceBook, load_price_book
+
+__all__ = ["ModelOptions", "ModelPipelineConfig", "config_from_options", "build_pipeline"]
+
+
+class ModelOptions(PipelineOptions):
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    _add(parser, "config", default=None,
+         help="run config YAML (models, stages, thresholds, budget); default: the bundled "
+              "config named after the pipeline")
+    _add(parser, "calibration", default=None,
+         help="calibration file from `tierflow calibrate`: its thresholds replace the config's")
+    _add(parser, "budget-usd", type=float, default=None,
+         help="override the config's per-run budget cap for frontier escalations")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPipelineConfig:
+  io: SourceSinkConfig
+  run: RunConfig
+  price_book: PriceBook
+  calibration_version: Optional[str] = None
+
+  @property
+  def output(self) -> str:
+    return self.io.output
+
+
+def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelineConfig:
+  m = options.view_as(ModelOptions)
+  run = load_config(m.config or pipeline)
+  calibration_version = None
+  if m.calibration:
+    from tierflow.calibration import Calibration
+    calibration = Calibration.load(m.calibration)
+    run = run.with_thresholds(calibration.thresholds())
+    calibration_version = calibration.version
+  if m.budget_usd is not None:
+    if m.budget_usd < 0:
+      raise ValueError("--budget-usd must be >= 0")
+    run = dataclasses.replace(run, budget_usd=m.budget_usd)
+  io = SourceSinkConfig.from_options(options, pipeline=pipeline, default_schema=run.schema)
+  if io.schema.get("name") != schemas.load(run.schema).get("name"):
+    raise ValueError(f"--schema {io.schema.get('name')} does not match the config's "
+                     f"input schema {run.schema}")
+  return ModelPipelineConfig(io, run, load_price_book(run.price_book), calibration_version)
+
+
+def _dead_letter_of(row: dict) -> dict:
+  return dead_letter(row, "route", "model_failure", row.get("error") or "no answer", None,
+                     None)
+
+
+def build_pipeline(p: beam.Pipeline, config: ModelPipelineConfig) -> None:
+  """Adds the routed model pipeline to ``p``; no I/O happens until ``p`` runs."""
+  io = config.io
+  records = p | "Read" >> ReadRecords(io)
+  results, failed = records.rows | "Route" >> RouteThroughTiers(
+      config.run, config.price_book, streaming=io.streaming,
+      calibration_version=config.calibration_version)
+  dead = ((records.dead_letter,
+           failed | "FailedToDeadLetter" >> beam.Map(_dead_letter_of))
+          | "AllDeadLetters" >> beam.Flatten())
+  _ = Records(results, dead) | "Write" >> WriteOutputs(
+      io, row_schema(io, schemas.load("result"), name=f"{io.schema['name']}Result"))
