@@ -122,7 +122,7 @@ class Codec:
     try:
       fastavro.validation.validate(row, self._parsed, raise_errors=True)
     except fastavro.validation.ValidationError as e:
-      raise DecodeError("schema_violation", "; ".join(e.errors) or str(e)) from e
+      raise DecodeError("schema_violation", "; ".join(str(x) for x in e.errors) or str(e)) from e
     return row
 
 

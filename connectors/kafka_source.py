@@ -297,7 +297,8 @@ class _PartitionRestrictionProvider(RestrictionProvider):
 
 
 def _set_if_greater(estimator: ManualWatermarkEstimator, ts: Timestamp) -> None:
-  if ts > estimator.current_watermark():
+  current = estimator.current_watermark()
+  if current is None or ts > current:
     estimator.set_watermark(ts)
 
 
@@ -371,7 +372,7 @@ class _ReadPartitionFn(beam.DoFn):
           break
         event = Timestamp.of(rec.timestamp / 1000.0)
         wm = watermark.current_watermark() if watermark is not None else None
-        if wm is not None and event < wm:
+        if wm is not None and event < wm:  # behind the watermark: would be late
           self._behind.inc()
           event = wm
         yield TimestampedValue(
