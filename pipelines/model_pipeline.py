@@ -50,8 +50,8 @@ def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelin
   if m.calibration:
     from tierflow.calibration import Calibration
     calibration = Calibration.load(m.calibration)
-    run = run.with_thresholds(calibration.thresholds())
-    calibration_version = calibration.version
+    run = run.with_thresholds({s.name: calibration.threshold(s.name) for s in run.stages})
+    calibration_version = f"{calibration.created_at}/{calibration.data_hash[:12]}"
   if m.budget_usd is not None:
     if m.budget_usd < 0:
       raise ValueError("--budget-usd must be >= 0")

@@ -129,8 +129,9 @@ class StageConfig:
       raise ValueError(f"stage {self.name}: a classify stage needs at least two labels")
     if self.kind == "extract" and not self.fields:
       raise ValueError(f"stage {self.name}: an extract stage needs fields")
-    if not 0.0 <= float(self.threshold) <= 1.0:
-      raise ValueError(f"stage {self.name}: threshold must be in [0, 1]")
+    # Above 1 (a calibration that could not certify: +inf) escalates every record.
+    if not float(self.threshold) >= 0.0:
+      raise ValueError(f"stage {self.name}: threshold must be >= 0")
     if self.max_words < 1:
       raise ValueError(f"stage {self.name}: max_words must be >= 1")
 
