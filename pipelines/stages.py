@@ -177,6 +177,20 @@ def _grounded(value: str, source: str) -> bool:
   return bool(digits) and all(d in source for d in digits)
 
 
+def _first_token_label(stage: StageConfig, first: TokenInfo) -> tuple[Optional[str], float]:
+  """(most probable label, its probability) from the first generated token's
+  alternatives (top_logprobs include the chosen token): an alternative counts
+  for every label that starts with it."""
+  mass = {label: 0.0 for label in stage.labels}
+  for token, logprob in (first.top or ((first.token, first.logprob),)):
+    t = token.strip().casefold()
+    for label in stage.labels if t else ():
+      if label.casefold().startswith(t):
+        mass[label] += math.exp(logprob)
+  best = max(mass, key=mass.get)
+  return (best, min(1.0, mass[best])) if mass[best] > 0 else (None, 0.0)
+
+
 def _verbalised(obj: Mapping[str, Any]) -> Optional[float]:
   c = obj.get("confidence")
   if isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1:
@@ -303,6 +317,13 @@ def _answer(stage: StageConfig, obj: Any, raw_span: tuple[int, int], reply: Mode
         if len({l for _, l in hits}) == 1:
           pos, label = hits[0]
           err, span = None, (a + pos, a + pos + len(label))
+      if err and reply.tokens:
+        # The answer strays from the label set ("I think this is about ..."):
+        # read the label distribution off the first token's alternatives.
+        label, p = _first_token_label(stage, reply.tokens[0])
+        if label is not None:
+          return Answer(label, p, "logprob", ("label from first-token alternatives",),
+                        answer_chars=b - a)
       conf_obj = {}
     else:
       label, err = _check_label(stage, obj.get("label"))

@@ -66,6 +66,17 @@ def test_bare_single_answer_and_verbalised_fallback():
   assert (b.value, b.signal, b.confidence) == ("billing", "verbalised", 0.35)
 
 
+def test_off_format_answer_reads_the_label_from_first_token_alternatives():
+  first = TokenInfo("The", math.log(0.5), (("The", math.log(0.5)), ("ship", math.log(0.3)),
+                                           ("Bill", math.log(0.1)), ("sh", math.log(0.05))))
+  reply = _reply("The ticket is about a parcel", (first,) + _tokens(" ticket is about a parcel"))
+  [a] = parse_reply(CLASSIFY, reply, ["x"])
+  assert a.value == "shipping" and a.confidence == pytest.approx(0.35)
+  nothing = TokenInfo("The", -0.1, (("The", -0.1), ("A", -3.0)))
+  [b] = parse_reply(CLASSIFY, _reply("The end", (nothing, TokenInfo(" end", -0.1))), ["x"])
+  assert b.error and "not in the label set" in b.error
+
+
 def test_packed_answers_match_ids_one_to_one():
   text = ('{"id": "r3", "label": "returns"}\n{"id": "r1", "label": "billing"}\n'
           '{"id": "r3", "label": "billing"}\n{"id": "r9", "label": "billing"}')
