@@ -73,7 +73,11 @@ def sample_like_tickets(n: int, start_ms: int = 1_794_787_200_000) -> list[dict]
 # ------------------------------------------------------------------------- children
 
 def _highwater(consumer, tp, timeout_s: float = 10.0) -> int:
-  """High-watermark from a fetch response (Tansu under-reports ListOffsets(latest))."""
+  """High-watermark from a fetch response (Tansu under-reports ListOffsets(latest)).
+
+  A copy of ``tierflow.connectors.kafka_source.fetch_highwater`` on purpose: importing
+  that module imports Beam, which would inflate the raw baseline's start-up and RSS.
+  """
   consumer.assign([tp])
   begin = consumer.beginning_offsets([tp])[tp]
   hint = consumer.end_offsets([tp])[tp]
