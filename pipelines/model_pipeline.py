@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional
 
 import apache_beam as beam
@@ -15,6 +16,8 @@ from tierflow.pipelines.options import SourceSinkConfig, _add
 from tierflow.pipelines.routing import RouteThroughTiers
 from tierflow.pipelines.transforms import ReadRecords, Records, WriteOutputs, row_schema
 from tierflow.prices import PriceBook, load_price_book
+
+_LOGGER = logging.getLogger(__name__)
 
 __all__ = ["ModelOptions", "ModelPipelineConfig", "config_from_options", "build_pipeline"]
 
@@ -50,7 +53,16 @@ def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelin
   if m.calibration:
     from tierflow.calibration import Calibration
     calibration = Calibration.load(m.calibration)
-    run = run.with_thresholds({s.name: calibration.threshold(s.name) for s in run.stages})
+    stage_names = {s.name for s in run.stages}
+    unknown = sorted(set(calibration.stages) - stage_names)
+    if unknown:
+      raise ValueError(f"--calibration {m.calibration} calibrates stage(s) {unknown} that the "
+                       f"config does not have ({sorted(stage_names)}): wrong file?")
+    kept = sorted(stage_names - set(calibration.stages))
+    if kept:
+      _LOGGER.warning("--calibration %s has no thresholds for stage(s) %s; they keep the "
+                      "config's thresholds", m.calibration, kept)
+    run = run.with_thresholds({name: sc.threshold for name, sc in calibration.stages.items()})
     calibration_version = f"{calibration.created_at}/{calibration.data_hash[:12]}"
   if m.budget_usd is not None:
     if m.budget_usd < 0:

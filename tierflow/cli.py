@@ -3,6 +3,7 @@
     tierflow run PIPELINE [pipeline and Beam flags]   run a pipeline (passthrough, ...)
     tierflow demo                                     the embedded default, end to end
     tierflow serve-local                              local OpenAI/Anthropic endpoints
+    tierflow calibrate --labels FILE --from-output DIR  thresholds with an error guarantee
     tierflow report OUTPUT_DIR [--labels FILE]        cost/quality report of a run
     tierflow broker                                   start the embedded Kafka broker
     tierflow publish                                  publish JSONL (or the sample) to a topic
@@ -167,9 +168,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   pub.set_defaults(func=cmd_publish)
 
   rep = sub.add_parser("report", help="cost/quality report (HTML, PNG, JSON) over a run's output")
+  from tierflow import calibrate as calibrate_module
   from tierflow import report as report_module
   report_module.add_arguments(rep)
   rep.set_defaults(func=lambda a, r: report_module.run_from_args(a))
+
+  cal = sub.add_parser("calibrate", help="escalation thresholds with an error guarantee, from a "
+                       "labelled sample", description=calibrate_module.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+  calibrate_module.add_arguments(cal)
+  cal.set_defaults(func=lambda a, r: calibrate_module.run_from_args(a))
 
   serve = sub.add_parser("serve-local", help="local OpenAI/Anthropic wire-format endpoints "
                          "(stand-in model; faults switchable); flags: see --help of the module")

@@ -1,0 +1,161 @@
+"""``tierflow calibrate`` end to end: small-tier answers in, a certified calibration file out,
+and ``tierflow run --calibration`` applying it."""
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+import yaml
+
+from tierflow import cli, launcher
+from tierflow.calibration import Calibration, calibrate_threshold
+from tierflow.local.loader import publish, sample_tickets
+from tierflow.local.provider_server import LocalProviderServer
+from tierflow.local.standin_model import KeywordStandIn
+
+DATA = pathlib.Path(__file__).parents[1] / "deploy/local/data"
+LABELS = DATA / "sample_tickets_labels.jsonl"
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def endpoints():
+  with LocalProviderServer(KeywordStandIn(), models=("small", "frontier")) as s:
+    yield s
+
+
+@pytest.fixture
+def config_file(endpoints, tmp_path):
+  config = yaml.safe_load((ROOT / "tierflow/data/tickets.yaml").read_text())
+  config["budget_usd"] = None
+  config["models"]["small"].update(
+      base_url=endpoints.openai_base_url, model="small", api_key_env="", price_as="gpt-5-nano",
+      batch_size=8, concurrency=2, max_retries=1)
+  config["models"]["frontier"].update(
+      provider="anthropic", base_url=endpoints.anthropic_base_url, model="frontier",
+      api_key_env="", price_as="claude-sonnet-4-6", batch_size=8, max_retries=1)
+  path = tmp_path / "tickets.yaml"
+  path.write_text(yaml.safe_dump(config))
+  return str(path)
+
+
+def _records_file(tmp_path, n):
+  path = tmp_path / "records.jsonl"
+  path.write_text("".join(json.dumps(t) + "\n" for t in sample_tickets()[:n]))
+  return str(path)
+
+
+def _frontier_requests(endpoints):
+  return [r for r in endpoints.requests if r.model == "frontier"]
+
+
+def _independent_classify_data(read_duckdb, work):
+  """(confidence, correct) of the classify stage, computed with DuckDB from the Parquet."""
+  rows = read_duckdb(f"{work}/results", f"""
+      SELECT t.ticket_id, s.confidence, s.small_answer, l.category
+      FROM (SELECT ticket_id, unnest(stages) AS s FROM t) t
+      JOIN read_json_auto('{LABELS}') l USING (ticket_id)
+      WHERE s.stage = 'classify' ORDER BY t.ticket_id""")
+  conf = np.array([0.0 if r["confidence"] is None else r["confidence"] for r in rows])
+  correct = np.array([r["confidence"] is not None and r["small_answer"] == r["category"]
+                      for r in rows])
+  return conf, correct
+
+
+def test_run_mode_certifies_thresholds_that_match_an_independent_computation(
+    endpoints, config_file, tmp_path, read_duckdb, capsys):
+  before = len(_frontier_requests(endpoints))
+  work, out = tmp_path / "work", tmp_path / "calibration.json"
+  code = cli.main(["calibrate", "--run", "tickets", "--records", _records_file(tmp_path, 120),
+                   "--config", config_file, "--labels", str(LABELS), "--work-dir", str(work),
+                   "--alpha", "0.2", "--alpha", "extract=0.3", "--delta", "0.1",
+                   "--out", str(out)])
+  printed = capsys.readouterr().out
+  assert code == 0
+  assert len(_frontier_requests(endpoints)) == before, "calibration must not call the frontier"
+  cal = Calibration.load(out)
+  assert set(cal.stages) == {"classify", "extract"}  # summaries cannot be exact-matched
+  assert "summarise" in printed and "not scored" in printed
+  c = cal.stages["classify"]
+  assert (c.alpha, c.delta, c.n) == (0.2, 0.1, 120)
+  conf, correct = _independent_classify_data(read_duckdb, work)
+  expected = calibrate_threshold(conf, correct, 0.2, 0.1)
+  assert c.certified and c.threshold == expected.threshold
+  assert c.coverage == pytest.approx(float((conf >= c.threshold).mean()))
+  kept = conf >= c.threshold
+  assert c.empirical_risk == pytest.approx(float((~correct[kept]).mean()))
+  assert cal.stages["extract"].alpha == 0.3
+  assert c.expected_cost_per_1k > 0
+  assert "small model(s)=small" in cal.source
+  assert f"threshold {c.threshold:g}" in printed
+
+
+def test_from_output_reads_a_previous_runs_ledger(broker, topic, output_dir, config_file,
+                                                 tmp_path, read_duckdb):
+  name = topic(partitions=2)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:80])
+  launcher.launch("tickets", ["--bootstrap-servers", broker.bootstrap_servers, "--topic", name,
+                              "--output", output_dir, "--config", config_file])
+  out = tmp_path / "cal.json"
+  assert cli.main(["calibrate", "--from-output", output_dir, "--labels", str(LABELS),
+                   "--stage", "classify", "--alpha", "0.25", "--out", str(out)]) == 0
+  cal = Calibration.load(out)
+  assert set(cal.stages) == {"classify"}
+  # Escalated records carry the small tier's own answer, so all 80 are calibration data.
+  conf, correct = _independent_classify_data(read_duckdb, output_dir)
+  assert cal.stages["classify"].n == 80 == len(conf)
+  assert cal.matches_data({"classify": (conf, correct)})
+  assert cal.stages["classify"].threshold == calibrate_threshold(conf, correct, 0.25, 0.1).threshold
+
+
+def test_too_small_sample_refuses_and_the_run_escalates_that_stage_everywhere(
+    broker, topic, output_dir, config_file, tmp_path, read_duckdb, capsys):
+  out = tmp_path / "cal.json"
+  code = cli.main(["calibrate", "--run", "tickets", "--records", _records_file(tmp_path, 12),
+                   "--config", config_file, "--labels", str(LABELS), "--stage", "classify",
+                   "--alpha", "0.05", "--out", str(out), "--strict"])
+  printed = capsys.readouterr().out
+  assert code == 3
+  assert "NOT CERTIFIED" in printed and "too small" in printed
+  cal = Calibration.load(out)
+  assert not cal.stages["classify"].certified and cal.threshold("classify") == math.inf
+
+  name = topic(partitions=1)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:10])
+  launcher.launch("tickets", ["--bootstrap-servers", broker.bootstrap_servers, "--topic", name,
+                              "--output", output_dir, "--config", config_file,
+                              "--calibration", str(out)])
+  rows = read_duckdb(f"{output_dir}/results", """
+      SELECT calibration_version, s.threshold, s.escalated, s.final_tier
+      FROM (SELECT calibration_version, unnest(stages) AS s FROM t) WHERE s.stage = 'classify'""")
+  assert len(rows) == 10
+  assert {r["calibration_version"] for r in rows} == {
+      f"{cal.created_at}/{cal.data_hash[:12]}"}
+  assert all(r["threshold"] == math.inf and r["escalated"] and r["final_tier"] == "frontier"
+             for r in rows)
+
+
+def test_calibration_for_other_stages_is_refused(tmp_path, config_file):
+  from tierflow.calibration import StageCalibration
+  sc = calibrate_threshold([0.9] * 50, [True] * 50, 0.1, 0.1, stage="triage")
+  cal = Calibration.create({"triage": sc}, {"triage": ([0.9] * 50, [True] * 50)}, source="t")
+  path = tmp_path / "other.json"
+  cal.save(path)
+  with pytest.raises(ValueError, match="triage.*wrong file"):
+    launcher.launch("tickets", ["--bootstrap-servers", "127.0.0.1:1", "--topic", "x",
+                                "--output", str(tmp_path / "o"), "--config", config_file,
+                                "--calibration", str(path)])
+  assert isinstance(sc, StageCalibration)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--labels", "x.jsonl"], "exactly one of"),
+    (["--labels", "x.jsonl", "--run", "tickets"], "--records"),
+    (["--labels", "x.jsonl", "--from-output", "d", "--records", "r"], "only go with --run"),
+    (["--labels", "x.jsonl", "--from-output", "d", "--alpha", "a=b"], "STAGE=A"),
+])
+def test_bad_invocations_say_what_is_wrong(argv, message, capsys):
+  assert cli.main(["calibrate", *argv]) == 2
+  assert message in capsys.readouterr().err
