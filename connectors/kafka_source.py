@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 from typing import Any, Iterator, Mapping, NamedTuple, Optional
@@ -153,6 +154,45 @@ class KafkaReadConfig:
       raise ValueError("max_read_seconds must be positive")
     if self.commit_offsets and not self.group_id:
       object.__setattr__(self, "commit_offsets", False)
+    check_secret_settings(self.consumer_config)
+
+
+# kafka-python settings that hold secrets: given only as ``env:VAR`` or
+# ``file:PATH`` and resolved on the worker, so the secret itself never sits in
+# pipeline options, job graphs, display data or logs.
+SECRET_SETTINGS = frozenset({"sasl_plain_password", "ssl_password"})
+_SECRET_REFS = ("env:", "file:")
+
+
+def check_secret_settings(settings: Mapping[str, Any]) -> None:
+  """Raises ValueError when a secret setting is given in clear rather than by reference."""
+  for key in sorted(SECRET_SETTINGS & set(settings)):
+    value = settings[key]
+    if not (isinstance(value, str) and value.startswith(_SECRET_REFS)):
+      raise ValueError(
+          f"consumer setting {key} holds a secret: pass it as {key}=env:VAR or {key}=file:PATH "
+          f"(read on the worker) so it never appears in pipeline options or logs")
+
+
+def resolve_secret_settings(settings: Mapping[str, Any]) -> dict:
+  """Settings with ``env:``/``file:`` references of secret settings replaced by their value."""
+  out = dict(settings)
+  for key in SECRET_SETTINGS & set(out):
+    ref = out[key]
+    if not isinstance(ref, str) or not ref.startswith(_SECRET_REFS):
+      continue
+    kind, _, where = ref.partition(":")
+    if kind == "env":
+      if where not in os.environ:
+        raise ValueError(f"consumer setting {key}: environment variable {where} is not set")
+      out[key] = os.environ[where]
+    else:
+      try:
+        with open(where, encoding="utf-8") as f:
+          out[key] = f.read().strip()
+      except OSError as e:
+        raise ValueError(f"consumer setting {key}: cannot read {where}: {e.strerror}") from None
+  return out
 
 
 def _consumer(config: KafkaReadConfig, group: bool = False):
@@ -162,7 +202,7 @@ def _consumer(config: KafkaReadConfig, group: bool = False):
       "enable_auto_commit": False,
       "auto_offset_reset": "earliest",
       "client_id": "tierflow",
-      **dict(config.consumer_config),
+      **resolve_secret_settings(config.consumer_config),
   }
   settings["group_id"] = config.group_id if group else None
   return KafkaConsumer(**settings)

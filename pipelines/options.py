@@ -95,7 +95,8 @@ class KafkaSourceOptions(PipelineOptions):
               "ranges, so a backfill never moves the group's position")
     _add(parser, "kafka-consumer-config", action="append", default=None,
          help="extra kafka-python consumer setting KEY=VALUE (repeatable), e.g. "
-              "security_protocol=SASL_SSL")
+              "security_protocol=SASL_SSL; secrets only by reference: "
+              "sasl_plain_password=env:VAR or =file:PATH (read on the worker)")
     _add(parser, "max-record-bytes", type=int, default=1024 * 1024,
          help="records larger than this go to the dead-letter output")
     _add(parser, "max-read-seconds", type=float, default=None,

@@ -285,3 +285,32 @@ def test_read_config_validation(broker):
   assert KafkaReadConfig(servers, "t", start_offset="0:5,3:7").start_offset == {0: 5, 3: 7}
   with pytest.raises(TypeError):
     ReadFromKafka({"topic": "t"})
+
+
+def test_secret_consumer_settings_only_by_reference(broker, topic, make_tickets, passthrough,
+                                                     output_dir, read_duckdb, tmp_path,
+                                                     monkeypatch, caplog):
+  from tierflow.connectors.kafka_source import resolve_secret_settings
+  secret = "hunter2-DO-NOT-LEAK"
+  with pytest.raises(ValueError, match="sasl_plain_password=env:VAR"):
+    KafkaReadConfig(bootstrap_servers=broker.bootstrap_servers, topic="t",
+                    consumer_config={"sasl_plain_password": secret})
+  monkeypatch.setenv("TF_TEST_KAFKA_SECRET", secret)
+  path = tmp_path / "secret"
+  path.write_text(secret + "\n")
+  assert resolve_secret_settings({"ssl_password": "env:TF_TEST_KAFKA_SECRET", "x": "env:Y"}) == {
+      "ssl_password": secret, "x": "env:Y"}
+  assert resolve_secret_settings({"ssl_password": f"file:{path}"})["ssl_password"] == secret
+  with pytest.raises(ValueError, match="TF_TEST_MISSING is not set"):
+    resolve_secret_settings({"ssl_password": "env:TF_TEST_MISSING"})
+  # A run with a referenced secret reads normally and never writes the secret out.
+  name = topic(partitions=1)
+  publish(broker.bootstrap_servers, name, make_tickets(5))
+  caplog.set_level("DEBUG")
+  passthrough(name, output_dir, "--kafka-consumer-config", "ssl_password=env:TF_TEST_KAFKA_SECRET")
+  assert len(read_duckdb(f"{output_dir}/results")) == 5
+  assert secret not in caplog.text
+  for root, _, files in os.walk(output_dir):
+    for f in files:
+      with open(os.path.join(root, f), "rb") as fh:
+        assert secret.encode() not in fh.read()
