@@ -140,7 +140,8 @@ class StageConfig:
     if self.max_output_tokens:
       return self.max_output_tokens
     if self.kind == "classify":
-      return 8 + max(len(label) for label in self.labels) // 2
+      # A packed line is {"id": "r12", "label": "..."}: ~13 tokens of framing.
+      return 16 + max(len(label) for label in self.labels) // 2
     if self.kind == "extract":
       return 24 + 24 * len(self.fields)
     return 16 + 2 * self.max_words
