@@ -13,7 +13,10 @@ Each stage handler is a Beam ``RemoteModelHandler``: RunInference supplies
 ``BatchElements`` batching, client lifecycle, throttling and metrics; the
 handler packs ``batch_size`` records per request, keeps ``concurrency``
 requests in flight, and turns every per-request or per-record failure into a
-per-record outcome rather than failing the batch.
+per-record outcome rather than failing the batch. On the frontier tier, a
+record that fails inside a packed answer (its line missing, malformed or cut
+off) is retried once in a request of its own before it counts as failed; its
+ledger adds the tokens and cost of both attempts.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from apache_beam.coders import FloatCoder
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RemoteModelHandler, RunInference
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
 
 from tierflow.config import ModelConfig, RunConfig, StageConfig
 from tierflow.connectors.llm_clients import ModelCallError, ModelClient, estimate_tokens
@@ -82,11 +87,13 @@ class StageModelHandler(RemoteModelHandler):
     return ModelClient(self._model)
 
   def batch_elements_kwargs(self) -> Mapping[str, Any]:
-    kwargs = {"min_batch_size": 1,
-              "max_batch_size": self._model.batch_size * self._model.concurrency}
-    if self._streaming:
-      kwargs["max_batch_duration_secs"] = 1.0
-    return kwargs
+    # Batches within a bundle, streaming too: RunInference's stateful batching
+    # (max_batch_duration_secs) flushes on processing-time timers, which Beam's
+    # local FnApiRunner leaves pending at the end of a run ("time-pending
+    # bundles did not execute"). Batches are stamped at the end of the window;
+    # _MergeOutcome puts each row back at its own event time.
+    return {"min_batch_size": 1,
+            "max_batch_size": self._model.batch_size * self._model.concurrency}
 
   def _wanted(self, row: Mapping[str, Any]) -> bool:
     if self._tier == "small":
@@ -108,9 +115,35 @@ class StageModelHandler(RemoteModelHandler):
           lambda p: self._call(client, [batch[i] for i in p]), packs)):
         for i, outcome in zip(pack, results):
           outcomes[i] = outcome
+    retried = sum(1 for o in outcomes if o and o.get("retried_alone"))
+    if retried:  # counted here: metrics updated in the pool's threads are lost
+      Metrics.counter(self.get_metrics_namespace(), "records_retried_alone").inc(retried)
     return [PredictionResult(row, outcome) for row, outcome in zip(batch, outcomes)]
 
   def _call(self, client: ModelClient, rows: Sequence[dict]) -> list[dict]:
+    """One request for ``rows``. On the frontier tier, a record that fails inside a
+    packed answer (missing, malformed, cut off) is retried once in a request of
+    its own; its ledger carries both attempts."""
+    outcomes, answered = self._request(client, rows)
+    if self._tier != "frontier" or len(rows) < 2 or not answered:
+      return outcomes
+    return [self._retry_alone(client, row, first) if first.get("error") else first
+            for row, first in zip(rows, outcomes)]
+
+  def _retry_alone(self, client: ModelClient, row: dict, first: dict) -> dict:
+    [second], _ = self._request(client, [row])
+    usage = _usage(first["usage"]) + _usage(second["usage"])
+    merged = {**second, "usage": _usage_dict(usage),
+              "cost_usd": first["cost_usd"] + second["cost_usd"], "retried_alone": True}
+    if second.get("error"):
+      merged["error"] = f"{first['error']}; retried alone: {second['error']}"
+    else:
+      merged["notes"] = [f"retried alone after: {first['error'][:160]}",
+                         *second.get("notes", ())]
+    return merged
+
+  def _request(self, client: ModelClient, rows: Sequence[dict]) -> tuple[list[dict], bool]:
+    """(one outcome per row, whether the endpoint answered at all)."""
     texts = [render_text(self._text_template, r) for r in rows]
     system, user = build_prompt(self._stage, texts, verbalise=not self._model.logprobs)
     max_tokens = self._stage.output_tokens_per_record() * len(rows) + 16
@@ -119,7 +152,7 @@ class StageModelHandler(RemoteModelHandler):
       reply = client.complete(system, user, max_tokens)
     except ModelCallError as e:
       return [{**base, "error": str(e), "usage": _usage_dict(Usage()), "cost_usd": 0.0}
-              for _ in rows]
+              for _ in rows], False
     answers = parse_reply(self._stage, reply, texts)
     framing = max(0, len(reply.text) - sum(a.answer_chars for a in answers))
     shares = split_usage(reply.usage, [len(t) for t in texts], len(system) + len(user) - sum(
@@ -132,7 +165,7 @@ class StageModelHandler(RemoteModelHandler):
           "notes": list(answer.notes), "error": answer.error,
           "usage": _usage_dict(share), "cost_usd": self._price.cost(share),
       })
-    return out
+    return out, True
 
   def get_metrics_namespace(self) -> str:
     return f"tierflow.{self._tier}.{self._stage.name}"
@@ -147,6 +180,20 @@ def _usage(d: Optional[Mapping[str, int]]) -> Usage:
   return Usage(**d) if d else Usage()
 
 
+class _KeepEventTime(beam.DoFn):
+  """Notes each row's event time, which batching for the model calls loses."""
+
+  def process(self, row, ts=beam.DoFn.TimestampParam):
+    row = dict(row)
+    row[STATE_KEY] = {"stages": {}, "ts_micros": Timestamp.of(ts).micros}
+    yield row
+
+
+def _at_event_time(row: dict):
+  micros = row.get(STATE_KEY, {}).get("ts_micros")
+  return row if micros is None else TimestampedValue(row, Timestamp(micros=micros))
+
+
 class _MergeOutcome(beam.DoFn):
   def __init__(self, stage: str, tier: str):
     self._stage, self._tier = stage, tier
@@ -156,7 +203,7 @@ class _MergeOutcome(beam.DoFn):
     row[STATE_KEY] = json.loads(json.dumps(row.get(STATE_KEY, {"stages": {}})))
     if result.inference is not None:
       _stage_state(row, self._stage)[self._tier] = result.inference
-    yield row
+    yield _at_event_time(row)
 
 
 def _run_stage(pcoll, label: str, handler: StageModelHandler, stage: str, tier: str):
@@ -175,7 +222,7 @@ def _crashed_rows(failed, stage: str, tier: str) -> Iterable[dict]:
     row[STATE_KEY] = json.loads(json.dumps(row.get(STATE_KEY, {"stages": {}})))
     _stage_state(row, stage)[tier] = {"tier": tier, "model": "", "error": f"crash: {exc!r}"[:300],
                                       "usage": _usage_dict(Usage()), "cost_usd": 0.0}
-    yield row
+    yield _at_event_time(row)
 
 
 class _DecideEscalations(beam.DoFn):
@@ -205,8 +252,10 @@ class _BudgetGate(beam.DoFn):
   A single key, so decisions are serialised. Each escalation reserves a
   worst-case cost: a generous token estimate of its prompt share (UTF-8
   bytes / 3) at the higher of the input and cache-write prices, and the full
-  output allowance at the output price. Realised cost stays under the
-  reservation, so the cap holds; unspent reservations are not reused.
+  output allowance at the output price; when frontier requests are packed,
+  plus the same for a request of its own (the retry of a record that fails
+  inside a packed answer). Realised cost stays under the reservation, so the
+  cap holds; unspent reservations are not reused.
   """
   RESERVED = ReadModifyWriteStateSpec("reserved_usd", FloatCoder())
 
@@ -219,9 +268,12 @@ class _BudgetGate(beam.DoFn):
   def _worst_case(self, stage: StageConfig, row: Mapping[str, Any]) -> float:
     text = render_text(self._config.text, row)
     system, user = build_prompt(stage, [text])
-    in_tokens = estimate_tokens(system) // max(1, self._config.frontier.batch_size) \
-        + estimate_tokens(user)
+    batch_size = max(1, self._config.frontier.batch_size)
+    in_tokens = estimate_tokens(system) // batch_size + estimate_tokens(user)
     out_tokens = stage.output_tokens_per_record() + 16
+    if batch_size > 1:  # a retry alone: the whole prompt, its own output allowance
+      in_tokens += estimate_tokens(system) + estimate_tokens(user)
+      out_tokens += stage.output_tokens_per_record() + 16
     in_price = max(self._price.input, self._price.cache_write or 0.0)
     return (in_tokens * in_price + out_tokens * self._price.output) / 1e6
 
@@ -387,6 +439,7 @@ class RouteThroughTiers(beam.PTransform):
 
   def expand(self, rows):
     c = self._config
+    rows = rows | "KeepEventTime" >> beam.ParDo(_KeepEventTime())
     for stage in c.stages:
       rows = _run_stage(rows, f"Small_{stage.name}_", self._handler(stage, "small"),
                         stage.name, "small")

@@ -220,3 +220,38 @@ def test_price_book_costs():
   assert price.cost(Usage(0, 0, 1_000_000, 1_000_000)) == pytest.approx(0.30 + 3.75)
   with pytest.raises(ValueError, match="not in price book"):
     book.price("no-such-model")
+
+
+# ---------------------------------------------------------------- per-record retry
+
+
+@pytest.mark.parametrize("tier", ["frontier", "small"])
+def test_records_cut_off_a_packed_frontier_answer_are_retried_alone(server, tier):
+  from tierflow.pipelines.routing import STATE_KEY, StageModelHandler
+  provider, model = ("anthropic", "frontier") if tier == "frontier" else ("openai", "small")
+  config = ModelConfig(provider=provider, model=model, batch_size=4, max_retries=0,
+                       price_as="claude-sonnet-4-6" if tier == "frontier" else "gpt-5-nano",
+                       base_url=server.anthropic_base_url if provider == "anthropic"
+                       else server.openai_base_url)
+  handler = StageModelHandler(CLASSIFY, config, tier, "{body}", load_price_book())
+  bodies = ["double charge on my card", "parcel never arrived", "return label please",
+            "refund the payment"]
+  rows = [{"body": b, STATE_KEY: {"stages": {"classify": {"approved": True}}}} for b in bodies]
+  server.faults.add("truncated", count=1, model=model)  # the packed answer loses its tail
+  outcomes = [r.inference for r in handler.request(rows, handler.create_client())]
+  requests = [r for r in server.requests if r.model == model]
+  if tier == "small":  # small-tier failures escalate instead: no retry
+    assert len(requests) == 1 and any(o["error"] for o in outcomes)
+    return
+  assert [o["value"] for o in outcomes] == ["billing", "shipping", "returns", "billing"]
+  assert all(o["error"] is None for o in outcomes)
+  alone = len(requests) - 1
+  assert 1 <= alone < len(bodies)  # the records cut off, each alone, once
+  retried = [(b, o) for b, o in zip(bodies, outcomes)
+             if any("retried alone" in n for n in o["notes"])]
+  assert len(retried) == alone
+  client = _client(server, "anthropic")
+  for body, o in retried:  # the packed attempt's share is billed on top of the retry
+    solo = client.complete(*build_prompt(CLASSIFY, [body], verbalise=True), 16).usage
+    assert Usage(**o["usage"]).prompt_tokens > solo.prompt_tokens
+    assert o["cost_usd"] > load_price_book().price("claude-sonnet-4-6").cost(solo)

@@ -1,18 +1,26 @@
 """The tickets pipeline end to end: real broker, real SDKs over HTTP, Parquet read by DuckDB."""
 
+import copy
+import json
 import logging
 import os
 import pathlib
+import threading
+import time
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from tierflow import launcher, schemas
 from tierflow.local.loader import publish, sample_tickets
-from tierflow.local.provider_server import LocalProviderServer
+from tierflow.local.provider_server import Completion, LocalProviderServer, count_tokens
 from tierflow.local.standin_model import KeywordStandIn
+from tierflow.prices import Usage, load_price_book
 
 SECRET = "sk-test-DO-NOT-LEAK-4f2a9c"
+CONFIG = yaml.safe_load(
+    (pathlib.Path(__file__).parents[1] / "tierflow/data/tickets.yaml").read_text())
 
 
 @pytest.fixture
@@ -26,11 +34,12 @@ def endpoints():
 def run_tickets(broker, topic, output_dir, endpoints, tmp_path, monkeypatch):
   monkeypatch.setenv("TIERFLOW_TEST_KEY", SECRET)
 
-  def run(n=40, budget=None, small_batch=4, extra=()):
+  def run(n=40, budget=None, small_batch=4, extra=(), tickets=None, during=None):
+    """Publishes ``tickets`` (default: the first ``n`` samples) and runs the pipeline;
+    ``during(topic)``, if given, runs in a thread alongside it."""
     name = topic(partitions=2)
-    publish(broker.bootstrap_servers, name, sample_tickets()[:n])
-    config = yaml.safe_load(
-        (pathlib.Path(__file__).parents[1] / "tierflow/data/tickets.yaml").read_text())
+    publish(broker.bootstrap_servers, name, sample_tickets()[:n] if tickets is None else tickets)
+    config = copy.deepcopy(CONFIG)
     config["budget_usd"] = budget
     config["models"]["small"].update(
         base_url=endpoints.openai_base_url, model="small", api_key_env="TIERFLOW_TEST_KEY",
@@ -41,9 +50,16 @@ def run_tickets(broker, topic, output_dir, endpoints, tmp_path, monkeypatch):
         max_retries=1)
     path = tmp_path / "tickets.yaml"
     path.write_text(yaml.safe_dump(config))
-    summary = launcher.launch("tickets", [
-        "--bootstrap-servers", broker.bootstrap_servers, "--topic", name,
-        "--output", output_dir, "--config", str(path), *extra])
+    argv = ["--bootstrap-servers", broker.bootstrap_servers, "--topic", name,
+            "--output", output_dir, "--config", str(path), *extra]
+    if during is None:
+      return launcher.launch("tickets", argv), output_dir
+    side = threading.Thread(target=during, args=(name,))
+    side.start()
+    try:
+      summary = launcher.launch("tickets", argv)
+    finally:
+      side.join()
     return summary, output_dir
 
   return run
@@ -138,3 +154,141 @@ def test_wrong_key_fails_records_not_the_pipeline(run_tickets, monkeypatch, read
   assert len(rows) == 4 and {r["status"] for r in rows} == {"failed"}
   assert all("auth" in r["error"] for r in rows)
   assert summary.dead_letters == 4
+
+
+def test_streaming_answers_records_before_and_after_start_exactly_once(
+    run_tickets, broker, parquet_files, read_duckdb):
+  samples = sample_tickets()[:24]
+  now = int(time.time() * 1000)
+  before = [{**t, "created_at": now - 30_000 + i} for i, t in enumerate(samples[:12])]
+  after = samples[12:]
+
+  def publish_later(name):
+    time.sleep(3)
+    publish(broker.bootstrap_servers, name,
+            [{**t, "created_at": int(time.time() * 1000)} for t in after])
+
+  started = time.monotonic()
+  summary, out = run_tickets(tickets=before, during=publish_later, extra=(
+      "--streaming", "--max-read-seconds", "7", "--window-seconds", "2"))
+  assert time.monotonic() - started >= 6  # it kept reading
+  assert summary.state == "DONE"
+  rows = read_duckdb(f"{out}/results")
+  assert sorted(r["ticket_id"] for r in rows) == sorted(t["ticket_id"] for t in samples)
+  assert len({r["record_id"] for r in rows}) == len(rows) == 24
+  assert (summary.rows_written, summary.dead_letters) == (24, 0)
+  assert {r["status"] for r in rows} == {"ok"}
+  for r in rows:
+    assert [s["stage"] for s in r["stages"]] == ["classify", "extract", "summarise"]
+    assert r["label"] and r["summary"]
+    assert r["cost_usd"] == pytest.approx(sum(s["cost_usd"] for s in r["stages"]))
+    assert r["escalated"] == any(s["escalated"] for s in r["stages"])
+  assert any(r["escalated"] for r in rows) and not all(r["escalated"] for r in rows)
+  # Files are cut by event-time window: the records from before the start and
+  # those from seconds later never share one, however the model calls batched them.
+  early = {t["ticket_id"] for t in before}
+  for f in parquet_files(f"{out}/results"):
+    ids = set(pq.read_table(f"{out}/results/{f}", columns=["ticket_id"]).column(0).to_pylist())
+    assert ids <= early or not ids & early, f
+
+
+class PackedFrontierLosesR2:
+  """The stand-in, except that packed frontier classify answers lose the line for
+  ``r2``; asked alone, that record is answered, or garbled again with
+  ``fail_alone``. Logs (record texts, billed prompt tokens, billed output tokens)
+  per frontier classify request."""
+
+  def __init__(self, fail_alone=False):
+    self.model, self.fail_alone = KeywordStandIn(), fail_alone
+    self.lock, self.log, self.dropped = threading.Lock(), [], set()
+
+  def __call__(self, request):
+    completion = self.model(request)
+    if request.model != "frontier" or "exactly one of these labels" not in request.system:
+      return completion
+    user = request.last_user_text
+    if user.startswith("Record:\n"):
+      texts = [json.loads(user.split("\n")[1])]
+      with self.lock:
+        garble = self.fail_alone and texts[0] in self.dropped
+      if garble:
+        completion = Completion("I would rather not say.")
+    else:
+      texts = [json.loads(l)["text"] for l in user.splitlines() if l.startswith('{"id"')]
+      with self.lock:
+        self.dropped.add(texts[1])
+      completion = Completion("".join(
+          l for l in completion.text.splitlines(keepends=True) if '"id": "r2"' not in l))
+    out = (len(completion.token_logprobs) if completion.token_logprobs is not None
+           else count_tokens(completion.text))
+    with self.lock:
+      self.log.append((texts, request.prompt_tokens, out))
+    return completion
+
+
+def _classify(row):
+  [stage] = [s for s in row["stages"] if s["stage"] == "classify"]
+  return stage
+
+
+def _retry_case(run_tickets, endpoints, read_duckdb, fail_alone):
+  responder = PackedFrontierLosesR2(fail_alone)
+  endpoints.responder = responder
+  endpoints.faults.add("malformed", count=-1, model="small")  # every stage escalates
+  summary, out = run_tickets(n=12)
+  rows = read_duckdb(f"{out}/results")
+  assert len(rows) == 12
+  text = {r["ticket_id"]: CONFIG["input"]["text"].format(**r) for r in rows}
+  packed = [entry for entry in responder.log if len(entry[0]) > 1]
+  assert packed, "no frontier request was packed"
+  dropped = {texts[1] for texts, _, _ in packed}
+  retries = {texts[0]: (prompt, output) for texts, prompt, output in responder.log
+             if len(texts) == 1 and texts[0] in dropped}
+  assert set(retries) == dropped  # each one retried alone, once
+  assert len([e for e in responder.log if len(e[0]) == 1 and e[0][0] in dropped]) == len(dropped)
+  # Every billed frontier token is on some record's ledger, the failed attempts' too.
+  stages = [_classify(r) for r in rows]
+  assert sum(s["frontier_input_tokens"] + s["frontier_cache_read_tokens"]
+             + s["frontier_cache_write_tokens"] for s in stages) == sum(
+                 prompt for _, prompt, _ in responder.log)
+  assert sum(s["frontier_output_tokens"] for s in stages) == sum(o for _, _, o in responder.log)
+  price = load_price_book().price("claude-sonnet-4-6")
+  retried = [r for r in rows if text[r["ticket_id"]] in dropped]
+  for r in retried:
+    s = _classify(r)
+    prompt_alone, _ = retries[text[r["ticket_id"]]]
+    tokens = (s["frontier_input_tokens"] + s["frontier_cache_read_tokens"]
+              + s["frontier_cache_write_tokens"])
+    assert prompt_alone < tokens < prompt_alone + max(p for _, p, _ in packed)
+    assert s["frontier_cost_usd"] == pytest.approx(price.cost(Usage(
+        s["frontier_input_tokens"], s["frontier_output_tokens"], s["frontier_cache_read_tokens"],
+        s["frontier_cache_write_tokens"])))
+    assert r["frontier_cost_usd"] == pytest.approx(
+        sum(st["frontier_cost_usd"] for st in r["stages"]))
+  return summary, out, rows, retried
+
+
+def test_a_record_missing_from_a_packed_frontier_answer_is_retried_alone(
+    run_tickets, endpoints, read_duckdb):
+  summary, _, rows, retried = _retry_case(run_tickets, endpoints, read_duckdb, False)
+  assert {r["status"] for r in rows} == {"ok"} and summary.dead_letters == 0
+  labels = CONFIG["stages"][0]["labels"]
+  for r in retried:
+    s = _classify(r)
+    assert s["final_tier"] == "frontier" and s["frontier_error"] is None
+    expected, _ = KeywordStandIn().classify(labels, CONFIG["input"]["text"].format(**r))
+    assert r["label"] == expected
+
+
+def test_a_record_failing_alone_too_is_dead_lettered_with_both_reasons(
+    run_tickets, endpoints, read_duckdb):
+  summary, out, rows, retried = _retry_case(run_tickets, endpoints, read_duckdb, True)
+  failed = {r["record_id"] for r in rows if r["status"] == "failed"}
+  assert failed == {r["record_id"] for r in retried}
+  dead = {d["record_id"]: d for d in read_duckdb(f"{out}/dead_letter")}
+  assert set(dead) == failed and summary.dead_letters == len(failed)
+  for r in retried:
+    error = _classify(r)["frontier_error"]
+    assert "missing_answer" in error and "retried alone" in error and "label set" in error
+    assert r["label"] is None and error in dead[r["record_id"]]["reason"]
+    assert dead[r["record_id"]]["error_type"] == "model_failure"
