@@ -159,3 +159,19 @@ def test_calibration_for_other_stages_is_refused(tmp_path, config_file):
 def test_bad_invocations_say_what_is_wrong(argv, message, capsys):
   assert cli.main(["calibrate", *argv]) == 2
   assert message in capsys.readouterr().err
+
+
+def test_config_and_calibration_load_from_filesystem_urls(tmp_path, config_file):
+  """Dataflow/Flink jobs point --config/--calibration at object storage through Beam's
+  FileSystems (gs://, s3://); file:// URLs and plain paths are read directly."""
+  from tierflow.config import load_config
+  sc = calibrate_threshold([0.9] * 50, [True] * 50, 0.1, 0.1)
+  cal = Calibration.create({"classify": sc}, {"classify": ([0.9] * 50, [True] * 50)}, source="t")
+  cal.save(tmp_path / "cal.json")
+  assert Calibration.load(f"file://{tmp_path}/cal.json").threshold("classify") == sc.threshold
+  assert load_config(f"file://{config_file}") == load_config(config_file)
+  with pytest.raises(FileNotFoundError):
+    Calibration.load(f"file://{tmp_path}/missing.json")
+  # Other schemes go through Beam's FileSystems (gs:// needs apache-beam[gcp] on the launcher).
+  with pytest.raises(ValueError, match="cannot read nosuchfs://bucket/cal.json"):
+    Calibration.load("nosuchfs://bucket/cal.json")

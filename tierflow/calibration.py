@@ -662,8 +662,8 @@ class Calibration:
 
   @classmethod
   def load(cls, path: Union[str, os.PathLike]) -> "Calibration":
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
+    from tierflow.files import read_text
+    text = read_text(path)
     try:
       return cls.from_json(text)
     except ValueError as err:

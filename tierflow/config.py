@@ -15,6 +15,8 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from tierflow.files import read_text
+
 __all__ = ["ModelConfig", "StageConfig", "RunConfig", "load_config", "STAGE_KINDS"]
 
 STAGE_KINDS = ("classify", "extract", "summarise")
@@ -214,6 +216,5 @@ def load_config(path_or_name: str) -> RunConfig:
   if not path_or_name.endswith((".yaml", ".yml")) and bundled.is_file():
     text = bundled.read_text("utf-8")
   else:
-    with open(path_or_name, encoding="utf-8") as f:
-      text = f.read()
+    text = read_text(path_or_name)
   return RunConfig.from_dict(yaml.safe_load(text))

@@ -91,7 +91,7 @@ def _opt(value) -> Optional[float]:
 def load_price_book(path: Optional[str] = None) -> PriceBook:
   """The bundled price book, or one from a YAML file."""
   if path:
-    with open(path, encoding="utf-8") as f:
-      return PriceBook.from_dict(yaml.safe_load(f))
+    from tierflow.files import read_text
+    return PriceBook.from_dict(yaml.safe_load(read_text(path)))
   text = resources.files("tierflow").joinpath("data", "price_book.yaml").read_text("utf-8")
   return PriceBook.from_dict(yaml.safe_load(text))
