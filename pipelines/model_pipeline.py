@@ -12,7 +12,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from tierflow import schemas
 from tierflow.config import RunConfig, load_config
 from tierflow.connectors.decode import dead_letter
-from tierflow.pipelines.options import SourceSinkConfig, _add
+from tierflow.pipelines.options import (KafkaSourceOptions, ParquetSinkOptions,
+                                        SourceSinkConfig, _add)
 from tierflow.pipelines.routing import RouteThroughTiers
 from tierflow.pipelines.transforms import ReadRecords, Records, WriteOutputs, row_schema
 from tierflow.prices import PriceBook, load_price_book
@@ -44,6 +45,10 @@ class ModelPipelineConfig:
   @property
   def output(self) -> str:
     return self.io.output
+
+
+# The option classes a model pipeline reads (the launcher rejects other tierflow flags).
+OPTIONS = (KafkaSourceOptions, ParquetSinkOptions, ModelOptions)
 
 
 def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelineConfig:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from tierflow.pipelines.options import SourceSinkConfig
+from tierflow.pipelines.options import KafkaSourceOptions, ParquetSinkOptions, SourceSinkConfig
 from tierflow.pipelines.transforms import ReadRecords, WriteOutputs, row_schema
 
 NAME = "passthrough"
+OPTIONS = (KafkaSourceOptions, ParquetSinkOptions)
 
 
 def build_pipeline(p: beam.Pipeline, config: SourceSinkConfig) -> None:

@@ -286,3 +286,14 @@ def test_required_flags(broker, output_dir, capsys, missing):
   argv = [x for k, v in flags.items() if k != missing for x in (k, v)]
   assert cli.main(["run", "passthrough", *argv]) == 2
   assert f"{missing} is required" in capsys.readouterr().err
+
+
+def test_model_pipeline_flags_are_not_passthrough_flags(broker, topic, output_dir):
+  import tierflow.pipelines.tickets  # noqa: F401 - its options are now loaded in this process
+  name = topic()
+  with pytest.raises(ValueError, match="unknown flag.*--config"):
+    launcher.launch("passthrough", ["--bootstrap-servers", broker.bootstrap_servers,
+                                    "--topic", name, "--output", output_dir, "--config", "x.yaml"])
+  # Beam's own flags stay accepted.
+  launcher.build("passthrough", ["--bootstrap-servers", broker.bootstrap_servers, "--topic", name,
+                                 "--output", output_dir, "--direct_num_workers", "1"])

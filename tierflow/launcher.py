@@ -54,12 +54,19 @@ def _all_option_classes() -> list[type]:
   return seen
 
 
-def check_flags(argv: Sequence[str]) -> None:
-  """Raises ValueError on flags no PipelineOptions class defines."""
+def check_flags(argv: Sequence[str], pipeline_options: Optional[Sequence[type]] = None) -> None:
+  """Raises ValueError on flags no PipelineOptions class defines.
+
+  ``pipeline_options``: tierflow's own option classes the pipeline reads (its
+  module's ``OPTIONS``); flags of other tierflow classes (``--config`` for
+  passthrough, say) are errors too. None accepts every loaded class.
+  """
   parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False,
                                    conflict_handler="resolve")
   for cls in _all_option_classes():
-    cls._add_argparse_args(parser)
+    own = cls.__module__.startswith("tierflow.")
+    if pipeline_options is None or not own or cls in pipeline_options:
+      cls._add_argparse_args(parser)
   _, unknown = parser.parse_known_args(list(argv))
   flags = [u for u in unknown if u.startswith("--")]
   if flags:
@@ -72,8 +79,9 @@ def pipeline_module(name: str):
   return importlib.import_module(PIPELINES[name])
 
 
-def make_options(argv: Sequence[str]) -> PipelineOptions:
-  check_flags(argv)
+def make_options(argv: Sequence[str],
+                 pipeline_options: Optional[Sequence[type]] = None) -> PipelineOptions:
+  check_flags(argv, pipeline_options)
   options = PipelineOptions(list(argv))
   standard = options.view_as(StandardOptions)
   if not standard.runner:
@@ -84,7 +92,7 @@ def make_options(argv: Sequence[str]) -> PipelineOptions:
 def build(name: str, argv: Sequence[str]) -> tuple[beam.Pipeline, object]:
   """The constructed (not yet run) pipeline and its config."""
   module = pipeline_module(name)
-  options = make_options(argv)
+  options = make_options(argv, getattr(module, "OPTIONS", None))
   make_config: Callable = getattr(module, "config_from_options", None) or (
       lambda o: SourceSinkConfig.from_options(o, pipeline=name))
   config = make_config(options)
