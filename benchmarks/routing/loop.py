@@ -1,0 +1,491 @@
+"""The routing benchmark: calibrate on one split, run on another, report; real data, real models.
+
+    python -m benchmarks.routing                      # both datasets, default alphas
+    python -m benchmarks.routing --dataset bbc --alpha 0.02 --alpha 0.05 --splits 500
+
+Per dataset (``benchmarks/routing/datasets.py``) it trains the two tiers
+(``benchmarks/routing/tiers.py``: a cheap classifier on a small labelled set,
+a stronger one on a larger set), serves them behind the local OpenAI
+(small) and Anthropic (upper) wire-format endpoints, and drives tierflow's own
+commands over the embedded Kafka broker:
+
+1. ``tierflow calibrate --run documents --records POOL --labels CALIB``: the small
+   tier runs over the whole evaluation pool (escalation off) and the thresholds
+   are certified on the calibration half only.
+2. ``tierflow run documents`` over the pool with every record escalated: the
+   upper tier's answer and cost on every pool record (frontier-only baseline).
+3. ``tierflow run documents --calibration FILE`` over the test half (its own
+   topic): the routed run.
+4. ``tierflow report`` over the routed run, with the test labels.
+
+Then, from the two pool ledgers (the answers do not depend on the split: both
+tiers are deterministic), ``--splits`` random calibration/test splits of the
+pool: how often the realised error on the non-escalated test records stayed
+within alpha (the guarantee says at least 1 - delta of the time), routed vs
+frontier-only cost and accuracy, and cost vs the oracle cascade. Split 0 is the
+one the pipeline ran; its routed figures are computed both ways and must agree.
+
+Prices: the small tier is priced as ``--small-price-as`` and the upper tier as
+``--upper-price-as`` from the bundled price book, on the token counts the local
+endpoints report (their tokenizer, not the real models'): they stand in for
+those models' prices, not for their quality. The models behind every accuracy
+figure are the two classifiers, described in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE.parent / "results"
+ROOT = HERE.parent.parent
+
+DEFAULT_ALPHAS = {"bbc": (0.02, 0.05), "finefood": (0.10, 0.15, 0.20)}
+INSTRUCTIONS = {
+    "bbc": "You file BBC news articles by topic.",
+    "finefood": ("You read Amazon fine-food reviews and say whether the reviewer rates the "
+                 "product great (5 stars) or not (other)."),
+}
+SMALL_MODEL, UPPER_MODEL = "small-classifier", "upper-classifier"
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def _write_jsonl(path: str, rows: Sequence[dict]) -> str:
+  with open(path, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  return path
+
+
+def bench_config(ds, endpoints, path: str, *, small_price: str, upper_price: str,
+                 threshold: float = 0.5, batch_size: int = 8) -> str:
+  """The documents config with one classify stage over the dataset's labels."""
+  config = yaml.safe_load((ROOT / "tierflow/data/documents.yaml").read_text())
+  config["name"] = f"routing-{ds.name}"
+  config["budget_usd"] = None
+  config["models"]["small"].update(
+      provider="openai", base_url=endpoints.openai_base_url, model=SMALL_MODEL, api_key_env="",
+      price_as=small_price, batch_size=batch_size, concurrency=2, max_retries=2,
+      logprobs=True, top_logprobs=min(10, len(ds.labels)))
+  config["models"]["frontier"].update(
+      provider="anthropic", base_url=endpoints.anthropic_base_url, model=UPPER_MODEL,
+      api_key_env="", price_as=upper_price, batch_size=batch_size, concurrency=2, max_retries=2)
+  config["stages"] = [{"name": "classify", "kind": "classify",
+                       "instructions": INSTRUCTIONS.get(ds.name, "You classify documents."),
+                       "labels": list(ds.labels), "threshold": threshold}]
+  with open(path, "w", encoding="utf-8") as f:
+    yaml.safe_dump(config, f, sort_keys=False)
+  return path
+
+
+def _launch(pipeline: str, argv: Sequence[str]) -> float:
+  from tierflow import launcher
+  t0 = time.perf_counter()
+  summary = launcher.launch(pipeline, list(argv))
+  if summary.dead_letters:
+    raise RuntimeError(f"{pipeline} wrote {summary.dead_letters} dead letters; see the output")
+  return time.perf_counter() - t0
+
+
+def read_ledger(output_dir: str) -> dict[str, dict[str, Any]]:
+  """doc_id -> the classify stage's small answer/confidence/cost, final answer and tier."""
+  from tierflow.report import read_run
+  run = read_run(output_dir)
+  stage = next(s for s in run.stages if s.name == "classify")
+  ids = run.records["_id:doc_id"]
+  out = {}
+  for i, doc_id in enumerate(ids):
+    out[str(doc_id)] = {
+        "small_answer": stage.col("small_answer")[i],
+        "confidence": float(stage.col("confidence")[i]),
+        "small_cost": float(np.nan_to_num(stage.col("small_cost_usd")[i])),
+        "frontier_cost": float(np.nan_to_num(stage.col("frontier_cost_usd")[i])),
+        "frontier_only_cost": float(np.nan_to_num(stage.col("frontier_only_cost_usd")[i])),
+        "final": run.records["label"][i],
+        "final_tier": stage.col("final_tier")[i],
+        "status": run.records["status"][i],
+    }
+  return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_split(conf: np.ndarray, small_ok: np.ndarray, upper_ok: np.ndarray,
+                   small_cost: np.ndarray, upper_cost: np.ndarray, calib: np.ndarray,
+                   test: np.ndarray, alpha: float, delta: float) -> dict:
+  """Calibrate on ``calib``, apply on ``test``: error on kept vs alpha, accuracy, cost."""
+  from tierflow.calibration import calibrate_threshold
+  c_cal = np.nan_to_num(conf[calib], nan=0.0)
+  ok_cal = small_ok[calib] & ~np.isnan(conf[calib])
+  sc = calibrate_threshold(c_cal, ok_cal, alpha, delta, small_cost=small_cost[calib],
+                           frontier_cost=upper_cost[calib])
+  c = conf[test]
+  kept = c >= sc.threshold  # NaN and inf escalate, as in the pipeline
+  esc = ~kept
+  s_ok, u_ok = small_ok[test], upper_ok[test]
+  routed_ok = np.where(kept, s_ok, u_ok)
+  routed_cost = small_cost[test].sum() + upper_cost[test][esc].sum()
+  frontier_cost = upper_cost[test].sum()
+  oracle_esc = ~s_ok
+  oracle_cost = small_cost[test].sum() + upper_cost[test][oracle_esc].sum()
+  return {
+      "threshold": sc.threshold, "certified": sc.certified, "n_calib": int(len(calib)),
+      "n_test": int(len(test)),
+      "escalation_rate": float(esc.mean()),
+      "error_kept": float((~s_ok[kept]).mean()) if kept.any() else None,
+      "routed_accuracy": float(routed_ok.mean()),
+      "small_accuracy": float(s_ok.mean()),
+      "frontier_accuracy": float(u_ok.mean()),
+      "oracle_accuracy": float((s_ok | u_ok).mean()),
+      "routed_cost": float(routed_cost), "frontier_only_cost": float(frontier_cost),
+      "small_only_cost": float(small_cost[test].sum()), "oracle_cost": float(oracle_cost),
+  }
+
+
+def population_check(conf: np.ndarray, small_ok: np.ndarray, n_calib: int, alpha: float,
+                     delta: float, rng: np.random.Generator) -> dict:
+  """The guarantee's own setting: calibrate on ``n_calib`` i.i.d. draws (with replacement)
+  from the pool, then take the exact selective risk over the whole pool (the population).
+
+  Splitting a finite pool into halves is not that setting: the two halves share the pool's
+  errors, so a calibration half with few errors leaves the test half more, and the test
+  half's realised error also carries its own sampling noise.
+  """
+  from tierflow.calibration import calibrate_threshold
+  draw = rng.integers(0, len(conf), size=n_calib)
+  c = np.nan_to_num(conf[draw], nan=0.0)
+  sc = calibrate_threshold(c, small_ok[draw] & ~np.isnan(conf[draw]), alpha, delta)
+  kept = conf >= sc.threshold
+  risk = float((~small_ok[kept]).mean()) if kept.any() else 0.0
+  return {"certified": sc.certified, "population_risk": risk, "held": risk <= alpha,
+          "population_coverage": float(kept.mean())}
+
+
+def summarise_splits(rows: list[dict], alpha: float, delta: float,
+                     population: Sequence[dict] = ()) -> dict:
+  """Across splits: how often the guarantee held, and the mean figures."""
+  held = [r["error_kept"] is None or r["error_kept"] <= alpha for r in rows]
+  certified = [r["certified"] for r in rows]
+
+  def mean(key):
+    return float(np.mean([r[key] for r in rows]))
+
+  def q(key, p):
+    return float(np.quantile([r[key] for r in rows], p))
+
+  ratio = [r["routed_cost"] / r["frontier_only_cost"] for r in rows]
+  vs_oracle = [r["routed_cost"] / r["oracle_cost"] for r in rows]
+  gap = [100 * (r["frontier_accuracy"] - r["routed_accuracy"]) for r in rows]
+  errs = [r["error_kept"] for r in rows if r["error_kept"] is not None]
+  pop = {}
+  if population:
+    pop = {"population_draws": len(population),
+           "population_certified_share": float(np.mean([p["certified"] for p in population])),
+           "population_guarantee_held_share": float(np.mean([p["held"] for p in population])),
+           "population_violations": int(sum(not p["held"] for p in population)),
+           "population_risk_mean": float(np.mean([p["population_risk"] for p in population])),
+           "population_coverage_mean": float(np.mean([p["population_coverage"]
+                                                      for p in population]))}
+  return {
+      "alpha": alpha, "delta": delta, "splits": len(rows),
+      "certified_share": float(np.mean(certified)),
+      "test_half_error_within_alpha_share": float(np.mean(held)),
+      "test_half_error_above_alpha": int(len(held) - sum(held)),
+      "allowed_violation_share": delta,
+      **pop,
+      "error_kept_mean": float(np.mean(errs)) if errs else None,
+      "error_kept_p90": float(np.quantile(errs, 0.9)) if errs else None,
+      "escalation_rate_mean": mean("escalation_rate"),
+      "routed_accuracy_mean": mean("routed_accuracy"),
+      "frontier_accuracy_mean": mean("frontier_accuracy"),
+      "small_accuracy_mean": mean("small_accuracy"),
+      "oracle_accuracy_mean": mean("oracle_accuracy"),
+      "quality_gap_points_mean": float(np.mean(gap)),
+      "quality_gap_points_p10_p90": [float(np.quantile(gap, 0.1)), float(np.quantile(gap, 0.9))],
+      "cost_ratio_routed_to_frontier_only_mean": float(np.mean(ratio)),
+      "cost_ratio_routed_to_frontier_only_p10_p90": [float(np.quantile(ratio, 0.1)),
+                                                      float(np.quantile(ratio, 0.9))],
+      "cost_ratio_routed_to_oracle_mean": float(np.mean(vs_oracle)),
+      "routed_cost_per_1k_mean": float(np.mean([1000 * r["routed_cost"] / r["n_test"]
+                                                for r in rows])),
+      "frontier_only_cost_per_1k_mean": float(np.mean(
+          [1000 * r["frontier_only_cost"] / r["n_test"] for r in rows])),
+  }
+
+
+# ----------------------------------------------------------------------------- one dataset
+
+
+def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int, seed: int,
+                calib_records: int, small_train: Optional[int],
+                small_price: str, upper_price: str, work: str, keep_reports: str,
+                log=print) -> dict:
+  from tierflow import cli
+  from tierflow.calibration import Calibration
+  from tierflow.local.broker import EmbeddedBroker
+  from tierflow.local.loader import publish
+  from tierflow.local.provider_server import LocalProviderServer
+  from tierflow.report import build_report
+
+  from benchmarks.routing.datasets import load_dataset, make_splits
+  from benchmarks.routing.tiers import ClassifierResponder, train_tiers
+
+  t_start = time.perf_counter()
+  ds = load_dataset(name, dedupe=True)
+  parts = make_splits(ds, small_n=small_train, calib_n=calib_records, seed=seed)
+  small_n, upper_n = len(parts.small_train), len(parts.upper_train)
+  calib0, test0 = parts.calib, parts.test
+  pool = np.sort(np.concatenate([calib0, test0]))
+  n_cal = len(calib0)
+  log(f"[{name}] {ds.description}")
+  log(f"[{name}] {len(ds.records)} distinct records: small tier trains on {small_n}, upper tier "
+      f"on {upper_n}; evaluation pool {len(pool)} = calibration {n_cal} + test {len(test0)}")
+  t0 = time.perf_counter()
+  tiers = train_tiers(ds, parts.small_train, parts.upper_train, seed)
+  train_s = time.perf_counter() - t0
+  log(f"[{name}] {tiers.small.description}")
+  log(f"[{name}] {tiers.upper.description}  (trained both in {train_s:.1f} s)")
+  gold = np.array(ds.gold, dtype=object)
+
+  d = os.path.join(work, name)
+  os.makedirs(d, exist_ok=True)
+  id_of = [r["doc_id"] for r in ds.records]
+
+  def labels_file(fname, idx):
+    return _write_jsonl(os.path.join(d, fname),
+                        [{"doc_id": id_of[i], "classify": gold[i]} for i in idx])
+
+  pool_jsonl = _write_jsonl(os.path.join(d, "pool.jsonl"), [ds.records[i] for i in pool])
+  calib_labels = labels_file("calib0_labels.jsonl", calib0)
+  test_labels = labels_file("test0_labels.jsonl", test0)
+  timings = {"train_s": train_s}
+  responder = ClassifierResponder({SMALL_MODEL: tiers.small, UPPER_MODEL: tiers.upper})
+  with contextlib.ExitStack() as stack:
+    endpoints = stack.enter_context(
+        LocalProviderServer(responder, models=(SMALL_MODEL, UPPER_MODEL)))
+    broker = stack.enter_context(EmbeddedBroker())
+    config = bench_config(ds, endpoints, os.path.join(d, "config.yaml"),
+                          small_price=small_price, upper_price=upper_price)
+    all_frontier = bench_config(ds, endpoints, os.path.join(d, "config_frontier_only.yaml"),
+                                small_price=small_price, upper_price=upper_price,
+                                threshold=2.0)
+    broker.create_topic("pool", partitions=2)
+    broker.create_topic("test0", partitions=2)
+    publish(broker.bootstrap_servers, "pool", [ds.records[i] for i in pool], schema="document")
+    publish(broker.bootstrap_servers, "test0", [ds.records[i] for i in test0], schema="document")
+
+    # 1. small tier over the pool; thresholds certified on the calibration half.
+    small_out = os.path.join(d, "pool_small")
+    cal_files = {}
+    t0 = time.perf_counter()
+    for k, alpha in enumerate(alphas):
+      cal_path = os.path.join(d, f"calibration_alpha{alpha:g}.json")
+      argv = ["calibrate", "--labels", calib_labels, "--alpha", str(alpha), "--delta",
+              str(delta), "--out", cal_path]
+      argv += (["--run", "documents", "--records", pool_jsonl, "--config", config,
+                "--work-dir", small_out] if k == 0 else ["--from-output", small_out])
+      if cli.main(argv) != 0:
+        raise RuntimeError(f"tierflow calibrate failed for alpha={alpha}")
+      cal_files[alpha] = cal_path
+    timings["small_tier_over_pool_and_calibrate_s"] = time.perf_counter() - t0
+
+    # 2. frontier-only over the pool.
+    common = ["--bootstrap-servers", broker.bootstrap_servers, "--start-offset", "0"]
+    upper_out = os.path.join(d, "pool_frontier_only")
+    timings["frontier_only_over_pool_s"] = _launch("documents", [
+        *common, "--topic", "pool", "--output", upper_out, "--config", all_frontier])
+
+    # 3 + 4. routed runs on the test half, one per alpha, and their reports.
+    pipeline_split0 = {}
+    for alpha in alphas:
+      out = os.path.join(d, f"routed_alpha{alpha:g}")
+      secs = _launch("documents", [*common, "--topic", "test0", "--output", out,
+                                   "--config", config, "--calibration", cal_files[alpha]])
+      rep_dir = os.path.join(keep_reports, name, f"alpha{alpha:g}")
+      rep = build_report(out, test_labels, out_dir=rep_dir, resamples=500)
+      st = rep["stages"]["classify"]
+      pipeline_split0[alpha] = {
+          "seconds": secs, "report_dir": os.path.relpath(rep_dir, ROOT),
+          "threshold": Calibration.load(cal_files[alpha]).threshold("classify"),
+          "records": rep["run"]["records"],
+          "escalation_rate": rep["run"]["escalation_rate"],
+          "routed_accuracy": rep["quality"]["routed_accuracy"],
+          "error_non_escalated": st["quality"]["error_non_escalated"],
+          "routed_cost_usd": rep["cost"]["routed_usd"],
+          "frontier_only_cost_usd_estimate": rep["cost"]["frontier_only_usd"],
+          "savings_pct": rep["cost"]["savings_pct"],
+          "oracle": st["oracle"], "aiq": st["threshold_curve"].get("aiq"),
+          "bootstrap": rep["bootstrap"]["intervals"].get("routed_accuracy"),
+      }
+      log(f"[{name}] alpha={alpha:g}: routed run on {rep['run']['records']} test records "
+          f"escalated {rep['run']['escalation_rate']:.1%}, accuracy "
+          f"{rep['quality']['routed_accuracy']:.2%}; report in {rep_dir}")
+
+  # Per-record arrays over the pool from the two ledgers.
+  small, upper = read_ledger(small_out), read_ledger(upper_out)
+  ids = [id_of[i] for i in pool]
+  missing = [i for i in ids if i not in small or i not in upper]
+  if missing:
+    raise RuntimeError(f"{len(missing)} pool records missing from the ledgers, e.g. {missing[:3]}")
+  g = gold[pool]
+  conf = np.array([small[i]["confidence"] for i in ids])
+  small_ok = np.array([small[i]["small_answer"] == y for i, y in zip(ids, g)])
+  upper_ok = np.array([upper[i]["final"] == y and upper[i]["final_tier"] == "frontier"
+                       for i, y in zip(ids, g)])
+  small_cost = np.array([small[i]["small_cost"] for i in ids])
+  upper_cost = np.array([upper[i]["frontier_cost"] for i in ids])
+  pos = {doc: k for k, doc in enumerate(ids)}
+  c0 = np.array([pos[id_of[i]] for i in calib0])
+  t0_ = np.array([pos[id_of[i]] for i in test0])
+
+  results = {}
+  for alpha in alphas:
+    split0 = evaluate_split(conf, small_ok, upper_ok, small_cost, upper_cost, c0, t0_, alpha,
+                            delta)
+    p0 = pipeline_split0[alpha]
+    agree = (abs(split0["routed_accuracy"] - p0["routed_accuracy"]) < 1e-12
+             and abs(split0["escalation_rate"] - p0["escalation_rate"]) < 1e-12
+             and split0["threshold"] == p0["threshold"])
+    rows = [split0]
+    rng_s = np.random.default_rng(seed + 2)
+    for _ in range(splits - 1):
+      perm = rng_s.permutation(len(pool))
+      rows.append(evaluate_split(conf, small_ok, upper_ok, small_cost, upper_cost,
+                                 perm[:n_cal], perm[n_cal:], alpha, delta))
+    rng_p = np.random.default_rng(seed + 3)
+    population = [population_check(conf, small_ok, n_cal, alpha, delta, rng_p)
+                  for _ in range(splits)]
+    results[f"{alpha:g}"] = {"summary": summarise_splits(rows, alpha, delta, population),
+                             "split0_offline": split0, "split0_pipeline": p0,
+                             "split0_pipeline_matches_offline": bool(agree)}
+  return {
+      "dataset": name, "description": ds.description, "labels": list(ds.labels),
+      "records": len(ds.records), "pool": int(len(pool)), "calibration_records": n_cal,
+      "test_records": int(len(pool) - n_cal),
+      "small_tier": tiers.small.description, "upper_tier": tiers.upper.description,
+      "small_train": small_n, "upper_train": upper_n, "small_train_within_upper_train": True,
+      "pool_small_accuracy": float(small_ok.mean()),
+      "pool_upper_accuracy": float(upper_ok.mean()),
+      "prices": {"small_priced_as": small_price, "upper_priced_as": upper_price},
+      "timings_s": timings, "seconds": time.perf_counter() - t_start, "by_alpha": results,
+  }
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _pct(x: Optional[float], digits: int = 1) -> str:
+  return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def markdown(result: dict) -> str:
+  lines = [
+      "| dataset | alpha | escalated | routed acc | upper-only acc | gap (pts) | cost routed / upper-only "
+      "| cost routed / oracle | error on kept (test half), mean (p90) | test-half error <= alpha "
+      "| guarantee held (i.i.d. draws, exact risk) |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for d in result["datasets"]:
+    for a, r in d["by_alpha"].items():
+      s = r["summary"]
+      lines.append(
+          f"| {d['dataset']} | {a} | {_pct(s['escalation_rate_mean'])} | "
+          f"{_pct(s['routed_accuracy_mean'])} | {_pct(s['frontier_accuracy_mean'])} | "
+          f"{s['quality_gap_points_mean']:+.2f} | {s['cost_ratio_routed_to_frontier_only_mean']:.3f} | "
+          f"{s['cost_ratio_routed_to_oracle_mean']:.2f} | {_pct(s['error_kept_mean'], 2)} "
+          f"({_pct(s['error_kept_p90'], 2)}) | {s['splits'] - s['test_half_error_above_alpha']}/"
+          f"{s['splits']} | {s['population_draws'] - s['population_violations']}/"
+          f"{s['population_draws']} (need >= {1 - s['delta']:.0%}) |")
+  return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.routing", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--dataset", action="append", choices=sorted(DEFAULT_ALPHAS),
+                      help="bbc and/or finefood (default: both)")
+  parser.add_argument("--alpha", action="append", type=float,
+                      help="target error on non-escalated records (repeatable; default per "
+                           "dataset: bbc 0.02 0.05, finefood 0.10 0.15 0.20)")
+  parser.add_argument("--delta", type=float, default=0.1)
+  parser.add_argument("--splits", type=int, default=200,
+                      help="random calibration/test splits of the pool (default 200)")
+  parser.add_argument("--calib-records", type=int, default=500,
+                      help="calibration sample size (default 500)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--small-train", type=int,
+                      help="training records of the small tier (default: bbc 100, finefood 500)")
+  parser.add_argument("--small-price-as", default="gpt-5-nano")
+  parser.add_argument("--upper-price-as", default="claude-sonnet-4-6")
+  parser.add_argument("--output-json", help="default: benchmarks/results/routing-<date>.json")
+  parser.add_argument("--reports", default=str(RESULTS_DIR / "routing-reports"),
+                      help="where the tierflow reports of the routed runs go")
+  parser.add_argument("--keep-work", help="keep pipeline outputs in this directory")
+  args = parser.parse_args(argv)
+  import logging
+  logging.basicConfig(level=logging.WARNING)
+  logging.getLogger("kafka").setLevel(logging.CRITICAL)
+  logging.getLogger("root").setLevel(logging.ERROR)
+  work = args.keep_work or tempfile.mkdtemp(prefix="tierflow-routing-")
+  started = _dt.datetime.now(_dt.timezone.utc)
+  datasets = []
+  try:
+    for name in args.dataset or sorted(DEFAULT_ALPHAS):
+      alphas = args.alpha or DEFAULT_ALPHAS[name]
+      datasets.append(run_dataset(
+          name, alphas=alphas, delta=args.delta, splits=args.splits, seed=args.seed,
+          calib_records=args.calib_records, small_train=args.small_train,
+          small_price=args.small_price_as,
+          upper_price=args.upper_price_as, work=work, keep_reports=args.reports))
+  finally:
+    if not args.keep_work:
+      shutil.rmtree(work, ignore_errors=True)
+  import apache_beam
+  result = {
+      "benchmark": "routing", "date": started.date().isoformat(),
+      "started_at": started.isoformat(timespec="seconds"),
+      "command": "python -m benchmarks.routing " + " ".join(argv if argv is not None
+                                                              else sys.argv[1:]),
+      "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                  "beam": apache_beam.__version__, "platform": platform.platform()},
+      "datasets": datasets,
+  }
+  out = args.output_json or str(RESULTS_DIR / f"routing-{result['date']}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2, default=float)
+    f.write("\n")
+  print()
+  print(markdown(result))
+  for d in datasets:
+    print(f"\n{d['dataset']}: {d['small_tier']}; {d['upper_tier']}; "
+          f"pool accuracy small {_pct(d['pool_small_accuracy'])}, upper "
+          f"{_pct(d['pool_upper_accuracy'])}; small priced as {d['prices']['small_priced_as']}, "
+          f"upper as {d['prices']['upper_priced_as']} (price stand-ins, not the models)")
+    for a, r in d["by_alpha"].items():
+      print(f"  alpha {a}: split 0 through the pipeline matches the offline evaluation: "
+            f"{r['split0_pipeline_matches_offline']}")
+  print(f"\nwrote {out}")
+  bad = [(d["dataset"], a) for d in datasets for a, r in d["by_alpha"].items()
+         if not r["split0_pipeline_matches_offline"]]
+  return 1 if bad else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,55 @@
+"""The routing benchmark's split evaluation, on data with a known answer."""
+
+import numpy as np
+import pytest
+
+from benchmarks.routing.loop import evaluate_split, summarise_splits
+
+
+def test_evaluate_split_routes_by_the_calibrated_threshold():
+  rng = np.random.default_rng(0)
+  n = 4000
+  conf = rng.uniform(size=n)
+  # The small tier is right with probability = its confidence; the upper tier always.
+  small_ok = rng.uniform(size=n) < conf
+  upper_ok = np.ones(n, dtype=bool)
+  small_cost, upper_cost = np.full(n, 1.0), np.full(n, 10.0)
+  conf[:5] = np.nan  # no confidence: always escalated
+  calib, test = np.arange(0, 2000), np.arange(2000, n)
+  r = evaluate_split(conf, small_ok, upper_ok, small_cost, upper_cost, calib, test, 0.1, 0.1)
+  t = r["threshold"]
+  assert r["certified"] and 0.8 < t < 0.95  # error above t ~ (1 - t) / 2 <= 0.1
+  kept = conf[test] >= t
+  assert r["escalation_rate"] == pytest.approx(1 - kept.mean())
+  assert r["error_kept"] == pytest.approx((~small_ok[test][kept]).mean())
+  assert r["routed_accuracy"] == pytest.approx(np.where(kept, small_ok[test], True).mean())
+  assert r["routed_cost"] == pytest.approx(2000 + 10 * (~kept).sum())
+  assert r["frontier_only_cost"] == 20000
+  assert r["oracle_cost"] == pytest.approx(2000 + 10 * (~small_ok[test]).sum())
+  s = summarise_splits([r, dict(r, error_kept=0.2)], 0.1, 0.1)
+  assert s["test_half_error_above_alpha"] == 1 and s["test_half_error_within_alpha_share"] == 0.5
+  assert s["cost_ratio_routed_to_frontier_only_mean"] == pytest.approx(r["routed_cost"] / 20000)
+
+
+def test_uncertifiable_calibration_escalates_everything():
+  conf = np.full(60, 0.9)
+  ok = np.zeros(60, dtype=bool)  # always wrong
+  r = evaluate_split(conf, ok, np.ones(60, bool), np.ones(60), np.ones(60) * 5,
+                     np.arange(30), np.arange(30, 60), 0.05, 0.1)
+  assert not r["certified"] and r["escalation_rate"] == 1.0 and r["error_kept"] is None
+  assert r["routed_accuracy"] == 1.0 and r["routed_cost"] == 30 + 150
+
+
+def test_population_check_measures_the_exact_risk_over_the_pool():
+  from benchmarks.routing.loop import population_check
+  from tierflow.calibration import calibrate_threshold
+  rng = np.random.default_rng(1)
+  conf = rng.uniform(size=3000)
+  ok = rng.uniform(size=3000) < conf
+  p = population_check(conf, ok, 1000, 0.2, 0.1, np.random.default_rng(2))
+  draw = np.random.default_rng(2).integers(0, 3000, size=1000)
+  t = calibrate_threshold(conf[draw], ok[draw], 0.2, 0.1).threshold
+  kept = conf >= t
+  assert p["certified"] and p["population_coverage"] == kept.mean()
+  assert p["population_risk"] == pytest.approx((~ok[kept]).mean())
+  assert p["held"] == (p["population_risk"] <= 0.2)
