@@ -179,8 +179,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   calibrate_module.add_arguments(cal)
   cal.set_defaults(func=lambda a, r: calibrate_module.run_from_args(a))
 
-  serve = sub.add_parser("serve-local", help="local OpenAI/Anthropic wire-format endpoints "
-                         "(stand-in model; faults switchable); flags: see --help of the module")
+  serve = sub.add_parser("serve-local", add_help=False,
+                         help="local OpenAI/Anthropic wire-format endpoints (stand-in model; "
+                         "faults switchable); `tierflow serve-local --help` lists its flags")
   serve.set_defaults(func=lambda a, r: _serve_local(r))
 
   args, rest = parser.parse_known_args(argv)

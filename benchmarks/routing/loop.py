@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -73,19 +74,34 @@ def _write_jsonl(path: str, rows: Sequence[dict]) -> str:
   return path
 
 
-def bench_config(ds, endpoints, path: str, *, small_price: str, upper_price: str,
-                 threshold: float = 0.5, batch_size: int = 8) -> str:
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+  """Where a tier is served: the local classifier server by default, or any real endpoint."""
+  provider: str
+  base_url: str
+  model: str
+  api_key_env: str = ""
+
+  @property
+  def external(self) -> bool:
+    return self.model not in (SMALL_MODEL, UPPER_MODEL)
+
+
+def bench_config(ds, small: Endpoint, upper: Endpoint, path: str, *, small_price: str,
+                 upper_price: str, threshold: float = 0.5, batch_size: int = 8) -> str:
   """The documents config with one classify stage over the dataset's labels."""
   config = yaml.safe_load((ROOT / "tierflow/data/documents.yaml").read_text())
   config["name"] = f"routing-{ds.name}"
   config["budget_usd"] = None
   config["models"]["small"].update(
-      provider="openai", base_url=endpoints.openai_base_url, model=SMALL_MODEL, api_key_env="",
-      price_as=small_price, batch_size=batch_size, concurrency=2, max_retries=2,
-      logprobs=True, top_logprobs=min(10, len(ds.labels)))
+      provider=small.provider, base_url=small.base_url, model=small.model,
+      api_key_env=small.api_key_env, price_as=small_price, batch_size=batch_size,
+      concurrency=2, max_retries=2, logprobs=small.provider == "openai",
+      top_logprobs=min(10, len(ds.labels)))
   config["models"]["frontier"].update(
-      provider="anthropic", base_url=endpoints.anthropic_base_url, model=UPPER_MODEL,
-      api_key_env="", price_as=upper_price, batch_size=batch_size, concurrency=2, max_retries=2)
+      provider=upper.provider, base_url=upper.base_url, model=upper.model,
+      api_key_env=upper.api_key_env, price_as=upper_price, batch_size=batch_size,
+      concurrency=2, max_retries=2)
   config["stages"] = [{"name": "classify", "kind": "classify",
                        "instructions": INSTRUCTIONS.get(ds.name, "You classify documents."),
                        "labels": list(ds.labels), "threshold": threshold}]
@@ -235,6 +251,8 @@ def summarise_splits(rows: list[dict], alpha: float, delta: float,
 
 def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int, seed: int,
                 calib_records: int, small_train: Optional[int],
+                small_endpoint: Optional[Endpoint] = None,
+                upper_endpoint: Optional[Endpoint] = None,
                 small_price: str, upper_price: str, work: str, keep_reports: str,
                 log=print) -> dict:
   from tierflow import cli
@@ -260,8 +278,12 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
   t0 = time.perf_counter()
   tiers = train_tiers(ds, parts.small_train, parts.upper_train, seed)
   train_s = time.perf_counter() - t0
-  log(f"[{name}] {tiers.small.description}")
-  log(f"[{name}] {tiers.upper.description}  (trained both in {train_s:.1f} s)")
+  small_desc = (f"small tier: {small_endpoint.model} at {small_endpoint.base_url}"
+                if small_endpoint else tiers.small.description)
+  upper_desc = (f"upper tier: {upper_endpoint.model} at {upper_endpoint.base_url}"
+                if upper_endpoint else tiers.upper.description)
+  log(f"[{name}] {small_desc}")
+  log(f"[{name}] {upper_desc}  (trained the local tiers in {train_s:.1f} s)")
   gold = np.array(ds.gold, dtype=object)
 
   d = os.path.join(work, name)
@@ -278,12 +300,15 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
   timings = {"train_s": train_s}
   responder = ClassifierResponder({SMALL_MODEL: tiers.small, UPPER_MODEL: tiers.upper})
   with contextlib.ExitStack() as stack:
-    endpoints = stack.enter_context(
+    local = stack.enter_context(
         LocalProviderServer(responder, models=(SMALL_MODEL, UPPER_MODEL)))
+    small_ep = small_endpoint or Endpoint("openai", local.openai_base_url, SMALL_MODEL)
+    upper_ep = upper_endpoint or Endpoint("anthropic", local.anthropic_base_url, UPPER_MODEL)
     broker = stack.enter_context(EmbeddedBroker())
-    config = bench_config(ds, endpoints, os.path.join(d, "config.yaml"),
+    config = bench_config(ds, small_ep, upper_ep, os.path.join(d, "config.yaml"),
                           small_price=small_price, upper_price=upper_price)
-    all_frontier = bench_config(ds, endpoints, os.path.join(d, "config_frontier_only.yaml"),
+    all_frontier = bench_config(ds, small_ep, upper_ep,
+                                os.path.join(d, "config_frontier_only.yaml"),
                                 small_price=small_price, upper_price=upper_price,
                                 threshold=2.0)
     broker.create_topic("pool", partitions=2)
@@ -379,7 +404,7 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
       "dataset": name, "description": ds.description, "labels": list(ds.labels),
       "records": len(ds.records), "pool": int(len(pool)), "calibration_records": n_cal,
       "test_records": int(len(pool) - n_cal),
-      "small_tier": tiers.small.description, "upper_tier": tiers.upper.description,
+      "small_tier": small_desc, "upper_tier": upper_desc,
       "small_train": small_n, "upper_train": upper_n, "small_train_within_upper_train": True,
       "pool_small_accuracy": float(small_ok.mean()),
       "pool_upper_accuracy": float(upper_ok.mean()),
@@ -431,6 +456,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--small-train", type=int,
                       help="training records of the small tier (default: bbc 100, finefood 500)")
+  ext = parser.add_argument_group(
+      "real models instead of the local classifiers (any OpenAI-compatible small endpoint; "
+      "Anthropic or OpenAI upper endpoint; keys by environment variable name)")
+  ext.add_argument("--small-base-url")
+  ext.add_argument("--small-model")
+  ext.add_argument("--small-key-env", default="")
+  ext.add_argument("--upper-provider", choices=("anthropic", "openai"), default="anthropic")
+  ext.add_argument("--upper-base-url")
+  ext.add_argument("--upper-model")
+  ext.add_argument("--upper-key-env", default="")
   parser.add_argument("--small-price-as", default="gpt-5-nano")
   parser.add_argument("--upper-price-as", default="claude-sonnet-4-6")
   parser.add_argument("--output-json", help="default: benchmarks/results/routing-<date>.json")
@@ -438,6 +473,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="where the tierflow reports of the routed runs go")
   parser.add_argument("--keep-work", help="keep pipeline outputs in this directory")
   args = parser.parse_args(argv)
+  small_ep = upper_ep = None
+  if args.small_base_url or args.small_model:
+    if not (args.small_base_url and args.small_model):
+      parser.error("--small-base-url and --small-model go together")
+    small_ep = Endpoint("openai", args.small_base_url, args.small_model, args.small_key_env)
+  if args.upper_base_url or args.upper_model:
+    if not (args.upper_base_url and args.upper_model):
+      parser.error("--upper-base-url and --upper-model go together")
+    upper_ep = Endpoint(args.upper_provider, args.upper_base_url, args.upper_model,
+                        args.upper_key_env)
   import logging
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("kafka").setLevel(logging.CRITICAL)
@@ -451,7 +496,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       datasets.append(run_dataset(
           name, alphas=alphas, delta=args.delta, splits=args.splits, seed=args.seed,
           calib_records=args.calib_records, small_train=args.small_train,
-          small_price=args.small_price_as,
+          small_price=args.small_price_as, small_endpoint=small_ep, upper_endpoint=upper_ep,
           upper_price=args.upper_price_as, work=work, keep_reports=args.reports))
   finally:
     if not args.keep_work:

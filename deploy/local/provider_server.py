@@ -1369,7 +1369,8 @@ def _fault_arg(text: str) -> Fault:
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="tierflow serve-local",
-    description="Serve local OpenAI- and Anthropic-compatible endpoints (echo model).")
+    description="Serve local OpenAI- and Anthropic-compatible endpoints backed by the keyword "
+                "STAND-IN model (deploy/local/standin_model.py): not a language model.")
   parser.add_argument("--host", default="127.0.0.1")
   parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
   parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every answer")
