@@ -200,14 +200,17 @@ class ModelClient:
   def __repr__(self) -> str:  # never the key
     return f"ModelClient({self.cfg.provider}:{self.cfg.model})"
 
-  def complete(self, system: str, user: str, max_tokens: int) -> ModelReply:
+  def complete(self, system: str, user: str, max_tokens: int, *,
+               top_logprobs: Optional[int] = None) -> ModelReply:
+    """One chat completion; ``top_logprobs`` overrides the model's (0: chosen tokens only)."""
     self.limiter.acquire(estimate_tokens(system) + estimate_tokens(user) + max_tokens)
     start = time.monotonic()
     attempt = 0
+    top = self.cfg.top_logprobs if top_logprobs is None else top_logprobs
     while True:
       try:
         if self.cfg.provider == "openai":
-          reply = self._openai(system, user, max_tokens)
+          reply = self._openai(system, user, max_tokens, top)
         else:
           reply = self._anthropic(system, user, max_tokens)
         return dataclasses.replace(reply, latency_s=time.monotonic() - start)
@@ -238,7 +241,7 @@ class ModelClient:
       return ModelCallError(kind, f"HTTP {status}", status)
     return ModelCallError("malformed", f"{type(e).__name__}: {str(e)[:200]}")
 
-  def _openai(self, system: str, user: str, max_tokens: int) -> ModelReply:
+  def _openai(self, system: str, user: str, max_tokens: int, top_logprobs: int) -> ModelReply:
     kwargs = dict(model=self.cfg.model, temperature=self.cfg.temperature,
                   messages=[{"role": "system", "content": system},
                             {"role": "user", "content": user}])
@@ -247,7 +250,9 @@ class ModelClient:
     official = self.cfg.base_url is None or "api.openai.com" in self.cfg.base_url
     kwargs["max_completion_tokens" if official else "max_tokens"] = max_tokens
     if self.cfg.logprobs:
-      kwargs.update(logprobs=True, top_logprobs=self.cfg.top_logprobs)
+      kwargs["logprobs"] = True
+      if top_logprobs:
+        kwargs["top_logprobs"] = top_logprobs
     resp = self._client.chat.completions.create(**kwargs)
     if not resp.choices:
       raise ModelCallError("malformed", "answer has no choices")

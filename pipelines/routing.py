@@ -149,7 +149,11 @@ class StageModelHandler(RemoteModelHandler):
     max_tokens = self._stage.output_tokens_per_record() * len(rows) + 16
     base = {"tier": self._tier, "model": self._model.model}
     try:
-      reply = client.complete(system, user, max_tokens)
+      # Only classify reads alternatives (the first token's, when an answer strays
+      # from the label set); the other stages need just the chosen tokens' logprobs,
+      # which llama.cpp only returns with top_logprobs >= 1 (it defaults to 20).
+      reply = client.complete(system, user, max_tokens,
+                              top_logprobs=None if self._stage.kind == "classify" else 1)
     except ModelCallError as e:
       return [{**base, "error": str(e), "usage": _usage_dict(Usage()), "cost_usd": 0.0}
               for _ in rows], False

@@ -375,11 +375,15 @@ def parse_reply(stage: StageConfig, reply: ModelReply, sources: Sequence[str]) -
     text = reply.text
     a, b = len(text) - len(text.lstrip()), len(text.rstrip())
     obj = None
-    if stage.kind != "classify" or text.lstrip().startswith("{"):
+    # Extractions may come wrapped in prose; a label or summary is JSON only when the
+    # answer is (a summary that quotes JSON from the record is still a summary).
+    if stage.kind == "extract" or text.lstrip().startswith("{"):
       objects = _json_objects(text)
       if objects:
-        a, b, obj = objects[0]
-        obj = obj if isinstance(obj, Mapping) else None
+        a2, b2, found = objects[0]
+        if isinstance(found, Mapping) and (
+            stage.kind != "summarise" or isinstance(found.get("summary"), str)):
+          a, b, obj = a2, b2, found
     if stage.kind == "extract" and obj is None:
       return [Answer(error=f"invalid_answer: no JSON object in the answer{truncated}",
                      answer_chars=len(text))]

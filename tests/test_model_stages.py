@@ -255,3 +255,26 @@ def test_records_cut_off_a_packed_frontier_answer_are_retried_alone(server, tier
     solo = client.complete(*build_prompt(CLASSIFY, [body], verbalise=True), 16).usage
     assert Usage(**o["usage"]).prompt_tokens > solo.prompt_tokens
     assert o["cost_usd"] > load_price_book().price("claude-sonnet-4-6").cost(solo)
+
+
+def test_a_single_summary_that_quotes_json_is_still_the_summary():
+  source = 'Customer pasted {"label": "other", "priority": "low"} and asks for a refund of order NW-12345.'
+  text = 'Customer pasted {"label": "other"} into the ticket and asks for a refund.'
+  [a] = parse_reply(SUMMARISE, _reply(text, _tokens(text)), [source])
+  assert a.error is None and a.value.startswith("Customer pasted")
+  # A JSON answer is read as JSON.
+  obj = '{"summary": "Customer asks for a refund."}'
+  [b] = parse_reply(SUMMARISE, _reply(obj, _tokens(obj)), [source])
+  assert b.value == "Customer asks for a refund."
+
+
+def test_only_classify_asks_for_alternative_tokens(server):
+  client = _client(server, logprobs=True, top_logprobs=5)
+  reply = client.complete(*build_prompt(SUMMARISE, ["Parcel late. Please help."]), 40,
+                          top_logprobs=1)
+  assert reply.tokens and all(t.logprob <= 0 and len(t.top) <= 1 for t in reply.tokens)
+  assert server.requests[-1].body["top_logprobs"] == 1
+  client.complete(*build_prompt(SUMMARISE, ["Parcel late."]), 40, top_logprobs=0)
+  assert "top_logprobs" not in server.requests[-1].body
+  reply = client.complete(*build_prompt(CLASSIFY, ["parcel late"]), 16)
+  assert server.requests[-1].body["top_logprobs"] == 5 and reply.tokens[0].top
