@@ -530,6 +530,6 @@ def test_cli_serves_until_interrupted(tmp_path):
       model=FRONTIER, max_tokens=5, messages=USER).content
   finally:
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=10)
+    out, err = proc.communicate(timeout=30)  # generous: shared 2-core machines
   assert proc.returncode == 0
   assert "sk-cli-SECRET" not in out + err
