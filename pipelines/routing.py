@@ -45,18 +45,6 @@ __all__ = ["RouteThroughTiers", "StageModelHandler", "render_text", "STATE_KEY"]
 
 _LOGGER = logging.getLogger(__name__)
 
-
-class _DropSpuriousResourceWarning(logging.Filter):
-  """Beam 2.77's RunInference logs "Resource module is not available" on every batch
-  when its optional ``ModelManager`` import fails: both imports share one ``try``, so
-  ``resource`` is set to None although the module exists. Drop just that message."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Resource module is not available")
-
-
-if not any(isinstance(f, _DropSpuriousResourceWarning) for f in logging.getLogger().filters):
-  logging.getLogger().addFilter(_DropSpuriousResourceWarning())
 STATE_KEY = "_tierflow"
 FAILED = "failed"
 
