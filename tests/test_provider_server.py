@@ -512,7 +512,8 @@ def test_latency_is_served_concurrently():
 
 
 def test_cli_serves_until_interrupted(tmp_path):
-  env = {**os.environ, "TF_LOCAL_KEY": "sk-cli-SECRET"}
+  # PYTHONFAULTHANDLER: if it ever hangs on Ctrl-C, SIGABRT dumps every thread's stack.
+  env = {**os.environ, "TF_LOCAL_KEY": "sk-cli-SECRET", "PYTHONFAULTHANDLER": "1"}
   proc = subprocess.Popen(
     [sys.executable, "-m", "tierflow.local.provider_server", "--require-key-env", "TF_LOCAL_KEY",
      "--fault", "server_error:1", "--rpm", f"{SMALL}=5", "--latency", "0"],
@@ -530,6 +531,11 @@ def test_cli_serves_until_interrupted(tmp_path):
       model=FRONTIER, max_tokens=5, messages=USER).content
   finally:
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)  # generous: shared 2-core machines
+    try:
+      out, err = proc.communicate(timeout=30)  # generous: shared 2-core machines
+    except subprocess.TimeoutExpired:
+      proc.send_signal(signal.SIGABRT)
+      _, err = proc.communicate(timeout=10)
+      pytest.fail(f"serve-local ignored Ctrl-C for 30 s; its threads:\n{err[-8000:]}")
   assert proc.returncode == 0
   assert "sk-cli-SECRET" not in out + err

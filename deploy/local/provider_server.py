@@ -32,6 +32,7 @@ import math
 import os
 import random
 import re
+import signal
 import threading
 import time
 import uuid
@@ -1415,12 +1416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
   server = _server_from_args(args, parser)
+  stop = threading.Event()
+  for sig in (signal.SIGINT, signal.SIGTERM):  # set, not raise: no half-run handler or join
+    signal.signal(sig, lambda *_: stop.set())
   with server:
     print(f"OPENAI_BASE_URL={server.openai_base_url}", flush=True)
     print(f"ANTHROPIC_BASE_URL={server.anthropic_base_url}", flush=True)
-    try:
-      threading.Event().wait()
-    except KeyboardInterrupt:
+    while not stop.wait(0.5):
       pass
   return 0
 
