@@ -208,6 +208,21 @@ def _consumer(config: KafkaReadConfig, group: bool = False):
   return KafkaConsumer(**settings)
 
 
+def committed_offsets(config: KafkaReadConfig) -> dict[int, Optional[int]]:
+  """The group's committed offset per partition of the topic (None where nothing is committed).
+
+  What a run left behind for the next one: ``RunSummary.committed_offsets`` reports it,
+  because commits happen in bundle finalization, where Beam's metrics are not collected.
+  """
+  from kafka import TopicPartition
+  consumer = _consumer(config, group=True)
+  try:
+    partitions = sorted(consumer.partitions_for_topic(config.topic) or ())
+    return {p: consumer.committed(TopicPartition(config.topic, p)) for p in partitions}
+  finally:
+    consumer.close()
+
+
 def fetch_highwater(consumer, tp, timeout_s: float = 10.0) -> int:
   """The partition's high-watermark as reported by a fetch response.
 

@@ -179,13 +179,14 @@ def test_bounded_runs_commit_and_resume_from_the_group_offsets(
   first = make_tickets(400, prefix="A")
   publish(broker.bootstrap_servers, name, first)
   out1 = str(tmp_path_factory.mktemp("run1"))
-  assert passthrough(name, out1, "--bounded").rows_written == 400
+  summary1 = passthrough(name, out1, "--bounded")
+  assert summary1.rows_written == 400
 
   ids1 = read_duckdb(f"{out1}/results", "SELECT kafka_partition p, count(*) n, "
                      "max(kafka_offset) m FROM t GROUP BY 1 ORDER BY 1")
   assert [r["p"] for r in ids1] == [0, 1, 2, 3]
   hw1 = {r["p"]: r["m"] + 1 for r in ids1}
-  assert committed(name, group_of(name), 4) == hw1
+  assert committed(name, group_of(name), 4) == hw1 == summary1.committed_offsets
 
   second = make_tickets(250, prefix="B", start_ms=T0_MS + 86_400_000)
   publish(broker.bootstrap_servers, name, second)
@@ -223,6 +224,7 @@ def test_explicit_range_does_not_move_the_group(broker, topic, make_tickets, pas
                         "--start-time", str(T0_MS))
   assert summary.rows_written == 160
   assert committed(name, group_of(name), 2) == before  # --commit-offsets auto
+  assert summary.committed_offsets is None  # a run that does not commit reports none
 
   # "always" commits an explicit range too (here moving partition 0 back to 10).
   passthrough(name, str(tmp_path_factory.mktemp("o")), "--bounded", "--start-offset", "0",

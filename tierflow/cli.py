@@ -34,6 +34,9 @@ def _print_summary(summary: launcher.RunSummary) -> None:
   print(f"pipeline      {summary.pipeline} ({summary.state})")
   print(f"results       {summary.output}/results  ({summary.rows_written} rows)")
   print(f"dead letters  {summary.output}/dead_letter  ({summary.dead_letters} rows)")
+  if summary.committed_offsets:
+    offsets = " ".join(f"p{p}={o}" for p, o in sorted(summary.committed_offsets.items()))
+    print(f"committed     {offsets}  (the next run resumes here)")
 
 
 def _serve_local(rest) -> int:

@@ -41,6 +41,7 @@ class RunSummary:
   dead_letters: int
   files_written: int
   metrics: dict
+  committed_offsets: Optional[dict] = None
 
 
 def _all_option_classes() -> list[type]:
@@ -139,4 +140,19 @@ def launch(name: str, argv: Sequence[str], *, wait: bool = True) -> RunSummary:
       dead_letters=_counter(result, "rows_written", "WriteDeadLetters"),
       files_written=_counter(result, "files_written"),
       metrics=metrics_dict(result),
+      committed_offsets=_committed(config),
   )
+
+
+def _committed(config) -> Optional[dict]:
+  """The group's offsets after a run that commits (None when it does not, or on error)."""
+  io = getattr(config, "io", config)
+  source = getattr(io, "source", None)
+  if source is None or not source.commit_offsets:
+    return None
+  from tierflow.connectors.kafka_source import committed_offsets
+  try:
+    return committed_offsets(source)
+  except Exception as e:  # noqa: BLE001 - reporting only; the run itself succeeded
+    _LOGGER.warning("could not read the committed offsets of %s: %s", source.group_id, e)
+    return None
