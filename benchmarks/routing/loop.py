@@ -251,6 +251,7 @@ def summarise_splits(rows: list[dict], alpha: float, delta: float,
 
 def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int, seed: int,
                 calib_records: int, small_train: Optional[int],
+                test_records: Optional[int] = None, upper_train: Optional[int] = None,
                 small_endpoint: Optional[Endpoint] = None,
                 upper_endpoint: Optional[Endpoint] = None,
                 small_price: str, upper_price: str, work: str, keep_reports: str,
@@ -267,7 +268,12 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
 
   t_start = time.perf_counter()
   ds = load_dataset(name, dedupe=True)
-  parts = make_splits(ds, small_n=small_train, calib_n=calib_records, seed=seed)
+  parts = make_splits(ds, small_n=small_train, calib_n=calib_records, test_n=test_records,
+                      seed=seed)
+  if upper_train is not None and upper_train < len(parts.upper_train):
+    keep = np.random.default_rng(seed).choice(len(parts.upper_train), upper_train, replace=False)
+    upper_idx = np.sort(np.union1d(parts.upper_train[keep], parts.small_train))
+    parts = dataclasses.replace(parts, upper_train=upper_idx)
   small_n, upper_n = len(parts.small_train), len(parts.upper_train)
   calib0, test0 = parts.calib, parts.test
   pool = np.sort(np.concatenate([calib0, test0]))
@@ -456,6 +462,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--small-train", type=int,
                       help="training records of the small tier (default: bbc 100, finefood 500)")
+  parser.add_argument("--upper-train", type=int,
+                      help="cap on the upper tier's training records (default: all the rest)")
+  parser.add_argument("--test-records", type=int,
+                      help="test records (default: the source's test split, else 500)")
   ext = parser.add_argument_group(
       "real models instead of the local classifiers (any OpenAI-compatible small endpoint; "
       "Anthropic or OpenAI upper endpoint; keys by environment variable name)")
@@ -496,6 +506,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       datasets.append(run_dataset(
           name, alphas=alphas, delta=args.delta, splits=args.splits, seed=args.seed,
           calib_records=args.calib_records, small_train=args.small_train,
+          test_records=args.test_records, upper_train=args.upper_train,
           small_price=args.small_price_as, small_endpoint=small_ep, upper_endpoint=upper_ep,
           upper_price=args.upper_price_as, work=work, keep_reports=args.reports))
   finally:
