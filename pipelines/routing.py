@@ -24,7 +24,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import string
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
@@ -38,26 +37,15 @@ from apache_beam.utils.timestamp import Timestamp
 
 from tierflow.config import ModelConfig, RunConfig, StageConfig
 from tierflow.connectors.llm_clients import ModelCallError, ModelClient, estimate_tokens
-from tierflow.pipelines.stages import build_prompt, parse_reply, split_usage
+from tierflow.pipelines.stages import (STATE_KEY, build_prompt, parse_reply, render_text,
+                                       split_usage)
 from tierflow.prices import PriceBook, Usage
 
 __all__ = ["RouteThroughTiers", "StageModelHandler", "render_text", "STATE_KEY"]
 
 _LOGGER = logging.getLogger(__name__)
 
-STATE_KEY = "_tierflow"
 FAILED = "failed"
-
-
-class _Blank(dict):
-  def __missing__(self, key):
-    return ""
-
-
-def render_text(template: str, row: Mapping[str, Any]) -> str:
-  """The record text a stage sees: the config's template over the row's fields."""
-  return string.Formatter().vformat(template, (), _Blank(
-      {k: ("" if v is None else v) for k, v in row.items() if k != STATE_KEY}))
 
 
 def _state(row: dict) -> dict:

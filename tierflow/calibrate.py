@@ -32,7 +32,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 

@@ -22,7 +22,6 @@ import lzma
 import os
 import pathlib
 import shutil
-import string
 import struct
 import subprocess
 import tarfile
@@ -32,9 +31,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from tierflow.pipelines.stages import render_text
+
 __all__ = ["Dataset", "Splits", "DATASETS", "DEFAULT_SMALL_TRAIN", "DEFAULT_UPPER_TRAIN",
            "TEXT_TEMPLATE",
-           "load_dataset", "make_splits", "render_text", "read_lazyload_db"]
+           "load_dataset", "make_splits", "read_lazyload_db"]
 
 DATASETS = ("bbc", "finefood")
 # The documents pipeline's input.text (tierflow/data/documents.yaml).
@@ -108,17 +109,6 @@ class Splits:
 
   def sizes(self) -> dict[str, int]:
     return {k: len(v) for k, v in dataclasses.asdict(self).items()}
-
-
-class _Blank(dict):
-  def __missing__(self, key):
-    return ""
-
-
-def render_text(template: str, row: Mapping[str, Any]) -> str:
-  """Same rendering as ``tierflow.pipelines.routing.render_text`` (without importing Beam)."""
-  return string.Formatter().vformat(template, (), _Blank(
-      {k: ("" if v is None else v) for k, v in row.items() if k != "_tierflow"}))
 
 
 def _group_key(text: str) -> str:
