@@ -1,51 +1,108 @@
-"""Decoding Kafka records into schema rows, with a dead-letter output.
+"""Decoding Kafka batches into Arrow rows, with dead letters for what does not decode.
 
-``DecodeRecords`` turns each ``KafkaRecord`` into a row: the source metadata
-(``schemas/source_metadata.avsc``: record_id, topic, partition, offset, Kafka
-timestamp, ``dt``) followed by the decoded payload fields. A record that is
-oversized, undecodable or invalid for its schema becomes a dead-letter row
-(``schemas/dead_letter.avsc``) with the raw bytes and the reason; the pipeline
-goes on.
+``DecodeBatches`` turns each ``KafkaBatch`` into a ``DecodedBatch``: an Arrow
+table of rows (the source metadata of ``schemas/source_metadata.avsc``:
+record_id, topic, partition, offset, Kafka timestamp, ``dt``, then the decoded
+payload fields) and a table of dead letters (``schemas/dead_letter.avsc``) with
+the raw bytes and the reason. Every record of the batch ends in exactly one of
+the two; nothing in a record's bytes can make the transform raise.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
 import time
 from datetime import datetime, timezone
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 import apache_beam as beam
-from apache_beam import pvalue
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
-from tierflow.connectors.codecs import Codec, DecodeError
-from tierflow.connectors.kafka_source import KafkaRecord
+from tierflow import schemas
+from tierflow.connectors.codecs import MAX_MILLIS, MIN_MILLIS, Codec
+from tierflow.connectors.kafka_source import KafkaBatch, KafkaRecord, batch_name
 
-__all__ = ["DecodeRecords", "DecodeResult", "dead_letter", "dt_of"]
+__all__ = ["BatchRef", "DecodeBatches", "DecodedBatch", "dead_letter", "dead_letter_table",
+           "decode_batch", "dt_of", "row_schema", "DEAD_LETTER_SCHEMA"]
 
-ROWS = "rows"
-DEAD_LETTER = "dead_letter"
+_LOGGER = logging.getLogger(__name__)
 DEFAULT_MAX_RECORD_BYTES = 1024 * 1024
+METRICS_NAMESPACE = "tierflow.decode"
+_DAY_MS = 86_400_000
 
 
+class BatchRef(NamedTuple):
+  """What a batch covers: offsets [start, end) of one partition, and its record offsets.
+
+  ``range_start`` is where this run's read of the partition began (see
+  ``kafka_commit``).
+  """
+  topic: str
+  partition: int
+  start: int
+  end: int
+  range_start: int
+  offsets: tuple = ()
+  run_offsets: int = 0
+
+  @property
+  def name(self) -> str:
+    return batch_name(self.topic, self.partition, self.start, self.end)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedBatch:
+  """A batch after decoding (or after any later step that keeps it whole).
+
+  Attributes:
+    ref: the offsets the batch covers.
+    rows: one row per record that decoded, ordered by offset.
+    dead_letters: one row per record that did not, with the reason.
+  """
+  ref: BatchRef
+  rows: pa.Table
+  dead_letters: pa.Table
+
+  def replace(self, **changes) -> "DecodedBatch":
+    return dataclasses.replace(self, **changes)
+
+
+def row_schema(input_schema: Mapping[str, Any]) -> dict:
+  """The Avro schema of decoded rows: source metadata, then the input record's fields."""
+  return schemas.compose(f"{input_schema['name']}Row", schemas.load("source_metadata"),
+                         input_schema)
+
+
+DEAD_LETTER_SCHEMA = schemas.load("dead_letter")
+
+
+@functools.lru_cache(maxsize=None)
+def _dead_letter_arrow() -> pa.Schema:
+  return schemas.to_arrow(DEAD_LETTER_SCHEMA)
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def dt_of(epoch_millis: int) -> str:
   """The ``YYYY-MM-DD`` (UTC) Hive partition value of an epoch-millis time."""
   return datetime.fromtimestamp(epoch_millis / 1000.0, tz=timezone.utc).strftime("%Y-%m-%d")
 
 
-def source_metadata(rec: KafkaRecord, event_ms: Optional[int] = None) -> dict:
-  return {
-      "record_id": rec.record_id,
-      "kafka_topic": rec.topic,
-      "kafka_partition": rec.partition,
-      "kafka_offset": rec.offset,
-      "kafka_timestamp": rec.timestamp_ms,
-      "dt": dt_of(rec.timestamp_ms if event_ms is None else event_ms),
-  }
+def _dt_column(event_ms: np.ndarray) -> pa.Array:
+  """dt strings for in-range epoch millis, computed once per distinct day."""
+  days = np.floor_divide(event_ms, _DAY_MS)
+  unique, inverse = np.unique(days, return_inverse=True)
+  names = pa.array([dt_of(int(d) * _DAY_MS) for d in unique], pa.string())
+  return names.take(pa.array(inverse.reshape(-1)))
 
 
 def dead_letter(meta: Mapping[str, Any], stage: str, error_type: str, reason: str,
-                key: Optional[bytes] = None, value: Optional[bytes] = None) -> dict:
+                key: Optional[bytes] = None, value: Optional[bytes] = None,
+                failed_at: Optional[int] = None) -> dict:
   """A dead-letter row for a record, from its source metadata."""
   return {
       "record_id": meta["record_id"],
@@ -59,71 +116,167 @@ def dead_letter(meta: Mapping[str, Any], stage: str, error_type: str, reason: st
       "reason": reason[:4000],
       "raw_key": key,
       "raw_value": value,
-      "failed_at": int(time.time() * 1000),
+      "failed_at": int(time.time() * 1000) if failed_at is None else failed_at,
   }
 
 
+def dead_letter_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+  return pa.Table.from_pylist(list(rows), schema=_dead_letter_arrow())
+
+
+def _safe_millis(ts: int) -> int:
+  return ts if MIN_MILLIS <= ts < MAX_MILLIS else 0
+
+
+def _record_dead_letter(rec: KafkaRecord, error_type: str, reason: str, now_ms: int,
+                        max_record_bytes: int) -> dict:
+  """A dead letter for a raw record (its ``dt`` from the Kafka timestamp when usable,
+  else from the time it failed)."""
+  ts = rec.timestamp_ms if MIN_MILLIS <= rec.timestamp_ms < MAX_MILLIS else now_ms
+  meta = {"record_id": rec.record_id, "kafka_topic": rec.topic,
+          "kafka_partition": rec.partition, "kafka_offset": rec.offset,
+          "kafka_timestamp": _safe_millis(rec.timestamp_ms), "dt": dt_of(ts)}
+  value = rec.value if rec.value is None or len(rec.value) <= max_record_bytes else \
+      rec.value[:max_record_bytes]
+  key = rec.key if rec.key is None or len(rec.key) <= max_record_bytes else \
+      rec.key[:max_record_bytes]
+  return dead_letter(meta, "decode", error_type, reason, key, value, failed_at=now_ms)
+
+
+def decode_batch(batch: KafkaBatch, codec: Codec, row_arrow: pa.Schema, *,
+                 event_time_field: Optional[str] = None,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> DecodedBatch:
+  """Decodes a batch: rows for the records that decode, dead letters for the rest."""
+  now_ms = int(time.time() * 1000)
+  n = len(batch)
+  failed: list[tuple[int, str, str]] = []
+  candidates = []
+  for i in range(n):
+    value, key = batch.values[i], batch.keys[i]
+    size = len(value or b"") + len(key or b"")
+    if size > max_record_bytes:
+      failed.append((i, "oversized",
+                     f"record is {size} bytes, over the {max_record_bytes}-byte limit"))
+    elif not MIN_MILLIS <= batch.timestamps[i] < MAX_MILLIS:
+      failed.append((i, "invalid_timestamp",
+                     f"Kafka timestamp {batch.timestamps[i]} ms is outside years 1-9999"))
+    else:
+      candidates.append(i)
+  decoded = codec.decode_batch([batch.values[i] for i in candidates])
+  failed.extend((candidates[j], t, r) for j, t, r in decoded.failed)
+  ok = [candidates[j] for j in decoded.ok]
+  payload = decoded.table
+
+  offsets = np.asarray(batch.offsets, dtype=np.int64)[ok] if ok else np.zeros(0, np.int64)
+  kafka_ts = np.asarray(batch.timestamps, dtype=np.int64)[ok] if ok else np.zeros(0, np.int64)
+  event_ms = kafka_ts
+  if event_time_field is not None and ok:
+    column = payload.column(event_time_field).cast(pa.int64())
+    event_ms = np.where(pc.is_null(column).to_numpy(zero_copy_only=False), kafka_ts,
+                        column.fill_null(0).to_numpy())
+  prefix = f"{batch.topic}-{batch.partition}-"
+  metadata = [
+      pa.array([prefix + str(o) for o in offsets.tolist()], pa.string()),
+      pa.array([batch.topic] * len(ok), pa.string()),
+      pa.array(np.full(len(ok), batch.partition, dtype=np.int32), pa.int32()),
+      pa.array(offsets, pa.int64()),
+      pa.array(kafka_ts, pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
+      _dt_column(event_ms) if ok else pa.array([], pa.string()),
+  ]
+  rows = pa.Table.from_arrays(metadata + list(payload.columns), schema=row_arrow)
+
+  dead = pa.Table.from_pylist([], schema=_dead_letter_arrow())
+  if failed:
+    failed.sort()
+    dead = dead_letter_table(
+        _record_dead_letter(KafkaRecord(batch.topic, batch.partition, batch.offsets[i],
+                                        batch.timestamps[i], batch.keys[i], batch.values[i]),
+                            error_type, reason, now_ms, max_record_bytes)
+        for i, error_type, reason in failed)
+  return DecodedBatch(_ref(batch), rows, dead)
+
+
+def _ref(batch: KafkaBatch) -> BatchRef:
+  return BatchRef(batch.topic, batch.partition, batch.start, batch.end, batch.range_start,
+                  tuple(batch.offsets), batch.run_offsets)
+
+
+def _everything_dead(batch: KafkaBatch, reason: str, max_record_bytes: int,
+                     row_arrow: pa.Schema) -> DecodedBatch:
+  """Last resort when decoding itself fails (a bug, not bad data): every record of the
+  batch becomes a dead letter with the reason, so the run goes on and nothing is lost."""
+  now_ms = int(time.time() * 1000)
+  dead = dead_letter_table(_record_dead_letter(r, "internal_error", reason, now_ms,
+                                               max_record_bytes) for r in batch.records())
+  return DecodedBatch(_ref(batch), row_arrow.empty_table(), dead)
+
+
 class _DecodeFn(beam.DoFn):
-  def __init__(self, codec: Codec, event_time_field: Optional[str], max_record_bytes: int):
+  def __init__(self, codec: Codec, input_schema: Mapping[str, Any],
+               event_time_field: Optional[str], max_record_bytes: int):
     self._codec = codec
+    self._input_schema = input_schema
     self._event_time_field = event_time_field
     self._max_record_bytes = max_record_bytes
-    self._decoded = Metrics.counter("tierflow.decode", "records_decoded")
-    self._failed = Metrics.counter("tierflow.decode", "records_dead_lettered")
+    self._decoded = Metrics.counter(METRICS_NAMESPACE, "records_decoded")
+    self._failed = Metrics.counter(METRICS_NAMESPACE, "records_dead_lettered")
 
-  def process(self, rec: KafkaRecord):
-    size = len(rec.value or b"") + len(rec.key or b"")
+  def setup(self):
+    self._row_arrow = schemas.to_arrow(row_schema(self._input_schema))
+
+  def process(self, batch: KafkaBatch):
     try:
-      if size > self._max_record_bytes:
-        raise DecodeError("oversized",
-                          f"record is {size} bytes, over the {self._max_record_bytes}-byte limit")
-      payload = self._codec.decode(rec.value)
-    except DecodeError as e:
-      self._failed.inc()
-      meta = source_metadata(rec)
-      # Oversized payloads are kept only up to the limit in the dead letter.
-      value = rec.value if size <= self._max_record_bytes else (rec.value or b"")[
-          :self._max_record_bytes]
-      yield pvalue.TaggedOutput(
-          DEAD_LETTER, dead_letter(meta, "decode", e.error_type, e.reason, rec.key, value))
-      return
-    event = payload.get(self._event_time_field) if self._event_time_field else None
-    self._decoded.inc()
-    yield {**source_metadata(rec, event if isinstance(event, int) else None), **payload}
+      out = decode_batch(batch, self._codec, self._row_arrow,
+                         event_time_field=self._event_time_field,
+                         max_record_bytes=self._max_record_bytes)
+    except Exception as e:  # noqa: BLE001 - see _everything_dead
+      _LOGGER.exception("decoding %s failed; its %d records go to the dead letters",
+                        batch.name, len(batch))
+      out = _everything_dead(batch, f"decoding the batch failed: {type(e).__name__}: {e}",
+                             self._max_record_bytes, self._row_arrow)
+    self._decoded.inc(out.rows.num_rows)
+    self._failed.inc(out.dead_letters.num_rows)
+    yield out
 
 
-class DecodeResult(NamedTuple):
-  rows: beam.PCollection
-  dead_letter: beam.PCollection
-
-
-class DecodeRecords(beam.PTransform):
-  """Decodes ``KafkaRecord``s with a codec into (rows, dead letters).
+class DecodeBatches(beam.PTransform):
+  """Decodes ``KafkaBatch``es with a codec into ``DecodedBatch``es (rows and dead letters).
 
   Args:
     codec: a ``tierflow.connectors.codecs.Codec`` for the topic's format.
     event_time_field: a timestamp-millis payload field giving the record's
-      event time for its ``dt`` partition; the Kafka timestamp when None.
-    max_record_bytes: larger records (key + value) are dead-lettered.
+      event time for its ``dt`` partition; the Kafka timestamp where it is
+      null or when None. A field the schema does not have is ignored.
+    max_record_bytes: larger records (key + value) are dead-lettered, their
+      bytes kept up to the limit.
   """
 
   def __init__(self, codec: Codec, *, event_time_field: Optional[str] = "created_at",
                max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES):
     super().__init__()
-    if max_record_bytes <= 0:
-      raise ValueError("max_record_bytes must be positive")
+    if not isinstance(codec, Codec):
+      raise TypeError("DecodeBatches takes a tierflow Codec (see codecs.make_codec)")
+    if not (isinstance(max_record_bytes, int) and max_record_bytes > 0):
+      raise ValueError("max_record_bytes must be a positive int")
     names = {f["name"] for f in codec.schema["fields"]}
     if event_time_field is not None and event_time_field not in names:
       event_time_field = None
+    if event_time_field is not None and not pa.types.is_timestamp(
+        codec.arrow_schema.field(event_time_field).type):
+      raise ValueError(f"event_time_field {event_time_field!r} is not a timestamp field")
     self._codec = codec
     self._event_time_field = event_time_field
     self._max_record_bytes = max_record_bytes
 
-  def expand(self, records) -> DecodeResult:
-    out = records | "Decode" >> beam.ParDo(
-        _DecodeFn(self._codec, self._event_time_field, self._max_record_bytes)
-    ).with_outputs(DEAD_LETTER, main=ROWS)
-    return DecodeResult(out[ROWS], out[DEAD_LETTER])
+  @property
+  def row_schema(self) -> dict:
+    """The Avro schema of the decoded rows (what ``DecodedBatch.rows`` hold)."""
+    return row_schema(self._codec.schema)
+
+  def expand(self, batches):
+    return batches | "Decode" >> beam.ParDo(
+        _DecodeFn(self._codec, self._codec.schema, self._event_time_field,
+                  self._max_record_bytes))
 
   def display_data(self):
     return {"format": self._codec.name, "schema": self._codec.schema.get("name", ""),

@@ -1,6 +1,7 @@
-"""Reading Kafka in pure Python (kafka-python), so it runs on every Beam runner.
+"""Reading Kafka with confluent-kafka (librdkafka) from Python, so it runs on every Beam
+runner without a Java expansion service.
 
-``ReadFromKafka`` expands to::
+``ReadKafkaBatches`` expands to::
 
     Impulse -> _ResolveRangesFn -> Reshuffle -> _ReadPartitionFn (splittable DoFn)
 
@@ -9,29 +10,37 @@ offset range: the start from an explicit offset, a time
 (``offsets_for_times``, refined by scanning), the group's committed offset or
 the earliest offset; in bounded mode the stop is the fetch high-watermark seen
 at that moment (``ListOffsets(latest)`` can under-report on some brokers).
+
 The splittable DoFn reads one partition per element with ``assign()`` (never a
-consumer-group join), claims offsets through an ``OffsetRestrictionTracker``
-that allows checkpoints but no dynamic splits (so each partition is read, and
-committed, in order), and commits ``OffsetAndMetadata(next, "", -1)`` under
-the configured group id only when the runner finalizes the bundle, i.e. after
-its records are durable downstream (at-least-once; the ``record_id``
-topic-partition-offset makes downstream dedupe trivial).
+consumer-group join) and emits **batches**: the records of one partition
+between two offsets, in offset order, as one element (``KafkaBatch``). A
+bounded read cuts batches at fixed offset boundaries (multiples of
+``offsets_per_batch``, and the range's own start and stop), so the same range
+always gives the same batches; that is what lets the Parquet sink name files
+after them and a re-run replace exactly its own files. A streaming read cuts a
+batch at the same boundaries or after ``flush_seconds``, whichever comes first.
+A batch covers its offsets *including gaps* (offsets with no record, such as
+transaction markers or compacted records), so everything downstream can
+account for every offset of the range.
+
+Offsets are not committed here: ``tierflow.connectors.kafka_commit`` commits a
+batch's end only after its output is durable. The tracker allows checkpoints
+but no dynamic splits, so a partition is read by one reader at a time, in
+order.
 
 Unbounded reads report an event-time watermark from record timestamps (less a
 configurable out-of-orderness), advance it on idle partitions, and stamp a
-record that arrives behind the watermark at the watermark, counting it, so no
-downstream window ever drops it as late.
+batch no earlier than the watermark, counting records that arrived behind it,
+so no downstream window ever drops them as late.
 
 Beam's own ``apache_beam.io.kafka.ReadFromKafka`` (Java, cross-language) is the
-alternative on Dataflow/Flink when a Java expansion service is available; see
-``pipelines.options``.
+alternative on Dataflow/Flink when a Java expansion service is available.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import time
 from typing import Any, Iterator, Mapping, NamedTuple, Optional
@@ -44,11 +53,25 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-__all__ = ["KafkaRecord", "KafkaReadConfig", "PartitionRange", "ReadFromKafka"]
+from tierflow.connectors.kafka_client import (check_secret_settings, client_settings,
+                                              new_consumer)
+
+__all__ = [
+    "KafkaBatch",
+    "KafkaReadConfig",
+    "KafkaRecord",
+    "PartitionRange",
+    "ReadKafkaBatches",
+    "batch_name",
+    "check_broker",
+    "committed_offsets",
+    "resolve_ranges",
+]
 
 _LOGGER = logging.getLogger(__name__)
-_METRICS_NAMESPACE = "tierflow.kafka"
+METRICS_NAMESPACE = "tierflow.kafka"
 UNBOUNDED = sys.maxsize
+DEFAULT_OFFSETS_PER_BATCH = 100_000
 
 
 class KafkaRecord(NamedTuple):
@@ -59,11 +82,55 @@ class KafkaRecord(NamedTuple):
   timestamp_ms: int
   key: Optional[bytes]
   value: Optional[bytes]
-  headers: tuple = ()
 
   @property
   def record_id(self) -> str:
     return f"{self.topic}-{self.partition}-{self.offset}"
+
+
+@dataclasses.dataclass(frozen=True)
+class KafkaBatch:
+  """The records of one partition in offsets ``[start, end)``, in offset order.
+
+  Offsets in the range that hold no record (transaction markers, compacted
+  records) are gaps: the batch still accounts for them.
+
+  Attributes:
+    topic, partition: where the records come from.
+    start, end: the offsets the batch covers, end exclusive.
+    range_start: where this run's read of the partition began; the commit
+      step uses it to know that the first batch follows the group's offset.
+    offsets, timestamps, keys, values: one entry per record.
+    run_offsets: how many offsets the whole run covers, all partitions (0 for a
+      streaming read); a batch's share of the run is ``(end - start) / run_offsets``.
+  """
+  topic: str
+  partition: int
+  start: int
+  end: int
+  range_start: int
+  offsets: list
+  timestamps: list
+  keys: list
+  values: list
+  run_offsets: int = 0
+
+  def __len__(self) -> int:
+    return len(self.offsets)
+
+  @property
+  def name(self) -> str:
+    """``<topic>-<partition>-<start>-<last>``: what files holding the batch are named after."""
+    return batch_name(self.topic, self.partition, self.start, self.end)
+
+  def records(self) -> Iterator[KafkaRecord]:
+    for o, t, k, v in zip(self.offsets, self.timestamps, self.keys, self.values):
+      yield KafkaRecord(self.topic, self.partition, o, t, k, v)
+
+
+def batch_name(topic: str, partition: int, start: int, end: int) -> str:
+  """The name of the batch covering offsets [start, end) of a partition (sorts by offset)."""
+  return f"{topic}-{partition:04d}-{start:020d}-{end - 1:020d}"
 
 
 class PartitionRange(NamedTuple):
@@ -73,6 +140,7 @@ class PartitionRange(NamedTuple):
   start: int
   stop: int
   read_until_ms: int = 0  # stop an unbounded read at this wall-clock time; 0 = never
+  run_offsets: int = 0  # offsets of the whole run, all partitions (0: unbounded)
 
   @property
   def bounded(self) -> bool:
@@ -81,18 +149,44 @@ class PartitionRange(NamedTuple):
 
 def _parse_offsets(value: int | str | Mapping[int, int] | None) -> int | dict[int, int] | None:
   """An offset for every partition (``100``) or per partition (``"0:100,1:250"``)."""
-  if value is None or isinstance(value, int):
-    return value
-  if isinstance(value, Mapping):
-    return {int(k): int(v) for k, v in value.items()}
-  text = str(value).strip()
-  if ":" not in text:
-    return int(text)
-  out = {}
-  for part in text.split(","):
-    p, _, off = part.partition(":")
-    out[int(p)] = int(off)
+  if value is None:
+    return None
+  if isinstance(value, bool):
+    raise ValueError(f"offset {value!r} is not a number")
+  if isinstance(value, int):
+    out: int | dict[int, int] = value
+  elif isinstance(value, Mapping):
+    out = {int(k): int(v) for k, v in value.items()}
+  else:
+    text = str(value).strip()
+    try:
+      if ":" not in text:
+        out = int(text)
+      else:
+        out = {}
+        for part in text.split(","):
+          p, _, off = part.partition(":")
+          out[int(p)] = int(off)
+    except ValueError:
+      raise ValueError(f"offset {value!r} is not N or P:N,P:N") from None
+  values = out.values() if isinstance(out, dict) else [out]
+  keys = out.keys() if isinstance(out, dict) else []
+  if any(v < 0 for v in values) or any(k < 0 for k in keys):
+    raise ValueError(f"offsets and partitions must be >= 0, got {value!r}")
   return out
+
+
+def _offset_pairs(start, end) -> list[tuple[str, int, int]]:
+  """(partition label, start, end) wherever both bounds name the same partitions."""
+  if start is None or end is None:
+    return []
+  if isinstance(start, int) and isinstance(end, int):
+    return [("every partition", start, end)]
+  s = start if isinstance(start, dict) else None
+  e = end if isinstance(end, dict) else None
+  parts = set(s or ()) | set(e or ())
+  return [(f"partition {p}", (s or {}).get(p, start if s is None else None),
+           (e or {}).get(p, end if e is None else None)) for p in sorted(parts)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,14 +200,18 @@ class KafkaReadConfig:
     start_offset / end_offset: an int for every partition or ``"P:OFF,..."``.
     start_time_ms / end_time_ms: epoch millis; resolved like Kafka's
       ``offsetsForTimes`` (first offset whose timestamp is >= the time).
-    group_id: consumer group whose committed offsets are the default start and
-      under which offsets are committed on bundle finalization.
-    commit_offsets: commit on finalization (needs ``group_id``).
-    consumer_config: extra kafka-python ``KafkaConsumer`` settings (TLS, SASL, ...).
+    group_id: consumer group whose committed offsets are the default start.
+    commit_offsets: whether the pipeline commits (see ``kafka_commit``).
+    consumer_config: extra Kafka client settings (TLS, SASL, ...) in librdkafka or
+      kafka-python spelling (``kafka_client.client_settings``).
+    offsets_per_batch: batch (and so file) boundaries fall on multiples of it.
+    flush_seconds: a streaming batch is emitted after this long even if not full.
     max_out_of_orderness_s: how far behind the newest record timestamp the
       watermark stays in streaming reads.
     idle_advance: advance the watermark to now minus the out-of-orderness when
       a partition is caught up, so idle partitions do not hold it back.
+    stall_timeout_s: a bounded read that gets no data for this long fails
+      (broker gone) instead of waiting forever.
   """
   bootstrap_servers: str
   topic: str
@@ -125,14 +223,15 @@ class KafkaReadConfig:
   group_id: Optional[str] = None
   commit_offsets: bool = True
   consumer_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  offsets_per_batch: int = DEFAULT_OFFSETS_PER_BATCH
+  flush_seconds: float = 10.0
   poll_timeout_ms: int = 500
-  max_poll_records: int = 2000
-  max_records_per_bundle: int = 20_000
-  max_bundle_seconds: float = 10.0
+  max_poll_records: int = 10_000
   max_out_of_orderness_s: float = 5.0
   idle_advance: bool = True
   resume_delay_s: float = 1.0
   max_read_seconds: Optional[float] = None
+  stall_timeout_s: float = 120.0
 
   def __post_init__(self):
     if not self.bootstrap_servers:
@@ -147,156 +246,165 @@ class KafkaReadConfig:
       raise ValueError("give an end offset or an end time, not both")
     if not self.bounded and (self.end_offset is not None or self.end_time_ms is not None):
       raise ValueError("an end offset/time makes a bounded read; drop --streaming")
+    for where, start, end in _offset_pairs(self.start_offset, self.end_offset):
+      if start is not None and end is not None and start > end:
+        raise ValueError(f"start offset {start} is after end offset {end} ({where})")
     if (self.start_time_ms is not None and self.end_time_ms is not None
         and self.end_time_ms < self.start_time_ms):
       raise ValueError("end time is before start time")
     if self.max_read_seconds is not None and self.max_read_seconds <= 0:
       raise ValueError("max_read_seconds must be positive")
+    if not (isinstance(self.offsets_per_batch, int) and self.offsets_per_batch >= 1):
+      raise ValueError(f"offsets_per_batch must be >= 1, got {self.offsets_per_batch!r}")
+    if not self.flush_seconds > 0:
+      raise ValueError("flush_seconds must be positive")
     if self.commit_offsets and not self.group_id:
       object.__setattr__(self, "commit_offsets", False)
     check_secret_settings(self.consumer_config)
+    client_settings(self.consumer_config)  # unknown or reserved names fail here
 
 
-# kafka-python settings that hold secrets: given only as ``env:VAR`` or
-# ``file:PATH`` and resolved on the worker, so the secret itself never sits in
-# pipeline options, job graphs, display data or logs.
-SECRET_SETTINGS = frozenset({"sasl_plain_password", "ssl_password"})
-_SECRET_REFS = ("env:", "file:")
+def consumer(config: KafkaReadConfig, group: bool = False, **overrides):
+  """A confluent-kafka consumer for the config (committing under its group id when
+  ``group``); it only ever ``assign``s partitions, never joins the group."""
+  return new_consumer(config.bootstrap_servers, config.consumer_config,
+                      group_id=config.group_id if group else None, **overrides)
 
 
-def check_secret_settings(settings: Mapping[str, Any]) -> None:
-  """Raises ValueError when a secret setting is given in clear rather than by reference."""
-  for key in sorted(SECRET_SETTINGS & set(settings)):
-    value = settings[key]
-    if not (isinstance(value, str) and value.startswith(_SECRET_REFS)):
-      raise ValueError(
-          f"consumer setting {key} holds a secret: pass it as {key}=env:VAR or {key}=file:PATH "
-          f"(read on the worker) so it never appears in pipeline options or logs")
+def check_broker(config: KafkaReadConfig, timeout_s: float = 10.0) -> None:
+  """Raises ValueError, within about ``timeout_s``, when the brokers cannot be reached
+  or the topic does not exist: a one-line reason a scheduler log can show."""
+  from confluent_kafka import KafkaException
+  c = consumer(config, **{"socket.connection.setup.timeout.ms": int(timeout_s * 1000)})
+  try:
+    metadata = c.list_topics(config.topic, timeout=timeout_s)
+  except KafkaException as e:
+    raise ValueError(f"cannot reach Kafka at {config.bootstrap_servers} within "
+                     f"{timeout_s:.0f}s ({e.args[0].str()}): wrong --bootstrap-servers, "
+                     "broker down, or not resolvable") from None
+  finally:
+    c.close()
+  topic = metadata.topics.get(config.topic)
+  if topic is None or topic.error is not None or not topic.partitions:
+    raise ValueError(f"topic {config.topic!r} does not exist on {config.bootstrap_servers}")
 
 
-def resolve_secret_settings(settings: Mapping[str, Any]) -> dict:
-  """Settings with ``env:``/``file:`` references of secret settings replaced by their value."""
-  out = dict(settings)
-  for key in SECRET_SETTINGS & set(out):
-    ref = out[key]
-    if not isinstance(ref, str) or not ref.startswith(_SECRET_REFS):
-      continue
-    kind, _, where = ref.partition(":")
-    if kind == "env":
-      if where not in os.environ:
-        raise ValueError(f"consumer setting {key}: environment variable {where} is not set")
-      out[key] = os.environ[where]
-    else:
-      try:
-        with open(where, encoding="utf-8") as f:
-          out[key] = f.read().strip()
-      except OSError as e:
-        raise ValueError(f"consumer setting {key}: cannot read {where}: {e.strerror}") from None
-  return out
-
-
-def _consumer(config: KafkaReadConfig, group: bool = False):
-  from kafka import KafkaConsumer
-  settings = {
-      "bootstrap_servers": config.bootstrap_servers.split(","),
-      "enable_auto_commit": False,
-      "auto_offset_reset": "earliest",
-      "client_id": "tierflow",
-      **resolve_secret_settings(config.consumer_config),
-  }
-  settings["group_id"] = config.group_id if group else None
-  return KafkaConsumer(**settings)
+def _tp(topic: str, partition: int, offset: int = -1001):
+  from confluent_kafka import TopicPartition
+  return TopicPartition(topic, partition, offset)
 
 
 def committed_offsets(config: KafkaReadConfig) -> dict[int, Optional[int]]:
-  """The group's committed offset per partition of the topic (None where nothing is committed).
-
-  What a run left behind for the next one: ``RunSummary.committed_offsets`` reports it,
-  because commits happen in bundle finalization, where Beam's metrics are not collected.
-  """
-  from kafka import TopicPartition
-  consumer = _consumer(config, group=True)
+  """The group's committed offset per partition of the topic (None where nothing is committed)."""
+  c = consumer(config, group=True)
   try:
-    partitions = sorted(consumer.partitions_for_topic(config.topic) or ())
-    return {p: consumer.committed(TopicPartition(config.topic, p)) for p in partitions}
+    partitions = sorted(c.list_topics(config.topic, timeout=10).topics[config.topic].partitions)
+    found = c.committed([_tp(config.topic, p) for p in partitions], timeout=10)
+    return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in found}
   finally:
-    consumer.close()
+    c.close()
 
 
-def fetch_highwater(consumer, tp, timeout_s: float = 10.0) -> int:
-  """The partition's high-watermark as reported by a fetch response.
+def fetch_highwaters(c, topic: str, partitions: list[int],
+                     timeout_s: float = 10.0) -> dict[int, tuple[int, int]]:
+  """{partition: (beginning, high-watermark)}, the latter as a fetch reports it.
 
-  ``ListOffsets(latest)`` (``end_offsets``) is only a hint: some brokers
-  (Tansu) under-report it. Fetching near that hint returns the true
-  high-watermark with the response.
+  ``ListOffsets(latest)`` is only a hint: some brokers (Tansu) under-report it.
+  Fetching near that hint returns the true high-watermark with the response.
+  All partitions are asked at once.
   """
-  consumer.assign([tp])
-  begin = consumer.beginning_offsets([tp])[tp]
-  hint = consumer.end_offsets([tp])[tp]
-  consumer.seek(tp, max(begin, hint - 1))
+  from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError
+  begins = {tp.partition: tp.offset for tp in c.offsets_for_times(
+      [_tp(topic, p, OFFSET_BEGINNING) for p in partitions], timeout=timeout_s)}
+  hints = {tp.partition: tp.offset for tp in c.offsets_for_times(
+      [_tp(topic, p, OFFSET_END) for p in partitions], timeout=timeout_s)}
+  c.assign([_tp(topic, p, max(begins[p], hints[p] - 1)) for p in partitions])
+  waiting = set(partitions)
+  ends: dict[int, int] = {}
   deadline = time.monotonic() + timeout_s
-  while time.monotonic() < deadline:
-    consumer.poll(timeout_ms=200, max_records=1)
-    hw = consumer.highwater(tp)
-    if hw is not None:
-      return max(hw, hint)
-  raise TimeoutError(f"no fetch response for {tp.topic}-{tp.partition} within {timeout_s}s")
+  while waiting:
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"no fetch response for {topic} partitions {sorted(waiting)} "
+                         f"within {timeout_s}s")
+    for m in c.consume(len(partitions), timeout=0.2):
+      if m.error() is not None and m.error().code() == KafkaError._PARTITION_EOF:
+        ends[m.partition()] = m.offset()
+      elif m.error() is not None:
+        continue
+      waiting.discard(m.partition())
+  out = {}
+  for p in partitions:
+    _, hw = c.get_watermark_offsets(_tp(topic, p), cached=True)
+    out[p] = (begins[p], max(hints[p], hw, ends.get(p, 0)))
+  c.unassign()
+  return out
 
 
-def offset_for_time(consumer, tp, time_ms: int, highwater: int) -> int:
+def offset_for_time(c, topic: str, partition: int, time_ms: int, highwater: int) -> int:
   """First offset whose timestamp is >= ``time_ms`` (``highwater`` if none).
 
   ``offsets_for_times`` gives a start no later than the answer on any broker
   (exact on Apache Kafka; at batch granularity on Tansu); a forward scan from
   there makes it exact.
   """
-  found = consumer.offsets_for_times({tp: time_ms}).get(tp)
-  if found is None:
+  from confluent_kafka import KafkaError
+  [found] = c.offsets_for_times([_tp(topic, partition, time_ms)], timeout=10)
+  if found.offset < 0:
     return highwater
-  consumer.assign([tp])
-  consumer.seek(tp, found.offset)
-  while consumer.position(tp) < highwater:
-    batch = consumer.poll(timeout_ms=1000, max_records=500).get(tp, [])
-    for rec in batch:
-      if rec.timestamp >= time_ms:
-        return rec.offset
-  return highwater
+  c.assign([_tp(topic, partition, found.offset)])
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline:
+    for m in c.consume(500, timeout=1.0):
+      if m.error() is not None:
+        if m.error().code() == KafkaError._PARTITION_EOF:
+          return highwater
+        continue
+      if m.timestamp()[1] >= time_ms:
+        return m.offset()
+      if m.offset() >= highwater - 1:
+        return highwater
+  raise TimeoutError(f"{topic}-{partition}: could not scan for time {time_ms} within 60s")
 
 
 def resolve_ranges(config: KafkaReadConfig) -> list[PartitionRange]:
   """Resolves every partition of the topic to the offset range to read."""
-  from kafka import TopicPartition
-  consumer = _consumer(config, group=config.group_id is not None)
+  c = consumer(config, group=config.group_id is not None)
   try:
-    partitions = consumer.partitions_for_topic(config.topic)
-    if not partitions:
+    topic = c.list_topics(config.topic, timeout=10).topics.get(config.topic)
+    if topic is None or topic.error is not None or not topic.partitions:
       raise ValueError(f"topic {config.topic!r} does not exist on {config.bootstrap_servers}")
+    partitions = sorted(topic.partitions)
+    committed = {}
+    if config.group_id is not None:
+      committed = {tp.partition: tp.offset for tp in c.committed(
+          [_tp(config.topic, p) for p in partitions], timeout=10) if tp.offset >= 0}
     ranges = []
     read_until = (int((time.time() + config.max_read_seconds) * 1000)
                   if config.max_read_seconds else 0)
-    for p in sorted(partitions):
-      tp = TopicPartition(config.topic, p)
-      begin = consumer.beginning_offsets([tp])[tp]
-      hw = fetch_highwater(consumer, tp)
+    marks = fetch_highwaters(c, config.topic, partitions)
+    for p in partitions:
+      begin, hw = marks[p]
       start = _pick(config.start_offset, p)
       if start is None and config.start_time_ms is not None:
-        start = offset_for_time(consumer, tp, config.start_time_ms, hw)
-      if start is None and config.group_id is not None:
-        committed = consumer.committed(tp)
-        start = committed if committed is not None else None
+        start = offset_for_time(c, config.topic, p, config.start_time_ms, hw)
+      if start is None:
+        start = committed.get(p)
       start = min(max(begin if start is None else start, begin), hw)
       if config.bounded:
         stop = _pick(config.end_offset, p)
         if stop is None and config.end_time_ms is not None:
-          stop = offset_for_time(consumer, tp, config.end_time_ms, hw)
+          stop = offset_for_time(c, config.topic, p, config.end_time_ms, hw)
         stop = hw if stop is None else min(stop, hw)
         stop = max(stop, start)
       else:
         stop = UNBOUNDED
       ranges.append(PartitionRange(config.topic, p, start, stop, read_until))
+    if config.bounded:
+      total = sum(r.stop - r.start for r in ranges)
+      ranges = [r._replace(run_offsets=total) for r in ranges]
     return ranges
   finally:
-    consumer.close()
+    c.close()
 
 
 def _pick(value, partition: int):
@@ -319,8 +427,8 @@ class _ResolveRangesFn(beam.DoFn):
 class _InOrderOffsetTracker(OffsetRestrictionTracker):
   """Allows checkpoints (residual = the unread tail) but no dynamic splits.
 
-  A partition is then read by one reader at a time, in offset order, so its
-  committed offset only ever moves forward over records already durable.
+  A partition is then read by one reader at a time, in offset order, so batch
+  boundaries stay deterministic and commits only ever follow durable output.
   """
 
   def try_split(self, fraction_of_remainder):
@@ -360,114 +468,153 @@ def _set_if_greater(estimator: ManualWatermarkEstimator, ts: Timestamp) -> None:
 _PROVIDER = _PartitionRestrictionProvider()
 
 
+def next_boundary(offset: int, offsets_per_batch: int) -> int:
+  """The first batch boundary after ``offset``."""
+  return (offset // offsets_per_batch + 1) * offsets_per_batch
+
+
 class _ReadPartitionFn(beam.DoFn):
-  """Reads one partition's offset range (a splittable DoFn, bounded form)."""
+  """Reads one partition's offset range as batches (a splittable DoFn, bounded form)."""
 
   def __init__(self, config: KafkaReadConfig):
     self._config = config
-    self._records = Metrics.counter(_METRICS_NAMESPACE, "records_read")
-    self._bytes = Metrics.counter(_METRICS_NAMESPACE, "bytes_read")
-    self._behind = Metrics.counter(_METRICS_NAMESPACE, "records_behind_watermark")
-    self._commits = Metrics.counter(_METRICS_NAMESPACE, "offset_commits")
+    self._records = Metrics.counter(METRICS_NAMESPACE, "records_read")
+    self._bytes = Metrics.counter(METRICS_NAMESPACE, "bytes_read")
+    self._batches = Metrics.counter(METRICS_NAMESPACE, "batches_read")
+    self._gaps = Metrics.counter(METRICS_NAMESPACE, "offset_gaps")
+    self._behind = Metrics.counter(METRICS_NAMESPACE, "records_behind_watermark")
+    self._errors = Metrics.counter(METRICS_NAMESPACE, "fetch_errors")
 
   def setup(self):
-    self._consumers: dict = {}
-    self._committer = None
+    self._consumers: dict = {}  # (topic, partition) -> [consumer, next offset it will return]
 
   def teardown(self):
-    for c in list(getattr(self, "_consumers", {}).values()):
+    for c, _ in list(getattr(self, "_consumers", {}).values()):
       c.close()
     self._consumers = {}
-    if getattr(self, "_committer", None) is not None:
-      self._committer.close()
-      self._committer = None
 
-  def _consumer_at(self, tp, offset: int):
-    consumer = self._consumers.get(tp)
-    if consumer is None:
-      consumer = _consumer(self._config)
-      consumer.assign([tp])
-      self._consumers[tp] = consumer
-      consumer.seek(tp, offset)
-    elif consumer.position(tp) != offset:
-      consumer.seek(tp, offset)
-    return consumer
+  def _consumer_at(self, topic: str, partition: int, offset: int):
+    entry = self._consumers.get((topic, partition))
+    if entry is None:
+      entry = self._consumers[(topic, partition)] = [consumer(self._config), None]
+    if entry[1] != offset:
+      entry[0].assign([_tp(topic, partition, offset)])
+      entry[1] = offset
+    return entry
 
-  def _commit(self, tp, next_offset: int) -> None:
-    from kafka.structs import OffsetAndMetadata
-    if self._committer is None:
-      self._committer = _consumer(self._config, group=True)
-    self._committer.commit({tp: OffsetAndMetadata(next_offset, "", -1)})
-    self._commits.inc()
-    _LOGGER.debug("committed %s-%d at %d for group %s", tp.topic, tp.partition,
-                  next_offset, self._config.group_id)
-
-  def _read(self, element: PartitionRange, tracker, watermark, finalizer):
-    from kafka import TopicPartition
+  def _read(self, element: PartitionRange, tracker, watermark):
+    from confluent_kafka import KafkaError
     cfg = self._config
-    tp = TopicPartition(element.topic, element.partition)
+    topic, partition = element.topic, element.partition
     restriction = tracker.current_restriction()
-    consumer = self._consumer_at(tp, restriction.start)
-    lag_ms = int(cfg.max_out_of_orderness_s * 1000)
-    deadline = time.monotonic() + cfg.max_bundle_seconds
-    emitted = 0
-    last_offset = None
-    finished = False
-    caught_up = False
-    while emitted < cfg.max_records_per_bundle and time.monotonic() < deadline:
-      if element.read_until_ms and time.time() * 1000 >= element.read_until_ms:
-        tracker.try_claim(UNBOUNDED)  # ends the restriction: nothing more to read
-        finished = True
-        break
-      batch = consumer.poll(timeout_ms=cfg.poll_timeout_ms,
-                            max_records=cfg.max_poll_records).get(tp, [])
-      for rec in batch:
-        if not tracker.try_claim(rec.offset):
-          finished = True
-          break
-        event = Timestamp.of(rec.timestamp / 1000.0)
-        wm = watermark.current_watermark() if watermark is not None else None
-        if wm is not None and event < wm:  # behind the watermark: would be late
-          self._behind.inc()
-          event = wm
-        yield TimestampedValue(
-            KafkaRecord(rec.topic, rec.partition, rec.offset, rec.timestamp, rec.key,
-                        rec.value, tuple(rec.headers or ())), event)
-        if watermark is not None:
-          _set_if_greater(watermark, Timestamp.of((rec.timestamp - lag_ms) / 1000.0))
-        last_offset = rec.offset
-        emitted += 1
-        self._bytes.inc(len(rec.value or b""))
-      self._records.inc(len(batch))
-      if finished:
-        break
-      position = consumer.position(tp)
-      if position >= restriction.stop:
-        # Past the end of a bounded range with nothing left to claim (the
-        # offsets in between, if any, are control records or compacted away).
-        tracker.try_claim(restriction.stop)
-        finished = True
-        break
-      if not batch:
-        hw = consumer.highwater(tp)
-        caught_up = hw is not None and position >= hw
-        if not restriction.stop == UNBOUNDED:
-          continue
-        break
-    if last_offset is not None and cfg.commit_offsets:
-      next_offset = last_offset + 1
-      finalizer.register(lambda: self._commit(tp, next_offset))
-    if finished:
+    start = restriction.start
+    if start >= restriction.stop:
       return
-    if watermark is not None and caught_up and cfg.idle_advance:
+    bounded = restriction.stop != UNBOUNDED
+    boundary = min(restriction.stop, next_boundary(start, cfg.offsets_per_batch))
+    entry = self._consumer_at(topic, partition, start)
+    c = entry[0]
+    offsets, stamps, keys, values = [], [], [], []
+    lag_ms = int(cfg.max_out_of_orderness_s * 1000)
+    flush_at = stalled_since = time.monotonic()
+    flush_at += cfg.flush_seconds
+    position = start  # the next offset to read; everything before it is in this batch
+    split = False  # the runner took the rest of the restriction (a checkpoint)
+    idle = False  # streaming: caught up with nothing read in this call
+    expired = False
+    caught_up = False
+    while position < boundary:
+      if element.read_until_ms and time.time() * 1000 >= element.read_until_ms:
+        expired = True
+        break
+      got = 0
+      for m in c.consume(min(boundary - position, cfg.max_poll_records),
+                         timeout=cfg.poll_timeout_ms / 1000.0):
+        error = m.error()
+        if error is not None:
+          if error.code() == KafkaError._PARTITION_EOF:
+            caught_up = True
+            # Past the last record there may only be gaps (e.g. a transaction marker).
+            position = max(position, min(m.offset(), boundary))
+          else:
+            self._errors.inc()
+            _LOGGER.warning("%s-%d: fetch error %s", topic, partition, error.str())
+          continue
+        offset = m.offset()
+        if offset >= boundary:  # past a gap: belongs to the next batch
+          entry[1] = None  # the consumer is ahead of where the next call starts
+          position = boundary
+          break
+        if not tracker.try_claim(offset):
+          split = True
+          break
+        caught_up = False
+        offsets.append(offset)
+        stamps.append(m.timestamp()[1])
+        keys.append(m.key())
+        values.append(m.value())
+        position = offset + 1
+        got += 1
+      if split:
+        break
+      if got:
+        stalled_since = time.monotonic()
+      if bounded:
+        if not got and position < boundary and (
+            time.monotonic() - stalled_since > cfg.stall_timeout_s):
+          raise RuntimeError(
+              f"{topic}-{partition}: no data for {cfg.stall_timeout_s:.0f}s at offset "
+              f"{position} before the range's stop {restriction.stop} (broker down or "
+              f"unreachable, or the log truncated?)")
+        continue
+      if time.monotonic() >= flush_at:
+        break
+      if caught_up and not offsets:
+        idle = True
+        break
+    if entry[1] is not None:
+      entry[1] = position
+    # The batch covers [start, end): every offset read, gaps included.
+    end = (tracker.current_restriction().stop if split else position)
+    if not split and end - 1 > (offsets[-1] if offsets else start - 1):
+      if not tracker.try_claim(end - 1):  # the tail of the batch was gaps
+        end = offsets[-1] + 1 if offsets else start
+    if end > start:
+      self._emit_counts(offsets, values, end - start)
+      out = KafkaBatch(topic, partition, start, end, element.start,
+                       offsets, stamps, keys, values, element.run_offsets)
+      yield out if watermark is None else self._stamped(out, watermark, lag_ms)
+    if expired:
+      tracker.try_claim(UNBOUNDED)  # ends the restriction: nothing more to read
+      return
+    if split or end >= restriction.stop:
+      return
+    if watermark is not None and idle and cfg.idle_advance:
       _set_if_greater(watermark, Timestamp.now() - Duration(seconds=cfg.max_out_of_orderness_s))
-    tracker.defer_remainder(
-        Duration(seconds=cfg.resume_delay_s if (caught_up or emitted == 0) else 0))
+    tracker.defer_remainder(Duration(seconds=cfg.resume_delay_s if idle else 0))
+
+  def _emit_counts(self, offsets, values, covered):
+    self._batches.inc()
+    self._records.inc(len(offsets))
+    self._bytes.inc(sum(len(v) for v in values if v))
+    if covered > len(offsets):
+      self._gaps.inc(covered - len(offsets))
+
+  def _stamped(self, batch: KafkaBatch, watermark, lag_ms: int):
+    """The batch stamped at its earliest record time, never behind the watermark."""
+    wm = watermark.current_watermark()
+    earliest = Timestamp.of(min(batch.timestamps) / 1000.0) if batch.timestamps else None
+    ts = earliest if earliest is not None else (wm or Timestamp.now())
+    if wm is not None and ts < wm:
+      self._behind.inc(sum(1 for t in batch.timestamps if Timestamp.of(t / 1000.0) < wm))
+      ts = wm
+    if batch.timestamps:
+      _set_if_greater(watermark, Timestamp.of((max(batch.timestamps) - lag_ms) / 1000.0))
+    return TimestampedValue(batch, ts)
 
   def process(self, element: PartitionRange,
-              finalizer=beam.DoFn.BundleFinalizerParam,
               tracker=beam.DoFn.RestrictionParam(_PROVIDER)):
-    yield from self._read(element, tracker, None, finalizer)
+    yield from self._read(element, tracker, None)
 
 
 class _ReadPartitionUnboundedFn(_ReadPartitionFn):
@@ -475,15 +622,16 @@ class _ReadPartitionUnboundedFn(_ReadPartitionFn):
 
   @beam.DoFn.unbounded_per_element()
   def process(self, element: PartitionRange,
-              finalizer=beam.DoFn.BundleFinalizerParam,
               tracker=beam.DoFn.RestrictionParam(_PROVIDER),
               watermark=beam.DoFn.WatermarkEstimatorParam(
                   ManualWatermarkEstimator.default_provider())):
-    yield from self._read(element, tracker, watermark, finalizer)
+    yield from self._read(element, tracker, watermark)
 
 
-class ReadFromKafka(beam.PTransform):
-  """Reads a Kafka topic as ``KafkaRecord``s, bounded (backfill) or unbounded.
+class ReadKafkaBatches(beam.PTransform):
+  """Reads a Kafka topic as ``KafkaBatch``es, bounded (backfill) or unbounded.
+
+  Named so it does not shadow Beam's own ``apache_beam.io.kafka.ReadFromKafka``.
 
   Args:
     config: a ``KafkaReadConfig``; validated here, resolved against the
@@ -493,7 +641,7 @@ class ReadFromKafka(beam.PTransform):
   def __init__(self, config: KafkaReadConfig, label: Optional[str] = None):
     super().__init__(label)
     if not isinstance(config, KafkaReadConfig):
-      raise TypeError("ReadFromKafka takes a KafkaReadConfig")
+      raise TypeError("ReadKafkaBatches takes a KafkaReadConfig")
     self._config = config
 
   def expand(self, pbegin):
@@ -511,6 +659,7 @@ class ReadFromKafka(beam.PTransform):
         "topic": c.topic,
         "bounded": c.bounded,
         "group_id": c.group_id or "",
+        "offsets_per_batch": c.offsets_per_batch,
         "start": str(c.start_offset if c.start_offset is not None else c.start_time_ms),
         "end": str(c.end_offset if c.end_offset is not None else c.end_time_ms),
     }

@@ -19,10 +19,12 @@ import random
 import threading
 import time
 from collections import deque
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from tierflow.config import ModelConfig
 from tierflow.prices import Usage
+
+if TYPE_CHECKING:
+  from tierflow.config import ModelConfig
 
 __all__ = ["TokenInfo", "ModelReply", "ModelCallError", "ModelClient", "RateLimiter",
            "estimate_tokens"]
@@ -115,7 +117,7 @@ _LIMITERS: dict = {}
 _LIMITERS_LOCK = threading.Lock()
 
 
-def _limiter_for(cfg: ModelConfig) -> RateLimiter:
+def _limiter_for(cfg: "ModelConfig") -> RateLimiter:
   key = (cfg.provider, cfg.base_url, cfg.model, cfg.rpm, cfg.tpm)
   with _LIMITERS_LOCK:
     if key not in _LIMITERS:
@@ -123,7 +125,7 @@ def _limiter_for(cfg: ModelConfig) -> RateLimiter:
     return _LIMITERS[key]
 
 
-def _api_key(cfg: ModelConfig) -> str:
+def _api_key(cfg: "ModelConfig") -> str:
   if cfg.api_key_env:
     key = os.environ.get(cfg.api_key_env)
     if not key:
@@ -165,7 +167,7 @@ class ModelClient:
 
   max_retry_wait_s = 60.0
 
-  def __init__(self, cfg: ModelConfig, sleep=time.sleep):
+  def __init__(self, cfg: "ModelConfig", sleep=time.sleep):
     self.cfg = cfg
     self.limiter = _limiter_for(cfg)
     self._sleep = sleep

@@ -1,4 +1,10 @@
-"""What ``tickets`` and ``documents`` share: Kafka -> small tier -> escalation -> ledger -> Parquet."""
+"""What ``tickets`` and ``documents`` share: Kafka -> small tier -> escalation -> ledger -> Parquet.
+
+Every offset batch is read, decoded, routed and written as one element, so the
+pipeline holds at most the batches in flight (``--rows-per-file`` offsets each,
+10,000 by default here), and the group's offsets move only past batches whose
+results and dead letters are written.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,14 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from tierflow import schemas
 from tierflow.config import RunConfig, load_config
-from tierflow.connectors.decode import dead_letter
+from tierflow.pipelines.budget import Budget
 from tierflow.pipelines.options import (KafkaSourceOptions, ParquetSinkOptions,
                                         SourceSinkConfig, _add)
-from tierflow.pipelines.routing import RouteThroughTiers
-from tierflow.pipelines.transforms import ReadRecords, Records, WriteOutputs, row_schema
+from tierflow.pipelines.routing import RouteBatches
+from tierflow.pipelines.transforms import ReadAndDecode, WriteAndCommit
 from tierflow.prices import PriceBook, load_price_book
+
+MODEL_ROWS_PER_FILE = 10_000
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -32,7 +40,13 @@ class ModelOptions(PipelineOptions):
     _add(parser, "calibration", default=None,
          help="calibration file from `tierflow calibrate`: its thresholds replace the config's")
     _add(parser, "budget-usd", type=float, default=None,
-         help="override the config's per-run budget cap for frontier escalations")
+         help="override the config's budget cap for frontier escalations (per run; per "
+              "--budget-period for streaming runs)")
+    _add(parser, "budget-period", default="day", choices=("day", "hour", "none"),
+         help="streaming runs: the budget applies per period of processing time (UTC)")
+    _add(parser, "workers-hint", type=int, default=1,
+         help="streaming runs: how many worker processes share the budget (each gets "
+              "budget / workers-hint per period)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +55,7 @@ class ModelPipelineConfig:
   run: RunConfig
   price_book: PriceBook
   calibration_version: Optional[str] = None
+  budget: Budget = Budget()
 
   @property
   def output(self) -> str:
@@ -73,27 +88,25 @@ def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelin
     if m.budget_usd < 0:
       raise ValueError("--budget-usd must be >= 0")
     run = dataclasses.replace(run, budget_usd=m.budget_usd)
-  io = SourceSinkConfig.from_options(options, pipeline=pipeline, default_schema=run.schema)
+  if m.workers_hint < 1:
+    raise ValueError("--workers-hint must be >= 1")
+  io = SourceSinkConfig.from_options(options, pipeline=pipeline, default_schema=run.schema,
+                                     default_rows_per_file=MODEL_ROWS_PER_FILE)
   if io.schema.get("name") != schemas.load(run.schema).get("name"):
     raise ValueError(f"--schema {io.schema.get('name')} does not match the config's "
                      f"input schema {run.schema}")
-  return ModelPipelineConfig(io, run, load_price_book(run.price_book), calibration_version)
-
-
-def _dead_letter_of(row: dict) -> dict:
-  return dead_letter(row, "route", "model_failure", row.get("error") or "no answer", None,
-                     None)
+  budget = Budget(run.budget_usd, None if m.budget_period == "none" else m.budget_period,
+                  m.workers_hint)
+  return ModelPipelineConfig(io, run, load_price_book(run.price_book), calibration_version,
+                             budget)
 
 
 def build_pipeline(p: beam.Pipeline, config: ModelPipelineConfig) -> None:
   """Adds the routed model pipeline to ``p``; no I/O happens until ``p`` runs."""
-  io = config.io
-  records = p | "Read" >> ReadRecords(io)
-  results, failed = records.rows | "Route" >> RouteThroughTiers(
-      config.run, config.price_book, streaming=io.streaming,
-      calibration_version=config.calibration_version)
-  dead = ((records.dead_letter,
-           failed | "FailedToDeadLetter" >> beam.Map(_dead_letter_of))
-          | "AllDeadLetters" >> beam.Flatten())
-  _ = Records(results, dead) | "Write" >> WriteOutputs(
-      io, row_schema(io, schemas.load("result"), name=f"{io.schema['name']}Result"))
+  read = ReadAndDecode(config.io)
+  route = RouteBatches(config.run, config.price_book, input_row_schema=read.row_schema,
+                       budget=config.budget, calibration_version=config.calibration_version)
+  _ = (p
+       | "Read" >> read
+       | "Route" >> route
+       | "Write" >> WriteAndCommit(config.io, route.result_schema))

@@ -17,7 +17,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from tierflow import schemas
 from tierflow.connectors.codecs import FORMATS, Codec, make_codec
-from tierflow.connectors.kafka_source import KafkaReadConfig
+from tierflow.connectors.kafka_source import DEFAULT_OFFSETS_PER_BATCH, KafkaReadConfig
+from tierflow.connectors.parquet_dataset import check_topic
 
 __all__ = ["KafkaSourceOptions", "ParquetSinkOptions", "SourceSinkConfig", "parse_time_ms"]
 
@@ -111,13 +112,12 @@ class ParquetSinkOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):
     _add(parser, "output", help="output directory (local path, gs://, s3://)")
-    _add(parser, "rows-per-file", type=int, default=100_000,
-         help="maximum rows per Parquet file")
-    _add(parser, "window-seconds", type=int, default=60,
-         help="streaming: length of the event-time windows that cut files")
-    _add(parser, "allowed-lateness-seconds", type=int, default=3600,
-         help="streaming: how long a window accepts late records (a second line of "
-              "defence; the source stamps records behind the watermark at the watermark)")
+    _add(parser, "rows-per-file", type=int, default=None,
+         help="files are cut at offsets that are multiples of this (per partition and day), "
+              "so a re-run of a range rewrites the same files; default 100000 for "
+              "passthrough, 10000 for the model pipelines")
+    _add(parser, "flush-seconds", type=float, default=10.0,
+         help="streaming: a partition's file is cut after this long even if not full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,9 +130,7 @@ class SourceSinkConfig:
   schema_registry_url: Optional[str] = None
   schema_id: int = 1
   max_record_bytes: int = 1024 * 1024
-  rows_per_file: int = 100_000
-  window_seconds: int = 60
-  allowed_lateness_seconds: int = 3600
+  event_time_field: Optional[str] = "created_at"
 
   @property
   def streaming(self) -> bool:
@@ -144,7 +142,8 @@ class SourceSinkConfig:
 
   @classmethod
   def from_options(cls, options: PipelineOptions, *, pipeline: str,
-                   default_schema: str = "ticket") -> "SourceSinkConfig":
+                   default_schema: str = "ticket",
+                   default_rows_per_file: int = DEFAULT_OFFSETS_PER_BATCH) -> "SourceSinkConfig":
     """Builds and validates the config; raises ValueError naming the flag at fault."""
     k = options.view_as(KafkaSourceOptions)
     o = options.view_as(ParquetSinkOptions)
@@ -162,31 +161,48 @@ class SourceSinkConfig:
     commit = {"always": True, "never": False, "auto": not explicit_range}[k.commit_offsets]
     if k.max_record_bytes <= 0:
       raise ValueError("--max-record-bytes must be positive")
-    if o.rows_per_file <= 0:
+    rows_per_file = default_rows_per_file if o.rows_per_file is None else o.rows_per_file
+    if rows_per_file <= 0:
       raise ValueError("--rows-per-file must be positive")
-    source = KafkaReadConfig(
-        bootstrap_servers=bootstrap,
-        topic=k.topic,
-        bounded=not streaming,
-        start_offset=k.start_offset,
-        end_offset=k.end_offset,
-        start_time_ms=parse_time_ms(k.start_time),
-        end_time_ms=parse_time_ms(k.end_time),
-        group_id=k.group_id or f"tierflow.{pipeline}.{k.topic}",
-        commit_offsets=commit,
-        consumer_config=_key_values(k.kafka_consumer_config),
-        max_out_of_orderness_s=k.max_out_of_orderness_seconds,
-        max_read_seconds=k.max_read_seconds,
-    )
+    if o.flush_seconds <= 0:
+      raise ValueError("--flush-seconds must be positive")
+    check_topic(k.topic)
+    try:
+      source = KafkaReadConfig(
+          bootstrap_servers=bootstrap,
+          topic=k.topic,
+          bounded=not streaming,
+          start_offset=k.start_offset,
+          end_offset=k.end_offset,
+          start_time_ms=parse_time_ms(k.start_time),
+          end_time_ms=parse_time_ms(k.end_time),
+          group_id=k.group_id or f"tierflow.{pipeline}.{k.topic}",
+          commit_offsets=commit,
+          consumer_config=_key_values(k.kafka_consumer_config),
+          offsets_per_batch=rows_per_file,
+          flush_seconds=o.flush_seconds,
+          max_out_of_orderness_s=k.max_out_of_orderness_seconds,
+          max_read_seconds=k.max_read_seconds,
+      )
+    except ValueError as e:
+      raise ValueError(_flag_words(str(e))) from None
+    schema = schemas.load(k.schema or default_schema)
+    names = {f["name"] for f in schema["fields"]}
     return cls(
         source=source,
         format=k.format,
-        schema=schemas.load(k.schema or default_schema),
+        schema=schema,
         output=o.output.rstrip("/"),
         schema_registry_url=k.schema_registry_url,
         schema_id=k.schema_id,
         max_record_bytes=k.max_record_bytes,
-        rows_per_file=o.rows_per_file,
-        window_seconds=o.window_seconds,
-        allowed_lateness_seconds=o.allowed_lateness_seconds,
+        event_time_field="created_at" if "created_at" in names else None,
     )
+
+
+def _flag_words(message: str) -> str:
+  """A KafkaReadConfig error in terms of the flags that set it."""
+  for word, flag in (("start offset", "--start-offset"), ("end offset", "--end-offset"),
+                     ("end time", "--end-time"), ("start time", "--start-time")):
+    message = message.replace(word, flag, 1) if flag not in message else message
+  return message

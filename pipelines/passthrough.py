@@ -9,7 +9,7 @@ from __future__ import annotations
 import apache_beam as beam
 
 from tierflow.pipelines.options import KafkaSourceOptions, ParquetSinkOptions, SourceSinkConfig
-from tierflow.pipelines.transforms import ReadRecords, WriteOutputs, row_schema
+from tierflow.pipelines.transforms import ReadAndDecode, WriteAndCommit
 
 NAME = "passthrough"
 OPTIONS = (KafkaSourceOptions, ParquetSinkOptions)
@@ -17,5 +17,5 @@ OPTIONS = (KafkaSourceOptions, ParquetSinkOptions)
 
 def build_pipeline(p: beam.Pipeline, config: SourceSinkConfig) -> None:
   """Adds the passthrough graph to ``p``; no I/O happens until ``p`` runs."""
-  records = p | "Read" >> ReadRecords(config)
-  _ = records | "Write" >> WriteOutputs(config, row_schema(config))
+  read = ReadAndDecode(config)
+  _ = p | "Read" >> read | "Write" >> WriteAndCommit(config, read.row_schema)

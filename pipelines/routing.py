@@ -1,452 +1,517 @@
-"""Small tier first, frontier for the uncertain: the model stages as Beam transforms.
+"""Small tier first, frontier for the uncertain: routing records through a run's stages.
 
-``RouteThroughTiers`` composes, per record (a dict row)::
+``Router`` routes a list of records (no Beam in it):
 
-    small stage 1 .. n  (RunInference + StageModelHandler, batched and packed)
-      -> decide escalations (confidence < threshold, or the small call failed)
-      -> budget gate (one stateful key: reserves a worst-case frontier cost per
-         escalation and skips, marked, once the run's budget would be exceeded)
-      -> frontier stages (RunInference again, only for the escalated stages)
-      -> ledger (outputs, tokens and cost per stage and tier, frontier-only cost)
+    small tier, every stage at once   (packed requests, ``concurrency`` in flight)
+      -> decide escalations           (confidence < threshold, or the small call failed)
+      -> frontier tier, in priority order while the budget pool can reserve them
+      -> ``RoutedRecord``s            (typed outcomes; ``ledger.ledger_row`` makes rows)
 
-Each stage handler is a Beam ``RemoteModelHandler``: RunInference supplies
-``BatchElements`` batching, client lifecycle, throttling and metrics; the
-handler packs ``batch_size`` records per request, keeps ``concurrency``
-requests in flight, and turns every per-request or per-record failure into a
-per-record outcome rather than failing the batch. On the frontier tier, a
-record that fails inside a packed answer (its line missing, malformed or cut
-off) is retried once in a request of its own before it counts as failed; its
-ledger adds the tokens and cost of both attempts.
+The stages of one record are independent, so the small tier's requests for all
+stages go out together; a frontier request is submitted once the budget pool
+(``budget``) can reserve its strict cost, and its reservation is settled with the
+billed cost when it returns. On the frontier tier a record that fails inside a
+packed answer (its line missing, malformed or cut off) is retried once in a
+request of its own, which reserves its own budget; its ledger adds the tokens and
+cost of both attempts. A request that fails (after the client's retries) fails
+its records for that stage and tier, never the batch.
+
+Two Beam transforms use it:
+
+* ``RouteBatches`` routes whole offset batches (``DecodedBatch``) in place: what
+  the tierflow pipelines use, one element per batch, so nothing shuffles or
+  buffers more than a batch, and the budget is earned per batch.
+* ``RouteThroughTiers`` routes a PCollection of dict rows for a user's own
+  pipeline: ``RunInference`` batches them, and the output is
+  ``RoutedOutputs(results, failed)``.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
-import json
 import logging
-from typing import Any, Iterable, Mapping, Optional, Sequence
+import time
+import uuid
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam import pvalue
-from apache_beam.coders import FloatCoder
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import PredictionResult, RemoteModelHandler, RunInference
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from tierflow.config import ModelConfig, RunConfig, StageConfig
-from tierflow.connectors.llm_clients import ModelCallError, ModelClient, estimate_tokens
-from tierflow.pipelines.stages import (STATE_KEY, build_prompt, parse_reply, render_text,
-                                       split_usage)
-from tierflow.prices import PriceBook, Usage
+from tierflow import schemas
+from tierflow.config import RunConfig
+from tierflow.connectors.decode import DecodedBatch, dead_letter, dead_letter_table
+from tierflow.connectors.llm_clients import ModelCallError, ModelClient
+from tierflow.pipelines.budget import Budget, BudgetPool, pool_for, strict_cost
+from tierflow.pipelines.ledger import (RoutedRecord, StageOutcome, TierOutcome, ledger_row,
+                                       result_schema, row_json)
+from tierflow.pipelines.prompts import build_prompt, parse_reply, render_text, split_usage
+from tierflow.prices import PriceBook, Usage, load_price_book
 
-__all__ = ["RouteThroughTiers", "StageModelHandler", "render_text", "STATE_KEY"]
+__all__ = ["RouteBatches", "RouteThroughTiers", "RoutedOutputs", "Router"]
 
 _LOGGER = logging.getLogger(__name__)
-
-FAILED = "failed"
-
-
-def _state(row: dict) -> dict:
-  return row.setdefault(STATE_KEY, {"stages": {}})
+METRICS_NAMESPACE = "tierflow.routing"
 
 
-def _stage_state(row: dict, name: str) -> dict:
-  return _state(row)["stages"].setdefault(name, {})
+def _packs(indexes: Sequence[int], size: int) -> list[list[int]]:
+  return [list(indexes[i:i + size]) for i in range(0, len(indexes), size)]
 
 
-class StageModelHandler(RemoteModelHandler):
-  """Runs one stage on one tier over a batch of rows.
+class Router:
+  """Routes records through a run config's stages and tiers.
 
-  ``tier="frontier"`` handles only rows whose stage was escalated and approved
-  by the budget gate; other rows pass through with no outcome.
+  ``open()`` creates one model client and one thread pool per tier (call it
+  once per worker); ``route(rows, pool)`` is thread-safe.
   """
-
-  def __init__(self, stage: StageConfig, model: ModelConfig, tier: str, text_template: str,
-               price_book: PriceBook, *, streaming: bool = False):
-    super().__init__(namespace=f"tierflow.{tier}.{stage.name}", num_retries=0,
-                     throttle_delay_secs=1)
-    self._stage, self._model, self._tier = stage, model, tier
-    self._text_template = text_template
-    self._price = price_book.price(model.price_key)
-    self._streaming = streaming
-
-  def create_client(self) -> ModelClient:
-    return ModelClient(self._model)
-
-  def batch_elements_kwargs(self) -> Mapping[str, Any]:
-    # Batches within a bundle, streaming too: RunInference's stateful batching
-    # (max_batch_duration_secs) flushes on processing-time timers, which Beam's
-    # local FnApiRunner leaves pending at the end of a run ("time-pending
-    # bundles did not execute"). Batches are stamped at the end of the window;
-    # _MergeOutcome puts each row back at its own event time.
-    return {"min_batch_size": 1,
-            "max_batch_size": self._model.batch_size * self._model.concurrency}
-
-  def _wanted(self, row: Mapping[str, Any]) -> bool:
-    if self._tier == "small":
-      return True
-    st = row.get(STATE_KEY, {}).get("stages", {}).get(self._stage.name, {})
-    return bool(st.get("approved"))
-
-  def request(self, batch: Sequence[dict], client: ModelClient,
-              inference_args: Optional[dict] = None) -> list:
-    wanted = [i for i, row in enumerate(batch) if self._wanted(row)]
-    outcomes: list = [None] * len(batch)
-    size = self._model.batch_size
-    packs = [wanted[i:i + size] for i in range(0, len(wanted), size)]
-    if not packs:
-      return [PredictionResult(row, None) for row in batch]
-    with concurrent.futures.ThreadPoolExecutor(
-        max_workers=min(self._model.concurrency, len(packs))) as pool:
-      for pack, results in zip(packs, pool.map(
-          lambda p: self._call(client, [batch[i] for i in p]), packs)):
-        for i, outcome in zip(pack, results):
-          outcomes[i] = outcome
-    retried = sum(1 for o in outcomes if o and o.get("retried_alone"))
-    if retried:  # counted here: metrics updated in the pool's threads are lost
-      Metrics.counter(self.get_metrics_namespace(), "records_retried_alone").inc(retried)
-    return [PredictionResult(row, outcome) for row, outcome in zip(batch, outcomes)]
-
-  def _call(self, client: ModelClient, rows: Sequence[dict]) -> list[dict]:
-    """One request for ``rows``. On the frontier tier, a record that fails inside a
-    packed answer (missing, malformed, cut off) is retried once in a request of
-    its own; its ledger carries both attempts."""
-    outcomes, answered = self._request(client, rows)
-    if self._tier != "frontier" or len(rows) < 2 or not answered:
-      return outcomes
-    return [self._retry_alone(client, row, first) if first.get("error") else first
-            for row, first in zip(rows, outcomes)]
-
-  def _retry_alone(self, client: ModelClient, row: dict, first: dict) -> dict:
-    [second], _ = self._request(client, [row])
-    usage = _usage(first["usage"]) + _usage(second["usage"])
-    merged = {**second, "usage": _usage_dict(usage),
-              "cost_usd": first["cost_usd"] + second["cost_usd"], "retried_alone": True}
-    if second.get("error"):
-      merged["error"] = f"{first['error']}; retried alone: {second['error']}"
-    else:
-      merged["notes"] = [f"retried alone after: {first['error'][:160]}",
-                         *second.get("notes", ())]
-    return merged
-
-  def _request(self, client: ModelClient, rows: Sequence[dict]) -> tuple[list[dict], bool]:
-    """(one outcome per row, whether the endpoint answered at all)."""
-    texts = [render_text(self._text_template, r) for r in rows]
-    system, user = build_prompt(self._stage, texts, verbalise=not self._model.logprobs)
-    max_tokens = self._stage.output_tokens_per_record() * len(rows) + 16
-    base = {"tier": self._tier, "model": self._model.model}
-    try:
-      # Only classify reads alternatives (the first token's, when an answer strays
-      # from the label set); the other stages need just the chosen tokens' logprobs,
-      # which llama.cpp only returns with top_logprobs >= 1 (it defaults to 20).
-      reply = client.complete(system, user, max_tokens,
-                              top_logprobs=None if self._stage.kind == "classify" else 1)
-    except ModelCallError as e:
-      return [{**base, "error": str(e), "usage": _usage_dict(Usage()), "cost_usd": 0.0}
-              for _ in rows], False
-    answers = parse_reply(self._stage, reply, texts)
-    framing = max(0, len(reply.text) - sum(a.answer_chars for a in answers))
-    shares = split_usage(reply.usage, [len(t) for t in texts], len(system) + len(user) - sum(
-        len(t) for t in texts), [a.answer_chars for a in answers], framing)
-    out = []
-    for answer, share in zip(answers, shares):
-      out.append({
-          **base, "model": reply.model or self._model.model,
-          "value": answer.value, "confidence": answer.confidence, "signal": answer.signal,
-          "notes": list(answer.notes), "error": answer.error,
-          "usage": _usage_dict(share), "cost_usd": self._price.cost(share),
-      })
-    return out, True
-
-  def get_metrics_namespace(self) -> str:
-    return f"tierflow.{self._tier}.{self._stage.name}"
-
-
-def _usage_dict(u: Usage) -> dict:
-  return {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
-          "cache_read_tokens": u.cache_read_tokens, "cache_write_tokens": u.cache_write_tokens}
-
-
-def _usage(d: Optional[Mapping[str, int]]) -> Usage:
-  return Usage(**d) if d else Usage()
-
-
-class _KeepEventTime(beam.DoFn):
-  """Notes each row's event time, which batching for the model calls loses."""
-
-  def process(self, row, ts=beam.DoFn.TimestampParam):
-    row = dict(row)
-    row[STATE_KEY] = {"stages": {}, "ts_micros": Timestamp.of(ts).micros}
-    yield row
-
-
-def _at_event_time(row: dict):
-  micros = row.get(STATE_KEY, {}).get("ts_micros")
-  return row if micros is None else TimestampedValue(row, Timestamp(micros=micros))
-
-
-class _MergeOutcome(beam.DoFn):
-  def __init__(self, stage: str, tier: str):
-    self._stage, self._tier = stage, tier
-
-  def process(self, result):
-    row = dict(result.example)
-    row[STATE_KEY] = json.loads(json.dumps(row.get(STATE_KEY, {"stages": {}})))
-    if result.inference is not None:
-      _stage_state(row, self._stage)[self._tier] = result.inference
-    yield _at_event_time(row)
-
-
-def _run_stage(pcoll, label: str, handler: StageModelHandler, stage: str, tier: str):
-  main, dlq = pcoll | f"{label}Infer" >> RunInference(handler).with_exception_handling()
-  merged = main | f"{label}Merge" >> beam.ParDo(_MergeOutcome(stage, tier))
-  crashed = dlq.failed_inferences | f"{label}Crashed" >> beam.FlatMap(_crashed_rows, stage, tier)
-  return (merged, crashed) | f"{label}All" >> beam.Flatten()
-
-
-def _crashed_rows(failed, stage: str, tier: str) -> Iterable[dict]:
-  """A handler bug (not a model failure) fails each row of the batch, loudly."""
-  batch, exc = failed if isinstance(failed, tuple) else (failed.batch, failed.exception)
-  _LOGGER.error("stage %s/%s crashed on a batch of %d: %r", stage, tier, len(batch), exc)
-  for row in batch:
-    row = dict(row)
-    row[STATE_KEY] = json.loads(json.dumps(row.get(STATE_KEY, {"stages": {}})))
-    _stage_state(row, stage)[tier] = {"tier": tier, "model": "", "error": f"crash: {exc!r}"[:300],
-                                      "usage": _usage_dict(Usage()), "cost_usd": 0.0}
-    yield _at_event_time(row)
-
-
-class _DecideEscalations(beam.DoFn):
-  def __init__(self, config: RunConfig):
-    self._config = config
-
-  def process(self, row: dict):
-    for stage in self._config.stages:
-      st = _stage_state(row, stage.name)
-      small = st.get("small") or {}
-      if small.get("error"):
-        st["reason"] = f"small tier failed ({small['error'][:120]})"
-      elif small.get("confidence") is None:
-        st["reason"] = "no confidence signal"
-      elif small["confidence"] < stage.threshold:
-        st["reason"] = f"confidence {small['confidence']:.3f} < {stage.threshold:.3f}"
-    yield row
-
-
-def needs_frontier(row: Mapping[str, Any]) -> bool:
-  return any(st.get("reason") for st in row[STATE_KEY]["stages"].values())
-
-
-class _BudgetGate(beam.DoFn):
-  """Approves escalations while the run's reserved frontier spend stays under budget.
-
-  A single key, so decisions are serialised. Each escalation reserves a
-  worst-case cost: a generous token estimate of its prompt share (UTF-8
-  bytes / 3) at the higher of the input and cache-write prices, and the full
-  output allowance at the output price; when frontier requests are packed,
-  plus the same for a request of its own (the retry of a record that fails
-  inside a packed answer). Realised cost stays under the reservation, so the
-  cap holds; unspent reservations are not reused.
-  """
-  RESERVED = ReadModifyWriteStateSpec("reserved_usd", FloatCoder())
 
   def __init__(self, config: RunConfig, price_book: PriceBook):
-    self._config = config
-    self._price = price_book.price(config.frontier.price_key)
-    self._skipped = Metrics.counter("tierflow.budget", "escalations_skipped")
-    self._approved = Metrics.counter("tierflow.budget", "escalations_approved")
-
-  def _worst_case(self, stage: StageConfig, row: Mapping[str, Any]) -> float:
-    text = render_text(self._config.text, row)
-    system, user = build_prompt(stage, [text])
-    batch_size = max(1, self._config.frontier.batch_size)
-    in_tokens = estimate_tokens(system) // batch_size + estimate_tokens(user)
-    out_tokens = stage.output_tokens_per_record() + 16
-    if batch_size > 1:  # a retry alone: the whole prompt, its own output allowance
-      in_tokens += estimate_tokens(system) + estimate_tokens(user)
-      out_tokens += stage.output_tokens_per_record() + 16
-    in_price = max(self._price.input, self._price.cache_write or 0.0)
-    return (in_tokens * in_price + out_tokens * self._price.output) / 1e6
-
-  def process(self, keyed, reserved=beam.DoFn.StateParam(RESERVED)):
-    _, row = keyed
-    budget = self._config.budget_usd
-    spent = reserved.read() or 0.0
-    for stage in self._config.stages:
-      st = row[STATE_KEY]["stages"][stage.name]
-      if not st.get("reason"):
-        continue
-      cost = self._worst_case(stage, row)
-      if budget is None or spent + cost <= budget:
-        spent += cost
-        st["approved"] = True
-        self._approved.inc()
-      else:
-        st["budget_skipped"] = True
-        self._skipped.inc()
-    reserved.write(spent)
-    yield row
-
-
-class _Ledger(beam.DoFn):
-  """Final outputs and the cost ledger; failed records also go to the dead letters."""
-
-  def __init__(self, config: RunConfig, price_book: PriceBook, calibration_version: Optional[str]):
-    self._config = config
+    for model in (config.small, config.frontier):
+      price_book.price(model.price_key)  # fail at construction, not on a worker
+    self.config = config
     self._book = price_book
-    self._frontier_price = price_book.price(config.frontier.price_key)
+    self._models = {"small": config.small, "frontier": config.frontier}
+    self._prices = {t: price_book.price(m.price_key) for t, m in self._models.items()}
+    self._kinds = {s.name: s.kind_impl for s in config.stages}
+    self._clients: dict = {}
+    self._executors: dict = {}
+
+  def open(self) -> "Router":
+    for tier, model in self._models.items():
+      self._executors[tier] = concurrent.futures.ThreadPoolExecutor(
+          max_workers=model.concurrency, thread_name_prefix=f"tierflow-{tier}")
+    return self
+
+  def close(self) -> None:
+    for ex in self._executors.values():
+      ex.shutdown(wait=False, cancel_futures=True)
+    self._executors = {}
+    self._clients = {}
+
+  def _client(self, tier: str) -> ModelClient:
+    client = self._clients.get(tier)
+    if client is None:
+      client = self._clients[tier] = ModelClient(self._models[tier])
+    return client
+
+  # --- one request ------------------------------------------------------------------
+  def _prompt(self, tier: str, stage: str, texts: Sequence[str]) -> tuple[str, str, int]:
+    kind = self._kinds[stage]
+    system, user = build_prompt(kind, texts, verbalise=not self._models[tier].logprobs)
+    max_tokens = kind.stage.output_tokens_per_record() * len(texts) + 16
+    return system, user, max_tokens
+
+  def reservation(self, stage: str, texts: Sequence[str]) -> float:
+    """The strict cost bound of the frontier request for these texts (see ``budget``)."""
+    system, user, max_tokens = self._prompt("frontier", stage, texts)
+    size = len(system.encode("utf-8")) + len(user.encode("utf-8"))
+    return strict_cost(size, 2, max_tokens, self._prices["frontier"])
+
+  def _request(self, tier: str, stage: str, texts: Sequence[str]
+               ) -> tuple[list[TierOutcome], bool]:
+    """(one outcome per text, whether the endpoint answered at all)."""
+    kind = self._kinds[stage]
+    model = self._models[tier]
+    system, user, max_tokens = self._prompt(tier, stage, texts)
+    try:
+      reply = self._client(tier).complete(system, user, max_tokens,
+                                          top_logprobs=kind.alternatives)
+    except ModelCallError as e:
+      return [TierOutcome(tier, model.model, error=str(e)) for _ in texts], False
+    answers = parse_reply(kind, reply, texts)
+    framing = max(0, len(reply.text) - sum(a.answer_chars for a in answers))
+    shared = len(system) + len(user) - sum(len(t) for t in texts)
+    shares = split_usage(reply.usage, [len(t) for t in texts], shared,
+                         [a.answer_chars for a in answers], framing)
+    price = self._prices[tier]
+    return [TierOutcome(tier, reply.model or model.model, a.value, a.confidence, a.signal,
+                        tuple(a.notes), a.error, share, price.cost(share))
+            for a, share in zip(answers, shares)], True
+
+  def _frontier_request(self, stage: str, texts: Sequence[str], pool: Optional[BudgetPool]
+                        ) -> tuple[list[TierOutcome], float]:
+    """(outcomes, cost of the packed request) of a frontier request; records that fail
+    inside a packed answer are retried alone, each retry reserving and settling its own
+    budget."""
+    outcomes, answered = self._request("frontier", stage, texts)
+    packed_cost = sum(o.cost_usd for o in outcomes)
+    if len(texts) < 2 or not answered:
+      return outcomes, packed_cost
+    out = []
+    for text, first in zip(texts, outcomes):
+      if first.ok:
+        out.append(first)
+        continue
+      reserved = self.reservation(stage, [text]) if pool is not None else 0.0
+      if pool is not None and not pool.try_reserve(reserved):
+        first.notes = (*first.notes, "not retried alone: budget cap reached")
+        out.append(first)
+        continue
+      [second], _ = self._request("frontier", stage, [text])
+      if pool is not None:
+        pool.settle(reserved, second.cost_usd)
+      merged = TierOutcome(
+          "frontier", second.model, second.value, second.confidence, second.signal,
+          second.notes, second.error, first.usage + second.usage,
+          first.cost_usd + second.cost_usd, retried_alone=True)
+      if second.error:
+        merged.error = f"{first.error}; retried alone: {second.error}"
+      else:
+        merged.notes = (f"retried alone after: {first.error[:160]}", *second.notes)
+      out.append(merged)
+    return out, packed_cost
+
+  # --- a list of records ----------------------------------------------------------
+  def route(self, rows: Sequence[Mapping[str, Any]], pool: Optional[BudgetPool] = None
+            ) -> list[RoutedRecord]:
+    """Routes ``rows``; ``pool`` caps frontier spend (None: no cap)."""
+    texts = [render_text(self.config.text, r) for r in rows]
+    outcomes = [{s.name: StageOutcome() for s in self.config.stages} for _ in rows]
+    if rows:
+      self._small(texts, outcomes)
+      self._decide(outcomes)
+      self._frontier(texts, outcomes, pool)
+    return [RoutedRecord(dict(r), o) for r, o in zip(rows, outcomes)]
+
+  def _small(self, texts: list[str], outcomes: list[dict]) -> None:
+    ex = self._executors["small"]
+    futures = []
+    for stage in self.config.stages:
+      for pack in _packs(range(len(texts)), self._models["small"].batch_size):
+        futures.append((stage.name, pack, ex.submit(
+            self._request, "small", stage.name, [texts[i] for i in pack])))
+    for name, pack, future in futures:
+      for i, outcome in zip(pack, future.result()[0]):
+        outcomes[i][name].small = outcome
+
+  def _decide(self, outcomes: list[dict]) -> None:
+    for record in outcomes:
+      for stage in self.config.stages:
+        st = record[stage.name]
+        small = st.small
+        if not small.ok:
+          st.reason = f"small tier failed ({small.error[:120]})"
+        elif small.confidence is None:
+          st.reason = "no confidence signal"
+        elif small.confidence < stage.threshold:
+          st.reason = f"confidence {small.confidence:.3f} < {stage.threshold:.3f}"
+
+  def _frontier(self, texts: list[str], outcomes: list[dict],
+                pool: Optional[BudgetPool]) -> None:
+    # Per stage, its escalations with the least trustworthy small answers first.
+    queues = {}
+    for stage in self.config.stages:
+      wanted = [i for i, rec in enumerate(outcomes) if rec[stage.name].reason]
+      wanted.sort(key=lambda i, s=stage.name: outcomes[i][s].priority())
+      if wanted:
+        queues[stage.name] = collections.deque(wanted)
+    if not queues:
+      return
+    ex = self._executors["frontier"]
+    model = self._models["frontier"]
+    in_flight: dict = {}
+
+    def next_stage() -> str:
+      return min(queues, key=lambda s: outcomes[queues[s][0]][s].priority())
+
+    while queues or in_flight:
+      while queues and len(in_flight) < model.concurrency:
+        stage = next_stage()
+        queue = queues[stage]
+        pack = [queue[j] for j in range(min(model.batch_size, len(queue)))]
+        reserved = 0.0
+        if pool is not None:
+          reserved = self.reservation(stage, [texts[i] for i in pack])
+          if not pool.try_reserve(reserved):
+            pack = pack[:1]
+            reserved = self.reservation(stage, [texts[pack[0]]])
+            if not pool.try_reserve(reserved):
+              if in_flight:
+                break  # wait: settled requests give back what they did not spend
+              queue.popleft()
+              outcomes[pack[0]][stage].budget_skipped = True
+              if not queue:
+                del queues[stage]
+              continue
+        for _ in pack:
+          queue.popleft()
+        if not queue:
+          del queues[stage]
+        for i in pack:
+          outcomes[i][stage].approved = True
+        future = ex.submit(self._frontier_request, stage, [texts[i] for i in pack], pool)
+        in_flight[future] = (stage, pack, reserved)
+      if not in_flight:
+        continue
+      done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+      for future in done:
+        stage, pack, reserved = in_flight.pop(future)
+        results, packed_cost = future.result()
+        for i, outcome in zip(pack, results):
+          outcomes[i][stage].frontier = outcome
+        if pool is not None:  # retries settled their own reservations
+          pool.settle(reserved, packed_cost)
+
+
+class _Counters:
+  """Beam metrics for routed records (updated on the bundle's thread)."""
+
+  def __init__(self):
+    c = lambda name: Metrics.counter(METRICS_NAMESPACE, name)  # noqa: E731
+    self.records, self.escalated, self.approved = c("records"), c("records_escalated"), \
+        c("escalations_approved")
+    self.skipped, self.failed, self.retried = c("escalations_budget_skipped"), \
+        c("records_failed"), c("records_retried_alone")
+    self.micro_usd, self.frontier_micro_usd = c("cost_micro_usd"), c("frontier_cost_micro_usd")
+
+  def count(self, routed: list[RoutedRecord], rows: list[dict]) -> None:
+    self.records.inc(len(routed))
+    for rec, row in zip(routed, rows):
+      sts = rec.stages.values()
+      if any(st.approved for st in sts):
+        self.escalated.inc()
+      self.approved.inc(sum(st.approved for st in sts))
+      self.skipped.inc(sum(st.budget_skipped for st in sts))
+      self.retried.inc(sum(1 for st in sts if st.frontier and st.frontier.retried_alone))
+      if row["status"] != "ok":
+        self.failed.inc()
+      self.micro_usd.inc(int(round(row["cost_usd"] * 1e6)))
+      self.frontier_micro_usd.inc(int(round(row["frontier_cost_usd"] * 1e6)))
+
+
+def _crashed(row: Mapping[str, Any], config: RunConfig, reason: str) -> RoutedRecord:
+  """A record routing could not handle at all (a bug, not a model failure): every stage
+  failed with the reason, so it is written as failed and dead-lettered, not lost."""
+  return RoutedRecord(dict(row), {s.name: StageOutcome(small=TierOutcome(
+      "small", config.small.model, error=reason[:300])) for s in config.stages})
+
+
+# --- whole batches: the pipelines' path -----------------------------------------------
+
+
+class _RouteBatchFn(beam.DoFn):
+  def __init__(self, config: RunConfig, book: PriceBook, budget: Budget, run_id: str,
+               result_avro: dict, calibration_version: Optional[str]):
+    self._config = config
+    self._book = book
+    self._budget = budget
+    self._run_id = run_id
+    self._result_avro = result_avro
     self._calibration = calibration_version
-    self._records = Metrics.counter("tierflow.ledger", "records")
-    self._escalated = Metrics.counter("tierflow.ledger", "records_escalated")
-    self._failed = Metrics.counter("tierflow.ledger", "records_failed")
-    self._micro_usd = Metrics.counter("tierflow.ledger", "cost_micro_usd")
 
-  def process(self, row: dict):
-    state = row.pop(STATE_KEY)
-    out = dict(row)
-    ledgers, reasons, errors = [], [], []
-    totals = dict(cost=0.0, small=0.0, frontier=0.0, frontier_only=0.0, tin=0, tout=0)
-    outputs = {"label": None, "label_confidence": None, "extraction": None,
-               "extraction_confidence": None, "summary": None, "summary_confidence": None}
-    for stage in self._config.stages:
-      st = state["stages"].get(stage.name, {})
-      small = st.get("small") or {}
-      frontier = st.get("frontier") or {}
-      su, fu = _usage(small.get("usage")), _usage(frontier.get("usage"))
-      final = None
-      if frontier and not frontier.get("error"):
-        final = frontier
-      elif not small.get("error") and small:
-        final = small  # confident, or escalation skipped/failed: keep the small answer
-      reason = st.get("reason")
-      if reason:
-        note = reason
-        if st.get("budget_skipped"):
-          note += "; skipped: budget cap reached"
-        elif frontier.get("error"):
-          note += f"; frontier failed ({frontier['error'][:120]})"
-        reasons.append(f"{stage.name}: {note}")
-      if final is None:
-        errors.append(f"{stage.name}: " + (frontier.get("error") or small.get("error")
-                                           or ("budget cap reached" if st.get("budget_skipped")
-                                               else "no answer")))
-      small_cost, frontier_cost = small.get("cost_usd", 0.0), frontier.get("cost_usd", 0.0)
-      # What this stage would have cost on the frontier alone: its actual
-      # frontier cost when it went there, else the small tier's tokens at
-      # frontier prices.
-      frontier_only = frontier_cost if frontier and not frontier.get("error") \
-          else self._frontier_price.cost(su)
-      stage_cost = small_cost + frontier_cost
-      totals["cost"] += stage_cost
-      totals["small"] += small_cost
-      totals["frontier"] += frontier_cost
-      totals["frontier_only"] += frontier_only
-      totals["tin"] += su.prompt_tokens + fu.prompt_tokens
-      totals["tout"] += su.output_tokens + fu.output_tokens
-      if final is not None:
-        self._set_output(outputs, stage, final, small)
-      ledgers.append({
-          "stage": stage.name, "kind": stage.kind,
-          "final_tier": final.get("tier") if final else None,
-          "final_model": final.get("model") if final else None,
-          "confidence": small.get("confidence"), "confidence_signal": small.get("signal") or None,
-          "threshold": float(stage.threshold), "escalated": bool(st.get("approved")),
-          "escalation_reason": reason, "budget_skipped": bool(st.get("budget_skipped")),
-          "small_model": small.get("model", self._config.small.model),
-          "small_input_tokens": su.input_tokens, "small_output_tokens": su.output_tokens,
-          "small_cache_read_tokens": su.cache_read_tokens,
-          "small_cache_write_tokens": su.cache_write_tokens,
-          "small_cost_usd": small_cost, "small_answer": _answer_text(stage, small),
-          "small_error": small.get("error"),
-          "frontier_model": frontier.get("model") if frontier else None,
-          "frontier_input_tokens": fu.input_tokens, "frontier_output_tokens": fu.output_tokens,
-          "frontier_cache_read_tokens": fu.cache_read_tokens,
-          "frontier_cache_write_tokens": fu.cache_write_tokens,
-          "frontier_cost_usd": frontier_cost, "frontier_error": frontier.get("error"),
-          "cost_usd": stage_cost, "frontier_only_cost_usd": frontier_only,
-      })
-    escalated = any(l["escalated"] for l in ledgers)
-    out.update(outputs)
-    out.update({
-        "status": "failed" if errors else "ok",
-        "error": "; ".join(errors)[:2000] if errors else None,
-        "escalated": escalated, "escalation_reasons": reasons,
-        "budget_skipped": any(l["budget_skipped"] for l in ledgers),
-        "cost_usd": totals["cost"], "small_cost_usd": totals["small"],
-        "frontier_cost_usd": totals["frontier"],
-        "frontier_only_cost_usd": totals["frontier_only"],
-        "input_tokens": totals["tin"], "output_tokens": totals["tout"],
-        "stages": ledgers, "price_book_version": self._book.version,
-        "calibration_version": self._calibration,
-    })
-    self._records.inc()
-    self._micro_usd.inc(int(round(totals["cost"] * 1e6)))
-    if escalated:
-      self._escalated.inc()
-    if errors:
-      self._failed.inc()
-      yield pvalue.TaggedOutput(FAILED, out)
-    yield out
+  def setup(self):
+    self._router = Router(self._config, self._book).open()
+    self._arrow = schemas.to_arrow(self._result_avro)
+    self._pool = pool_for(self._run_id, self._budget) if self._budget.capped else None
+    self._counters = _Counters()
 
-  @staticmethod
-  def _set_output(outputs: dict, stage: StageConfig, final: Mapping, small: Mapping) -> None:
-    conf = final.get("confidence") if final.get("tier") == "small" else None
-    if stage.kind == "classify":
-      outputs["label"], outputs["label_confidence"] = final.get("value"), conf
-    elif stage.kind == "extract":
-      value = final.get("value") or {}
-      outputs["extraction"] = json.dumps(value.get("fields"), ensure_ascii=False, sort_keys=True)
-      outputs["extraction_confidence"] = conf
+  def teardown(self):
+    self._router.close()
+
+  def process(self, batch: DecodedBatch):
+    ref = batch.ref
+    if self._pool is not None:
+      if ref.run_offsets:
+        self._pool.earn(self._budget.usd * (ref.end - ref.start) / ref.run_offsets)
+      else:
+        self._pool.ensure_period()
+    rows = batch.rows.to_pylist()
+    try:
+      routed = self._router.route(rows, self._pool)
+    except Exception as e:  # noqa: BLE001 - see _crashed
+      _LOGGER.exception("routing batch %s failed; its records are written as failed", ref.name)
+      routed = [_crashed(r, self._config, f"routing crashed: {type(e).__name__}: {e}")
+                for r in rows]
+    results, dead = [], []
+    now = int(time.time() * 1000)
+    for rec in routed:
+      row, failed = ledger_row(rec, self._config, self._book, self._calibration)
+      results.append(row)
+      if failed:
+        dead.append(dead_letter(row, "route", "model_failure", row["error"] or "no answer",
+                                None, row_json(rec.row), failed_at=now))
+    self._counters.count(routed, results)
+    table = pa.Table.from_pylist(results, schema=self._arrow)
+    if dead:
+      dead_letters = pa.concat_tables([batch.dead_letters, dead_letter_table(dead)])
     else:
-      outputs["summary"], outputs["summary_confidence"] = final.get("value"), conf
+      dead_letters = batch.dead_letters
+    yield batch.replace(rows=table, dead_letters=dead_letters)
 
 
-def _answer_text(stage: StageConfig, outcome: Mapping) -> Optional[str]:
-  if not outcome or outcome.get("error") or outcome.get("value") is None:
-    return None
-  value = outcome["value"]
-  if stage.kind == "extract":
-    return json.dumps(value.get("fields"), ensure_ascii=False, sort_keys=True)
-  return str(value)
+class RouteBatches(beam.PTransform):
+  """Routes the rows of ``DecodedBatch``es; emits them with result rows instead, and with
+  records that failed in the model stages added to their dead letters.
+
+  Args:
+    config: the run config (models, stages, thresholds).
+    price_book: prices (default: the bundled book).
+    input_row_schema: Avro schema of the incoming rows (``DecodeBatches.row_schema``).
+    budget: the frontier spend cap (see ``tierflow.pipelines.budget``).
+    calibration_version: written on every row.
+  """
+
+  def __init__(self, config: RunConfig, price_book: Optional[PriceBook] = None, *,
+               input_row_schema: Mapping[str, Any], budget: Budget = Budget(),
+               calibration_version: Optional[str] = None):
+    super().__init__()
+    self._book = price_book or load_price_book(config.price_book)
+    Router(config, self._book)  # validates prices now
+    self._config = config
+    self._budget = budget
+    self._calibration = calibration_version
+    self._result_avro = result_schema(input_row_schema, config)
+    self._run_id = uuid.uuid4().hex
+
+  @property
+  def result_schema(self) -> dict:
+    return self._result_avro
+
+  def expand(self, batches):
+    return batches | "Route" >> beam.ParDo(_RouteBatchFn(
+        self._config, self._book, self._budget, self._run_id, self._result_avro,
+        self._calibration))
+
+
+# --- dict rows: a library user's path --------------------------------------------------
+
+
+class RoutedOutputs(NamedTuple):
+  """Outputs of ``RouteThroughTiers``.
+
+  Attributes:
+    results: a result row per input row (``status`` ok or failed), at the
+      input row's timestamp.
+    failed: the result rows of records that failed (a stage with no answer
+      from either tier, or a crash), with ``error`` saying why.
+  """
+  results: pvalue.PCollection
+  failed: pvalue.PCollection
+
+
+class _TieredHandler(ModelHandler):
+  """A RunInference handler whose 'model' is a ``Router`` over (row, timestamp) pairs."""
+
+  def __init__(self, config: RunConfig, book: PriceBook, budget: Budget,
+               expected_records: Optional[int], run_id: str):
+    super().__init__()
+    self._config = config
+    self._book = book
+    self._budget = budget
+    self._expected = expected_records
+    self._run_id = run_id
+
+  def load_model(self) -> Router:
+    return Router(self._config, self._book).open()
+
+  def run_inference(self, batch, model: Router, inference_args=None):
+    pool = pool_for(self._run_id, self._budget) if self._budget.capped else None
+    if pool is not None:
+      if self._expected:
+        pool.earn(self._budget.usd * len(batch) / self._expected)
+      else:
+        pool.ensure_period()
+    rows = [row for row, _ in batch]
+    routed = model.route(rows, pool)
+    return [PredictionResult(pair, rec) for pair, rec in zip(batch, routed)]
+
+  def batch_elements_kwargs(self):
+    small = self._config.small
+    return {"min_batch_size": 1, "max_batch_size": small.batch_size * small.concurrency * 4}
+
+  def get_metrics_namespace(self) -> str:
+    return METRICS_NAMESPACE
+
+
+class _LedgerFn(beam.DoFn):
+  def __init__(self, config: RunConfig, book: PriceBook, calibration: Optional[str]):
+    self._config, self._book, self._calibration = config, book, calibration
+
+  def setup(self):
+    self._counters = _Counters()
+
+  def process(self, result):
+    (_, micros), routed = result.example, result.inference
+    row, failed = ledger_row(routed, self._config, self._book, self._calibration)
+    self._counters.count([routed], [row])
+    stamped = TimestampedValue(row, Timestamp(micros=micros))
+    yield stamped
+    if failed:
+      yield pvalue.TaggedOutput("failed", stamped)
+
+
+def _stamp(row, ts=beam.DoFn.TimestampParam):
+  return row, Timestamp.of(ts).micros
 
 
 class RouteThroughTiers(beam.PTransform):
-  """Rows in; (ledgered result rows, failed result rows) out. See the module docstring."""
+  """Routes dict rows through the tiers; see the module docstring.
 
-  def __init__(self, config: RunConfig, price_book: PriceBook, *, streaming: bool = False,
+  ``p | RouteThroughTiers(load_config("tickets"))`` gives
+  ``RoutedOutputs(results, failed)``; ``result_schema(input_schema)`` is the
+  Avro schema of the result rows (for ``WriteParquetDataset``).
+
+  Args:
+    config: the run config.
+    price_book: prices (default: the config's, else the bundled book).
+    budget: the frontier spend cap.
+    expected_records: how many rows the run will route (bounded input); each
+      row earns ``budget.usd / expected_records`` of the cap for its worker.
+      Without it the cap applies per worker process (``budget.workers``
+      shares) and per ``budget.period``.
+    calibration_version: written on every row.
+  """
+
+  def __init__(self, config: RunConfig, price_book: Optional[PriceBook] = None, *,
+               budget: Budget = Budget(), expected_records: Optional[int] = None,
                calibration_version: Optional[str] = None):
     super().__init__()
-    for model in (config.small, config.frontier):
-      price_book.price(model.price_key)  # fail at construction, not on a worker
+    if not isinstance(config, RunConfig):
+      raise TypeError("RouteThroughTiers takes a tierflow RunConfig (tierflow.config)")
+    if expected_records is not None and expected_records < 1:
+      raise ValueError("expected_records must be >= 1")
+    self._book = price_book or load_price_book(config.price_book)
+    Router(config, self._book)
     self._config = config
-    self._book = price_book
-    self._streaming = streaming
+    self._budget = budget
+    self._expected = expected_records
     self._calibration = calibration_version
+    self._run_id = uuid.uuid4().hex
 
-  def _handler(self, stage: StageConfig, tier: str) -> StageModelHandler:
-    model = self._config.small if tier == "small" else self._config.frontier
-    return StageModelHandler(stage, model, tier, self._config.text, self._book,
-                             streaming=self._streaming)
+  def result_schema(self, input_schema: Mapping[str, Any]) -> dict:
+    """The Avro schema of result rows for input rows of ``input_schema``."""
+    return result_schema(input_schema, self._config)
 
-  def expand(self, rows):
-    c = self._config
-    rows = rows | "KeepEventTime" >> beam.ParDo(_KeepEventTime())
-    for stage in c.stages:
-      rows = _run_stage(rows, f"Small_{stage.name}_", self._handler(stage, "small"),
-                        stage.name, "small")
-    decided = rows | "DecideEscalations" >> beam.ParDo(_DecideEscalations(c))
-    confident, uncertain = decided | "SplitByNeed" >> beam.Partition(
-        lambda row, _: 1 if needs_frontier(row) else 0, 2)
-    gated = (uncertain
-             | "KeyForBudget" >> beam.Map(lambda row: ("budget", row))
-             | "BudgetGate" >> beam.ParDo(_BudgetGate(c, self._book)))
-    for stage in c.stages:
-      gated = _run_stage(gated, f"Frontier_{stage.name}_", self._handler(stage, "frontier"),
-                         stage.name, "frontier")
-    ledgered = ((confident, gated)
-                | "Rejoin" >> beam.Flatten()
-                | "Ledger" >> beam.ParDo(_Ledger(c, self._book, self._calibration)
-                                         ).with_outputs(FAILED, main="results"))
-    return ledgered.results, ledgered[FAILED]
+  def expand(self, rows) -> RoutedOutputs:
+    handler = _TieredHandler(self._config, self._book, self._budget, self._expected,
+                             self._run_id)
+    main, dlq = (rows
+                 | "KeepTimestamps" >> beam.Map(_stamp)
+                 | "Route" >> RunInference(handler).with_exception_handling())
+    ledgered = main | "Ledger" >> beam.ParDo(_LedgerFn(
+        self._config, self._book, self._calibration)).with_outputs("failed", main="results")
+    crashed = dlq.failed_inferences | "Crashed" >> beam.ParDo(_CrashedFn(
+        self._config, self._book, self._calibration))
+    failed = (ledgered.failed, crashed) | "AllFailed" >> beam.Flatten()
+    results = (ledgered.results, crashed) | "AllResults" >> beam.Flatten()
+    return RoutedOutputs(results, failed)
+
+
+class _CrashedFn(beam.DoFn):
+  """A batch the handler raised on (a bug, not a model failure): its rows fail, loudly."""
+
+  def __init__(self, config: RunConfig, book: PriceBook, calibration: Optional[str]):
+    self._config, self._book, self._calibration = config, book, calibration
+
+  def process(self, failed) -> Iterable:
+    batch, exc = failed if isinstance(failed, tuple) else (failed.batch, failed.exception)
+    _LOGGER.error("routing crashed on a batch of %d: %r", len(batch), exc)
+    for row, micros in batch:
+      routed = _crashed(row, self._config, f"routing crashed: {exc!r}")
+      out, _ = ledger_row(routed, self._config, self._book, self._calibration)
+      yield TimestampedValue(out, Timestamp(micros=micros))

@@ -1,85 +1,50 @@
-"""The composite transforms every tierflow pipeline is built from: read + decode, write."""
+"""The composite transforms every tierflow pipeline is built from: read + decode, write + commit."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import apache_beam as beam
-from apache_beam.transforms import window
 
-from tierflow import schemas
-from tierflow.connectors.decode import DecodeRecords
-from tierflow.connectors.kafka_source import ReadFromKafka
-from tierflow.connectors.parquet_sink import WriteToHiveParquet, to_dead_letter
+from tierflow.connectors.decode import DecodeBatches
+from tierflow.connectors.kafka_commit import CommitOffsets
+from tierflow.connectors.kafka_source import ReadKafkaBatches
+from tierflow.connectors.parquet_dataset import WriteBatches
 from tierflow.pipelines.options import SourceSinkConfig
 
-__all__ = ["ReadRecords", "WriteOutputs", "row_schema", "RESULTS_DIR", "DEAD_LETTER_DIR"]
-
-RESULTS_DIR = "results"
-DEAD_LETTER_DIR = "dead_letter"
+__all__ = ["ReadAndDecode", "WriteAndCommit"]
 
 
-def row_schema(config: SourceSinkConfig, *extra: Mapping[str, Any], name: str = "") -> dict:
-  """Output schema: source metadata, then the input record's fields, then ``extra`` parts."""
-  return schemas.compose(
-      name or f"{config.schema['name']}Row", schemas.load("source_metadata"), config.schema,
-      *extra)
-
-
-class Records(NamedTuple):
-  rows: beam.PCollection
-  dead_letter: beam.PCollection
-
-
-class ReadRecords(beam.PTransform):
-  """Kafka -> decoded rows (metadata + payload), and dead letters for what fails."""
+class ReadAndDecode(beam.PTransform):
+  """Kafka -> ``DecodedBatch``es (rows and dead letters per offset batch)."""
 
   def __init__(self, config: SourceSinkConfig):
     super().__init__()
     self._config = config
+    self._decode = DecodeBatches(config.codec(), event_time_field=config.event_time_field,
+                                 max_record_bytes=config.max_record_bytes)
 
-  def expand(self, pbegin) -> Records:
-    c = self._config
-    decoded = (pbegin
-               | "ReadFromKafka" >> ReadFromKafka(c.source)
-               | "DecodeRecords" >> DecodeRecords(c.codec(), max_record_bytes=c.max_record_bytes))
-    return Records(decoded.rows, decoded.dead_letter)
+  @property
+  def row_schema(self) -> dict:
+    return self._decode.row_schema
+
+  def expand(self, pbegin):
+    return (pbegin
+            | "ReadKafka" >> ReadKafkaBatches(self._config.source)
+            | "Decode" >> self._decode)
 
 
-class WriteOutputs(beam.PTransform):
-  """Writes result rows and dead letters as Hive-partitioned Parquet under ``output``.
+class WriteAndCommit(beam.PTransform):
+  """``DecodedBatch``es -> Parquet (results and dead letters), then the group's offsets
+  past what is written (when the read commits)."""
 
-  Result rows that do not fit the schema join the dead letters, so nothing is
-  dropped; a dead letter that cannot be written fails the bundle (the runner
-  retries) rather than vanishing.
-  """
-
-  def __init__(self, config: SourceSinkConfig, schema: Mapping[str, Any]):
+  def __init__(self, config: SourceSinkConfig, row_schema: Mapping[str, Any]):
     super().__init__()
     self._config = config
-    self._schema = schema
+    self._row_schema = row_schema
 
-  def _sink(self, subdir: str, schema: Mapping[str, Any]) -> WriteToHiveParquet:
-    c = self._config
-    return WriteToHiveParquet(
-        f"{c.output}/{subdir}", schema, max_rows_per_file=c.rows_per_file,
-        window_seconds=c.window_seconds, allowed_lateness_seconds=c.allowed_lateness_seconds)
-
-  def expand(self, outputs: Records):
-    rows, dead = outputs
-    written = rows | "WriteResults" >> self._sink(RESULTS_DIR, self._schema)
-    unwritable = (written.failed
-                  | "UnwritableToDeadLetter" >> beam.Map(to_dead_letter)
-                  | "BackToGlobalWindow" >> beam.WindowInto(window.GlobalWindows()))
-    dead_written = ((dead, unwritable)
-                    | "AllDeadLetters" >> beam.Flatten()
-                    | "WriteDeadLetters" >> self._sink(DEAD_LETTER_DIR,
-                                                       schemas.load("dead_letter")))
-    _ = dead_written.failed | "DeadLetterMustBeWritable" >> beam.Map(_raise_unwritable)
-    return written.files, dead_written.files
-
-
-def _raise_unwritable(failure: Mapping[str, Any]) -> None:
-  raise RuntimeError(
-      f"a dead letter could not be written ({failure.get('error_type')}: "
-      f"{failure.get('reason')}); refusing to drop it")
+  def expand(self, batches):
+    written = batches | "WriteParquet" >> WriteBatches(self._config.output, self._row_schema)
+    if self._config.source.commit_offsets:
+      _ = written | "CommitOffsets" >> CommitOffsets(self._config.source)
+    return written

@@ -9,7 +9,7 @@ import duckdb
 import pyarrow.dataset as pds
 import pytest
 
-from tierflow.connectors.parquet_sink import hive_partitioning
+from tierflow.connectors.parquet_dataset import hive_partitioning
 
 # kafka-python logs every reconnect and group-less consumer at WARNING/ERROR.
 logging.getLogger("kafka").setLevel(logging.CRITICAL)

@@ -27,9 +27,11 @@ T0_MS = 1_795_132_800_000  # 2026-11-20T00:00:00Z
 
 def result_schema(*, small_answer: bool = True) -> pa.Schema:
   """The results file schema: derived from the Avro schemas, without ``dt``."""
-  schema = schemas.to_arrow(schemas.compose(
-      "TicketResult", schemas.load("source_metadata"), schemas.load("ticket"),
-      schemas.load("result")))
+  from tierflow.config import load_config
+  from tierflow.connectors.decode import row_schema
+  from tierflow.pipelines.ledger import result_schema as routed_schema
+  schema = schemas.to_arrow(routed_schema(row_schema(schemas.load("ticket")),
+                                          load_config("tickets")))
   schema = schema.remove(schema.get_field_index("dt"))
   if small_answer:
     return schema
@@ -146,7 +148,8 @@ def make_rows(n: int = 240, seed: int = 7) -> tuple[list[dict], list[dict]]:
         "status": "failed" if failed else "ok",
         "error": "; ".join(f"{s}: failed" for s in failed) or None,
         "label": finals["classify"], "label_confidence": None,
-        "extraction": finals["extract"], "extraction_confidence": None,
+        "extraction": json.loads(finals["extract"]) if finals["extract"] else None,
+        "extraction_confidence": None,
         "summary": finals["summarise"], "summary_confidence": None,
         "escalated": any(s["escalated"] for s in stages), "escalation_reasons": reasons,
         "budget_skipped": any(s["budget_skipped"] for s in stages),

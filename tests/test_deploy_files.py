@@ -172,7 +172,8 @@ def test_main_builds_passthrough_from_template_parameters(dataflow_main, tmp_pat
   assert (src.start_time_ms, src.end_time_ms) == (1795132800000, 1795219200000)
   assert not src.commit_offsets, "an explicit range must not commit offsets"
   assert src.consumer_config == {"security_protocol": "SSL", "ssl_check_hostname": True}
-  assert (config.format, config.schema_id, config.max_record_bytes, config.rows_per_file) == (
+  assert (config.format, config.schema_id, config.max_record_bytes,
+          config.source.offsets_per_batch) == (
       "avro", 7, 2097152, 50000)
 
   # Offset range.

@@ -13,14 +13,14 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from kafka import KafkaConsumer, TopicPartition
 
-from tierflow.connectors.kafka_source import KafkaReadConfig, ReadFromKafka, resolve_ranges
+from tierflow.connectors.kafka_source import KafkaReadConfig, ReadKafkaBatches, resolve_ranges
 from tierflow.local.loader import publish
 
 T0_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 
 
 def read_records(config: KafkaReadConfig, tmp_dir: str) -> list[tuple]:
-  """Runs ReadFromKafka on FnApiRunner; returns (partition, offset, ts, key, value) tuples."""
+  """Runs ReadKafkaBatches on FnApiRunner; returns (partition, offset, ts, key, value) tuples."""
 
   def as_line(r):
     return json.dumps([r.partition, r.offset, r.timestamp_ms,
@@ -29,7 +29,8 @@ def read_records(config: KafkaReadConfig, tmp_dir: str) -> list[tuple]:
 
   prefix = os.path.join(tmp_dir, "records")
   with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
-    _ = (p | ReadFromKafka(config) | beam.Map(as_line) | beam.io.WriteToText(prefix))
+    _ = (p | ReadKafkaBatches(config) | beam.FlatMap(lambda b: b.records())
+         | beam.Map(as_line) | beam.io.WriteToText(prefix))
   out = []
   for path in glob.glob(prefix + "*"):
     with open(path, encoding="utf-8") as f:
@@ -257,7 +258,7 @@ def test_streaming_read_picks_up_new_records(broker, topic, make_tickets, passth
   started = time.monotonic()
   try:
     summary = passthrough(name, output_dir, "--streaming", "--max-read-seconds", "8",
-                          "--window-seconds", "2")
+                          "--flush-seconds", "2")
   finally:
     writer.join()
   assert time.monotonic() - started >= 7  # it really did keep reading
@@ -286,13 +287,13 @@ def test_read_config_validation(broker):
     KafkaReadConfig(servers, "")
   assert KafkaReadConfig(servers, "t", start_offset="0:5,3:7").start_offset == {0: 5, 3: 7}
   with pytest.raises(TypeError):
-    ReadFromKafka({"topic": "t"})
+    ReadKafkaBatches({"topic": "t"})
 
 
 def test_secret_consumer_settings_only_by_reference(broker, topic, make_tickets, passthrough,
                                                      output_dir, read_duckdb, tmp_path,
                                                      monkeypatch, caplog):
-  from tierflow.connectors.kafka_source import resolve_secret_settings
+  from tierflow.connectors.kafka_client import resolve_secret_settings
   secret = "hunter2-DO-NOT-LEAK"
   with pytest.raises(ValueError, match="sasl_plain_password=env:VAR"):
     KafkaReadConfig(bootstrap_servers=broker.bootstrap_servers, topic="t",

@@ -10,7 +10,7 @@ from tierflow.config import ModelConfig, StageConfig
 from tierflow.connectors.llm_clients import ModelCallError, ModelClient, ModelReply, TokenInfo
 from tierflow.local.provider_server import LocalProviderServer, tokenize
 from tierflow.local.standin_model import KeywordStandIn
-from tierflow.pipelines.stages import build_prompt, parse_reply, split_usage
+from tierflow.pipelines.prompts import build_prompt, parse_reply, split_usage
 from tierflow.prices import Usage, load_price_book
 
 LABELS = ("billing", "shipping", "returns")
@@ -226,34 +226,47 @@ def test_price_book_costs():
 
 @pytest.mark.parametrize("tier", ["frontier", "small"])
 def test_records_cut_off_a_packed_frontier_answer_are_retried_alone(server, tier):
-  from tierflow.pipelines.routing import STATE_KEY, StageModelHandler
-  provider, model = ("anthropic", "frontier") if tier == "frontier" else ("openai", "small")
-  config = ModelConfig(provider=provider, model=model, batch_size=4, max_retries=0,
-                       price_as="claude-sonnet-4-6" if tier == "frontier" else "gpt-5-nano",
-                       base_url=server.anthropic_base_url if provider == "anthropic"
-                       else server.openai_base_url)
-  handler = StageModelHandler(CLASSIFY, config, tier, "{body}", load_price_book())
+  from tierflow.config import RunConfig
+  from tierflow.pipelines.routing import Router
+  config = RunConfig(
+      name="t", schema="ticket", text="{body}",
+      small=ModelConfig(provider="openai", model="small", base_url=server.openai_base_url,
+                        batch_size=4, max_retries=0, price_as="gpt-5-nano"),
+      frontier=ModelConfig(provider="anthropic", model="frontier", batch_size=4,
+                           base_url=server.anthropic_base_url, max_retries=0,
+                           price_as="claude-sonnet-4-6"),
+      stages=(StageConfig(name="classify", kind="classify", labels=LABELS,
+                          threshold=2.0 if tier == "frontier" else 0.0),))
   bodies = ["double charge on my card", "parcel never arrived", "return label please",
             "refund the payment"]
-  rows = [{"body": b, STATE_KEY: {"stages": {"classify": {"approved": True}}}} for b in bodies]
+  model = "frontier" if tier == "frontier" else "small"
   server.faults.add("truncated", count=1, model=model)  # the packed answer loses its tail
-  outcomes = [r.inference for r in handler.request(rows, handler.create_client())]
+  router = Router(config, load_price_book()).open()
+  try:
+    routed = router.route([{"body": b} for b in bodies])
+  finally:
+    router.close()
   requests = [r for r in server.requests if r.model == model]
+  outcomes = [rec.stages["classify"].frontier for rec in routed]
   if tier == "small":  # small-tier failures escalate instead: no retry
-    assert len(requests) == 1 and any(o["error"] for o in outcomes)
+    assert len(requests) == 1
+    failed = [rec for rec in routed if not rec.stages["classify"].small.ok]
+    assert failed and all(rec.stages["classify"].reason.startswith("small tier failed")
+                          for rec in failed)
+    assert all(rec.stages["classify"].frontier.value for rec in failed)
     return
-  assert [o["value"] for o in outcomes] == ["billing", "shipping", "returns", "billing"]
-  assert all(o["error"] is None for o in outcomes)
+  assert [o.value for o in outcomes] == ["billing", "shipping", "returns", "billing"]
+  assert all(o.error is None for o in outcomes)
   alone = len(requests) - 1
   assert 1 <= alone < len(bodies)  # the records cut off, each alone, once
-  retried = [(b, o) for b, o in zip(bodies, outcomes)
-             if any("retried alone" in n for n in o["notes"])]
+  retried = [(b, o) for b, o in zip(bodies, outcomes) if o.retried_alone]
   assert len(retried) == alone
+  assert all(any("retried alone" in n for n in o.notes) for _, o in retried)
   client = _client(server, "anthropic")
   for body, o in retried:  # the packed attempt's share is billed on top of the retry
     solo = client.complete(*build_prompt(CLASSIFY, [body], verbalise=True), 16).usage
-    assert Usage(**o["usage"]).prompt_tokens > solo.prompt_tokens
-    assert o["cost_usd"] > load_price_book().price("claude-sonnet-4-6").cost(solo)
+    assert o.usage.prompt_tokens > solo.prompt_tokens
+    assert o.cost_usd > load_price_book().price("claude-sonnet-4-6").cost(solo)
 
 
 def test_a_single_summary_that_quotes_json_is_still_the_summary():

@@ -6,7 +6,7 @@ from tierflow.config import ModelConfig, StageConfig
 from tierflow.connectors.llm_clients import ModelClient
 from tierflow.local.provider_server import LocalProviderServer
 from tierflow.local.standin_model import KeywordStandIn
-from tierflow.pipelines.stages import build_prompt, parse_reply
+from tierflow.pipelines.prompts import build_prompt, parse_reply
 
 
 @pytest.mark.parametrize("labels", [("great", "other"), ("a", "b", "c"),

@@ -73,18 +73,25 @@ def test_bounded_pipeline_translates():
     if t.subtransforms and tid not in proto.root_transform_ids:  # the root has no URN
       assert t.spec.urn in KNOWN_COMPOSITES, (t.unique_name, t.spec.urn)
 
-  impulse = by_name(proto, "ReadFromKafka/Impulse")
+  impulse = by_name(proto, "ReadKafka/Impulse")
   assert impulse.spec.urn == P.IMPULSE.urn
-  read = by_name(proto, "ReadFromKafka/ReadPartitions")
+  read = by_name(proto, "ReadKafka/ReadPartitions")
   payload = pardo_payload(read)
   assert payload.restriction_coder_id in proto.components.coders
-  assert payload.requests_finalization  # offsets are committed on bundle finalization
-  assert {"beam:requirement:pardo:splittable_dofn:v1",
-          "beam:requirement:pardo:finalization:v1"} <= set(proto.requirements)
+  # Offsets are committed by an ordinary DoFn after the write, never on bundle
+  # finalization (which Flink batch does not support).
+  assert not any(pardo_payload(t).requests_finalization for t in names.values()
+                 if t.spec.urn == P.PAR_DO.urn)
+  assert "beam:requirement:pardo:splittable_dofn:v1" in proto.requirements
+  assert "beam:requirement:pardo:finalization:v1" not in proto.requirements
+  # No shuffle holds the data: the only GroupByKey is the reshuffle of the partition
+  # ranges, before the read; read, decode, write and commit run as one chain.
   gbks = [n for n, t in names.items() if t.spec.urn == P.GROUP_BY_KEY.urn]
-  assert len(gbks) == 3, gbks  # the reshuffle after resolving ranges, one per output dataset
-  assert by_name(proto, "ReadFromKafka/SpreadPartitions").spec.urn == \
+  assert len(gbks) == 1 and "SpreadPartitions" in gbks[0], gbks
+  assert not [n for n, t in names.items() if t.spec.urn == P.FLATTEN.urn]
+  assert by_name(proto, "ReadKafka/SpreadPartitions").spec.urn == \
       common_urns.composites.RESHUFFLE.urn
+  assert by_name(proto, "CommitOffsets/Commit").spec.urn == P.PAR_DO.urn
 
   envs = proto.components.environments
   assert envs
@@ -95,25 +102,17 @@ def test_bounded_pipeline_translates():
 
 
 def test_streaming_pipeline_translates():
-  proto = build_proto("--streaming", "--window-seconds", "2", "--allowed-lateness-seconds", "600")
-  read = by_name(proto, "ReadFromKafka/ReadPartitions")
+  proto = build_proto("--streaming", "--flush-seconds", "2")
+  read = by_name(proto, "ReadKafka/ReadPartitions")
   assert pardo_payload(read).restriction_coder_id in proto.components.coders
-  assert output_bounds(proto, by_name(proto, "ReadFromKafka/Impulse")) == {BOUNDED}
-  assert output_bounds(proto, by_name(proto, "ReadFromKafka/ResolveOffsetRanges")) == {BOUNDED}
+  assert output_bounds(proto, by_name(proto, "ReadKafka/Impulse")) == {BOUNDED}
+  assert output_bounds(proto, by_name(proto, "ReadKafka/ResolveOffsetRanges")) == {BOUNDED}
   assert output_bounds(proto, read) == {UNBOUNDED}
-  for name in ("Decode/ParDo(_DecodeFn)", "WriteResults/GroupByFile",
-               "WriteResults/Write/ParDo(_WriteGroupDoFn)", "WriteDeadLetters/GroupByFile"):
+  for name in ("Decode/Decode", "WriteParquet/WriteFiles", "CommitOffsets/Commit"):
     assert output_bounds(proto, by_name(proto, name)) == {UNBOUNDED}, name
   assert {t.spec.urn for t in leaves(proto).values()} <= RUNNER_PRIMITIVES
-
-  # Results are cut into 2 s event-time windows with the allowed lateness asked for.
-  gbk = by_name(proto, "WriteResults/GroupByFile")
-  pc = proto.components.pcollections[next(iter(gbk.inputs.values()))]
-  ws = proto.components.windowing_strategies[pc.windowing_strategy_id]
-  assert ws.window_fn.urn == "beam:window_fn:fixed_windows:v1"
-  size = standard_window_fns_pb2.FixedWindowsPayload.FromString(ws.window_fn.payload).size
-  assert size.seconds == 2
-  assert ws.allowed_lateness == 600_000
+  # Files are cut by the reader (offset boundaries, --flush-seconds), not by windows.
+  assert not [t for t in leaves(proto).values() if t.spec.urn == P.ASSIGN_WINDOWS.urn]
 
 
 def test_portable_runner_proto_preparation():
@@ -129,7 +128,7 @@ def test_portable_runner_proto_preparation():
   assert "beam_python" in image and beam.__version__ in image
   assert environment.capabilities
   read = [t for t in proto.components.transforms.values()
-          if t.unique_name.endswith("ReadFromKafka/ReadPartitions")]
+          if t.unique_name.endswith("ReadKafka/ReadPartitions")]
   assert read and pardo_payload(read[0]).restriction_coder_id
   assert {t.spec.urn for t in leaves(proto).values()} <= RUNNER_PRIMITIVES
 

@@ -1,6 +1,7 @@
 """The tickets pipeline end to end: real broker, real SDKs over HTTP, Parquet read by DuckDB."""
 
 import copy
+import collections
 import json
 import logging
 import os
@@ -170,7 +171,7 @@ def test_streaming_answers_records_before_and_after_start_exactly_once(
 
   started = time.monotonic()
   summary, out = run_tickets(tickets=before, during=publish_later, extra=(
-      "--streaming", "--max-read-seconds", "7", "--window-seconds", "2"))
+      "--streaming", "--max-read-seconds", "7", "--flush-seconds", "2"))
   assert time.monotonic() - started >= 6  # it kept reading
   assert summary.state == "DONE"
   rows = read_duckdb(f"{out}/results")
@@ -184,12 +185,17 @@ def test_streaming_answers_records_before_and_after_start_exactly_once(
     assert r["cost_usd"] == pytest.approx(sum(s["cost_usd"] for s in r["stages"]))
     assert r["escalated"] == any(s["escalated"] for s in r["stages"])
   assert any(r["escalated"] for r in rows) and not all(r["escalated"] for r in rows)
-  # Files are cut by event-time window: the records from before the start and
-  # those from seconds later never share one, however the model calls batched them.
-  early = {t["ticket_id"] for t in before}
+  # Files hold offset batches: each is named after the offset range it covers, holds
+  # only offsets from that range, and no two files of a partition overlap.
+  ranges = collections.defaultdict(list)
   for f in parquet_files(f"{out}/results"):
-    ids = set(pq.read_table(f"{out}/results/{f}", columns=["ticket_id"]).column(0).to_pylist())
-    assert ids <= early or not ids & early, f
+    *_, partition, first, last = os.path.basename(f)[:-len(".parquet")].split("-")
+    offsets = pq.read_table(f"{out}/results/{f}", columns=["kafka_offset"]).column(0)
+    assert all(int(first) <= o <= int(last) for o in offsets.to_pylist()), f
+    ranges[int(partition)].append((int(first), int(last)))
+  for spans in ranges.values():
+    spans.sort()
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:])), spans
 
 
 class PackedFrontierLosesR2:

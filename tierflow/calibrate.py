@@ -171,7 +171,7 @@ def run_small_tier(pipeline: str, records: str, work_dir: str, *,
 
   The records go through the same JSON decoding as the topic would (invalid
   ones land in ``WORK_DIR/dead_letter`` with the reason) and the same
-  ``RouteThroughTiers`` transform with every threshold 0 and a budget of 0, so
+  ``RouteBatches`` transform with every threshold 0 and a budget of 0, so
   no frontier request is made: records that would need one are marked
   ``budget_skipped`` and keep their small answer.
   """
@@ -181,42 +181,37 @@ def run_small_tier(pipeline: str, records: str, work_dir: str, *,
   from tierflow import schemas
   from tierflow.config import load_config
   from tierflow.connectors.codecs import JsonCodec
-  from tierflow.connectors.decode import DecodeRecords
-  from tierflow.connectors.kafka_source import KafkaRecord
-  from tierflow.connectors.parquet_sink import WriteToHiveParquet
+  from tierflow.connectors.decode import DecodeBatches
+  from tierflow.connectors.kafka_source import KafkaBatch
+  from tierflow.connectors.parquet_dataset import WriteBatches
   from tierflow.launcher import PIPELINES
-  from tierflow.pipelines.model_pipeline import _dead_letter_of
-  from tierflow.pipelines.routing import RouteThroughTiers
-  from tierflow.pipelines.transforms import DEAD_LETTER_DIR, RESULTS_DIR
+  from tierflow.pipelines.budget import Budget
+  from tierflow.pipelines.routing import RouteBatches
   from tierflow.prices import load_price_book
 
   if pipeline not in PIPELINES or pipeline == "passthrough":
     raise ValueError(f"--run wants a model pipeline ({', '.join(sorted(set(PIPELINES) - {'passthrough'}))}), "
                      f"got {pipeline!r}")
   run = load_config(config or pipeline)
-  run = dataclasses.replace(run.with_thresholds({s.name: 0.0 for s in run.stages}),
-                            budget_usd=0.0)
+  run = run.with_thresholds({s.name: 0.0 for s in run.stages})
   schema = schemas.load(run.schema)
   names = schemas.field_names(schema)
   now = int(time.time() * 1000)
-  topic = "calibration-sample"
-  kafka_records = [
-      KafkaRecord(topic, 0, i, now, None,
-                  json.dumps({k: row.get(k) for k in names if k in row}).encode("utf-8"))
-      for i, row in enumerate(_record_rows(records))]
-  out_schema = schemas.compose(f"{schema['name']}Result", schemas.load("source_metadata"),
-                               schema, schemas.load("result"))
+  values = [json.dumps({k: row.get(k) for k in names if k in row}).encode("utf-8")
+            for row in _record_rows(records)]
+  batch = KafkaBatch("calibration-sample", 0, 0, len(values), 0, list(range(len(values))),
+                     [now] * len(values), [None] * len(values), values)
   book = load_price_book(run.price_book)
   os.makedirs(work_dir, exist_ok=True)
+  decode = DecodeBatches(JsonCodec(schema))
+  # A budget of 0: records that would escalate (a failed small answer) are marked
+  # budget_skipped and keep what the small tier said; no frontier request is made.
+  route = RouteBatches(run, book, input_row_schema=decode.row_schema, budget=Budget(0.0))
   with beam.Pipeline(runner=runner, options=PipelineOptions([])) as p:
-    decoded = (p | "Records" >> beam.Create(kafka_records)
-               | "Decode" >> DecodeRecords(JsonCodec(schema)))
-    results, failed = decoded.rows | "SmallTier" >> RouteThroughTiers(run, book)
-    _ = results | "WriteResults" >> WriteToHiveParquet(f"{work_dir}/{RESULTS_DIR}", out_schema)
-    _ = ((decoded.dead_letter, failed | "Failed" >> beam.Map(_dead_letter_of))
-         | "Dead" >> beam.Flatten()
-         | "WriteDead" >> WriteToHiveParquet(f"{work_dir}/{DEAD_LETTER_DIR}",
-                                             schemas.load("dead_letter")))
+    _ = (p | "Records" >> beam.Create([batch])
+         | "Decode" >> decode
+         | "SmallTier" >> route
+         | "Write" >> WriteBatches(work_dir, route.result_schema))
   return work_dir
 
 

@@ -17,9 +17,8 @@ import yaml
 
 from tierflow.files import read_text
 
-__all__ = ["ModelConfig", "StageConfig", "RunConfig", "load_config", "STAGE_KINDS"]
+__all__ = ["ModelConfig", "StageConfig", "RunConfig", "load_config"]
 
-STAGE_KINDS = ("classify", "extract", "summarise")
 PROVIDERS = ("openai", "anthropic")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -124,29 +123,24 @@ class StageConfig:
   max_output_tokens: Optional[int] = None
 
   def __post_init__(self):
-    if self.kind not in STAGE_KINDS:
-      raise ValueError(f"stage {self.name}: kind must be one of {STAGE_KINDS}")
+    from tierflow.pipelines.stage_kinds import KINDS
+    if self.kind not in KINDS:
+      raise ValueError(f"stage {self.name}: kind must be one of {', '.join(KINDS)}")
     object.__setattr__(self, "labels", tuple(self.labels))
-    if self.kind == "classify" and len(self.labels) < 2:
-      raise ValueError(f"stage {self.name}: a classify stage needs at least two labels")
-    if self.kind == "extract" and not self.fields:
-      raise ValueError(f"stage {self.name}: an extract stage needs fields")
+    KINDS[self.kind].check(self)
     # Above 1 (a calibration that could not certify: +inf) escalates every record.
     if not float(self.threshold) >= 0.0:
       raise ValueError(f"stage {self.name}: threshold must be >= 0")
-    if self.max_words < 1:
-      raise ValueError(f"stage {self.name}: max_words must be >= 1")
+
+  @property
+  def kind_impl(self):
+    """The stage kind object (``tierflow.pipelines.stage_kinds``) for this stage."""
+    from tierflow.pipelines.stage_kinds import kind_of
+    return kind_of(self)
 
   def output_tokens_per_record(self) -> int:
     """Output budget per record: the answer plus its JSON framing."""
-    if self.max_output_tokens:
-      return self.max_output_tokens
-    if self.kind == "classify":
-      # A packed line is {"id": "r12", "label": "..."}: ~13 tokens of framing.
-      return 16 + max(len(label) for label in self.labels) // 2
-    if self.kind == "extract":
-      return 24 + 24 * len(self.fields)
-    return 16 + 2 * self.max_words
+    return self.max_output_tokens or self.kind_impl.output_tokens_per_record()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +160,10 @@ class RunConfig:
     names = [s.name for s in self.stages]
     if len(set(names)) != len(names):
       raise ValueError(f"stage names must be unique: {names}")
+    kinds = [s.kind for s in self.stages]
+    if len(set(kinds)) != len(kinds):
+      raise ValueError(f"at most one stage of each kind (their outputs are named by kind): "
+                       f"{kinds}")
     if self.budget_usd is not None and self.budget_usd < 0:
       raise ValueError("budget_usd must be >= 0")
 

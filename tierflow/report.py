@@ -290,6 +290,9 @@ def _parse_label_fields(specs: Iterable[str]) -> dict[str, list[str]]:
 
 
 def _json_obj(text: Any) -> Optional[dict]:
+  """An extraction as a dict: a struct column value, or a JSON string (the ledger)."""
+  if isinstance(text, dict):
+    return text
   if not isinstance(text, str):
     return None
   try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from tierflow.connectors.parquet_sink import hive_partitioning
+from tierflow.connectors.parquet_dataset import hive_partitioning
 
 
 def cost_summary(output_dir: str) -> dict:

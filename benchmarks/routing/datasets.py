@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from tierflow.pipelines.stages import render_text
+from tierflow.pipelines.prompts import render_text
 
 __all__ = ["Dataset", "Splits", "DATASETS", "DEFAULT_SMALL_TRAIN", "DEFAULT_UPPER_TRAIN",
            "TEXT_TEMPLATE",

@@ -264,7 +264,7 @@ def check_responder(tiers: Tiers, texts: Sequence[str], stage_labels: Sequence[s
   from tierflow.config import StageConfig
   from tierflow.connectors.llm_clients import ModelReply, TokenInfo
   from tierflow.local.provider_server import LocalProviderServer
-  from tierflow.pipelines.stages import build_prompt, parse_reply
+  from tierflow.pipelines.prompts import build_prompt, parse_reply
   from tierflow.prices import Usage
 
   stage = StageConfig(name="classify", kind="classify", labels=tuple(stage_labels))

@@ -1,0 +1,119 @@
+"""What every stage kind reads answers with: token spans and their probabilities, JSON
+objects in free text, grounding in the record. Pure functions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+from tierflow.connectors.llm_clients import ModelReply, TokenInfo
+
+__all__ = ["Answer", "gm_prob", "grounded", "json_objects", "seq_prob", "span_tokens",
+           "token_offsets", "value_span", "verbalised", "WORD"]
+
+WORD = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+  """One record's parsed answer for a stage, or its failure (``error`` set)."""
+  value: Any = None
+  confidence: Optional[float] = None
+  signal: str = ""
+  notes: tuple = ()
+  error: Optional[str] = None
+  answer_chars: int = 0
+
+
+def token_offsets(reply: ModelReply) -> Optional[list[int]]:
+  """Start offset of every token in reply.text, or None if tokens do not spell it."""
+  if not reply.tokens:
+    return None
+  offsets, pos = [], 0
+  for t in reply.tokens:
+    offsets.append(pos)
+    pos += len(t.token)
+  if "".join(t.token for t in reply.tokens) != reply.text:
+    return None
+  return offsets
+
+
+def span_tokens(reply: ModelReply, offsets: Optional[list[int]], start: int, end: int
+                ) -> list[TokenInfo]:
+  if offsets is None or end <= start:
+    return []
+  return [t for t, o in zip(reply.tokens, offsets) if o < end and o + len(t.token) > start]
+
+
+def seq_prob(tokens: Sequence[TokenInfo]) -> Optional[float]:
+  """Probability of the token sequence (product of its tokens' probabilities)."""
+  if not tokens:
+    return None
+  return math.exp(sum(t.logprob for t in tokens))
+
+
+def gm_prob(tokens: Sequence[TokenInfo]) -> Optional[float]:
+  """Geometric-mean token probability."""
+  if not tokens:
+    return None
+  return math.exp(sum(t.logprob for t in tokens) / len(tokens))
+
+
+def _norm(text: str) -> str:
+  return "".join(WORD.findall(text.casefold()))
+
+
+def grounded(value: str, source: str) -> bool:
+  """The value occurs in the source, ignoring case, spacing and punctuation; a value
+  with digits (an order number normalised as NW-12345) counts if its digits do."""
+  n = _norm(value)
+  if not n:
+    return False
+  if n in _norm(source):
+    return True
+  digits = re.findall(r"\d+", value)
+  return bool(digits) and all(d in source for d in digits)
+
+
+def verbalised(obj: Mapping[str, Any]) -> Optional[float]:
+  """The model's stated confidence in an answer object, as a probability, if any."""
+  c = obj.get("confidence")
+  if isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1:
+    return float(c)
+  if isinstance(c, (int, float)) and not isinstance(c, bool) and 1 < c <= 100:
+    return float(c) / 100
+  return None
+
+
+def json_objects(text: str) -> list[tuple[int, int, Any]]:
+  """(start, end, object) for every JSON object in the text, scanning left to right."""
+  decoder = json.JSONDecoder()
+  found, i = [], 0
+  while True:
+    i = text.find("{", i)
+    if i < 0:
+      return found
+    try:
+      obj, end = decoder.raw_decode(text, i)
+    except (json.JSONDecodeError, RecursionError):
+      i += 1
+      continue
+    found.append((i, end, obj))
+    i = end
+
+
+def value_span(text: str, start: int, end: int, key: str, value: Any) -> tuple[int, int]:
+  """Character span of ``"key": <value>`` 's value inside text[start:end] (a string
+  value without its quotes: the tokens that spell it, not the JSON framing)."""
+  encoded = json.dumps(value, ensure_ascii=False)
+  inner = 1 if isinstance(value, str) else 0
+  k = text.find(f'"{key}"', start, end)
+  v = text.find(encoded, k, end) if k >= 0 else -1
+  if v < 0:
+    v = text.find(encoded, start, end)
+  if v < 0:
+    return start, end
+  return v + inner, v + len(encoded) - inner

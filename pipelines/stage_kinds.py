@@ -1,0 +1,407 @@
+"""Stage kinds: what a classify, extract or summarise stage asks, how it reads answers,
+how sure it is, and what it writes. Adding a kind means adding a class here.
+
+Each kind owns:
+
+* its instructions and answer formats (``task``), and the output allowance per
+  record (``output_tokens_per_record``);
+* reading one record's answer (``parse``; bare single answers in ``parse_single``)
+  and its uncertainty (``confidence`` in [0, 1], ``signal`` says which):
+
+  - classify, ``logprob``: the probability of the label the model produced =
+    exp(sum of the logprobs of the tokens spelling it); ``verbalised`` when the
+    endpoint has no logprobs: the model's own stated confidence (known to be
+    overconfident; calibrate before trusting it).
+  - extract: per field, the geometric-mean token probability of its value
+    (``logprob``) times a grounding factor (1 if a free-text string value
+    occurs in the text, or its digits do; 0.5 if not; enum values are not
+    checked); the record's confidence is the minimum over fields; a value that
+    violates the field's type, enum or pattern is nulled and the record's
+    confidence is 0. Without logprobs the signal is ``checks``: grounding and
+    validity only.
+  - summarise: 0 if empty or over ``max_words``; else grounding (share of the
+    summary's content words found in the text, saturating at 60%) times the
+    geometric-mean token probability when logprobs exist.
+
+* its output columns (``output_fields``, Avro) and their values (``outputs``),
+  the text of an answer for the ledger (``answer_text``), and whether an answer
+  matches a label (``matches``, for calibration and the report).
+
+Whatever a model says, the output schema is fixed by the config: a label
+outside the label set, an extraction field not configured, or a summary over
+its word limit is a failure or dropped, never written as given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, ClassVar, Mapping, Optional
+
+from tierflow.connectors.llm_clients import ModelReply, TokenInfo
+from tierflow.pipelines.answers import (WORD, Answer, gm_prob, grounded, json_objects, seq_prob,
+                                        span_tokens, value_span, verbalised)
+
+__all__ = ["Classify", "Extract", "KINDS", "StageKind", "Summarise", "kind_of"]
+
+_STOP = frozenset(
+    "the a an and or of to in on for with is are was were be been it this that at by from as "
+    "i we you my our your me us they their he she his her not no yes but so if".split())
+_AVRO_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_FIELD_TYPES = {"string": "string", "number": "double", "integer": "long", "boolean": "boolean"}
+
+
+class StageKind:
+  """Base of the stage kinds; ``stage`` is the stage's ``StageConfig``."""
+
+  kind: ClassVar[str] = ""
+  output: ClassVar[str] = ""  # the column holding the stage's answer
+  # How many alternatives per token to ask for (None: the model's configured number).
+  alternatives: ClassVar[Optional[int]] = 1
+
+  def __init__(self, stage):
+    self.stage = stage
+
+  # --- config -----------------------------------------------------------------
+  @classmethod
+  def check(cls, stage) -> None:
+    """Raises ValueError for a stage config this kind cannot run."""
+
+  def output_tokens_per_record(self) -> int:
+    raise NotImplementedError
+
+  # --- prompting ----------------------------------------------------------------
+  def task(self, verbalise: bool) -> tuple[str, str, str]:
+    """(task description, single-record answer format, packed answer format)."""
+    raise NotImplementedError
+
+  # --- reading answers -----------------------------------------------------------
+  def parse(self, obj: Any, span: tuple[int, int], reply: ModelReply, offsets,
+            source: str, bare: bool) -> Answer:
+    """One record's answer from its parsed JSON object (or, ``bare``, the raw text span)."""
+    raise NotImplementedError
+
+  def parse_single(self, reply: ModelReply, offsets, source: str, truncated: str) -> Answer:
+    """The answer of a request that carried one record (answered bare or as JSON)."""
+    text = reply.text
+    a, b = len(text) - len(text.lstrip()), len(text.rstrip())
+    obj = None
+    if text.lstrip().startswith("{"):
+      objects = json_objects(text)
+      if objects and isinstance(objects[0][2], Mapping) and self._is_answer_object(
+          objects[0][2]):
+        a, b, obj = objects[0]
+    return self.parse(obj if obj is not None else {}, (a, b), reply, offsets, source,
+                      bare=obj is None)
+
+  def _is_answer_object(self, obj: Mapping) -> bool:
+    return True
+
+  # --- writing ---------------------------------------------------------------------
+  def output_fields(self) -> list[dict]:
+    """Avro fields of this stage's output columns (nullable: a failed stage writes null)."""
+    return [
+        {"name": self.output, "type": ["null", self.output_type()], "default": None,
+         "doc": f"{self.stage.name} stage output"},
+        {"name": f"{self.output}_confidence", "type": ["null", "double"], "default": None,
+         "doc": "the small tier's confidence, where its answer was kept"},
+    ]
+
+  def output_type(self) -> Any:
+    return "string"
+
+  def outputs(self, value: Any, confidence: Optional[float]) -> dict:
+    return {self.output: self.column_value(value), f"{self.output}_confidence": confidence}
+
+  def column_value(self, value: Any) -> Any:
+    return value
+
+  def answer_text(self, value: Any) -> Optional[str]:
+    """An answer as text for the ledger (``small_answer``)."""
+    return None if value is None else str(value)
+
+  def matches(self, answer: Any, label: Any) -> bool:
+    """Whether an answer equals a reference label (calibration and the report)."""
+    return answer is not None and label is not None and str(answer) == str(label)
+
+
+class Classify(StageKind):
+  """One label out of a configured set."""
+
+  kind = "classify"
+  output = "label"
+  alternatives = None  # reads the first token's alternatives when an answer strays
+
+  @classmethod
+  def check(cls, stage) -> None:
+    if len(stage.labels) < 2:
+      raise ValueError(f"stage {stage.name}: a classify stage needs at least two labels")
+
+  def output_tokens_per_record(self) -> int:
+    # A packed line is {"id": "r12", "label": "..."}: ~13 tokens of framing.
+    return 16 + max(len(label) for label in self.stage.labels) // 2
+
+  def task(self, verbalise: bool) -> tuple[str, str, str]:
+    conf = ', "confidence": <0..1, how sure you are>' if verbalise else ""
+    labels = ", ".join(self.stage.labels)
+    return (f"Classify the record into exactly one of these labels: {labels}.",
+            ("Answer with the label only." if not verbalise else
+             f'Answer with one JSON object: {{"label": "<label>"{conf}}}.'),
+            f'{{"id": "<id>", "label": "<label>"{conf}}}')
+
+  def _is_answer_object(self, obj: Mapping) -> bool:
+    return "label" in obj
+
+  def _check_label(self, label: Any) -> tuple[Optional[str], Optional[str]]:
+    if not isinstance(label, str):
+      return None, f"label is {type(label).__name__}, not a string"
+    canon = {l.casefold(): l for l in self.stage.labels}
+    key = label.strip().strip("\"'`.").casefold()
+    if key not in canon:
+      return None, f"label {label[:40]!r} is not in the label set"
+    return canon[key], None
+
+  def _first_token_label(self, first: TokenInfo) -> tuple[Optional[str], float]:
+    """(most probable label, its probability) from the first generated token's
+    alternatives (top_logprobs include the chosen token): an alternative counts
+    for every label that starts with it."""
+    labels = self.stage.labels
+    mass = {label: 0.0 for label in labels}
+    for token, logprob in (first.top or ((first.token, first.logprob),)):
+      t = token.strip().casefold()
+      for label in labels if t else ():
+        if label.casefold().startswith(t):
+          mass[label] += math.exp(logprob)
+    best = max(mass, key=mass.get)
+    return (best, min(1.0, mass[best])) if mass[best] > 0 else (None, 0.0)
+
+  def parse(self, obj, span, reply, offsets, source, bare) -> Answer:
+    text = reply.text
+    a, b = span
+    if bare:
+      raw = text[a:b]
+      label, err = self._check_label(raw)
+      found = (a + len(raw) - len(raw.lstrip()), b)
+      if err:  # a bare answer may still carry the label in a sentence
+        hits = [(m.start(), l) for l in self.stage.labels
+                for m in [re.search(rf"\b{re.escape(l)}\b", raw, re.IGNORECASE)] if m]
+        if len({l for _, l in hits}) == 1:
+          pos, label = hits[0]
+          err, found = None, (a + pos, a + pos + len(label))
+      if err and reply.tokens:
+        # The answer strays from the label set ("I think this is about ..."):
+        # read the label distribution off the first token's alternatives.
+        label, p = self._first_token_label(reply.tokens[0])
+        if label is not None:
+          return Answer(label, p, "logprob", ("label from first-token alternatives",),
+                        answer_chars=b - a)
+      conf_obj = {}
+    else:
+      label, err = self._check_label(obj.get("label"))
+      found = value_span(text, a, b, "label", obj.get("label"))
+      conf_obj = obj
+    if err:
+      return Answer(error=f"invalid_answer: {err}", answer_chars=b - a)
+    p = seq_prob(span_tokens(reply, offsets, *found))
+    if p is not None:
+      return Answer(label, p, "logprob", answer_chars=b - a)
+    return Answer(label, verbalised(conf_obj), "verbalised", answer_chars=b - a)
+
+
+class Extract(StageKind):
+  """Configured fields, each typed (string, number, integer, boolean), with optional
+  enum and pattern; written as a struct column with those types."""
+
+  kind = "extract"
+  output = "extraction"
+
+  @classmethod
+  def check(cls, stage) -> None:
+    if not stage.fields:
+      raise ValueError(f"stage {stage.name}: an extract stage needs fields")
+    for name, spec in stage.fields.items():
+      if not _AVRO_NAME.fullmatch(str(name)):
+        raise ValueError(f"stage {stage.name}: field name {name!r} must be letters, digits "
+                         "and underscores, not starting with a digit")
+      kind = (spec or {}).get("type", "string")
+      if kind not in _FIELD_TYPES:
+        raise ValueError(f"stage {stage.name}: field {name}: type must be one of "
+                         f"{', '.join(_FIELD_TYPES)}, not {kind!r}")
+
+  def output_tokens_per_record(self) -> int:
+    return 24 + 24 * len(self.stage.fields)
+
+  def _field_lines(self) -> str:
+    lines = []
+    for name, spec in self.stage.fields.items():
+      spec = spec or {}
+      kind = spec.get("type", "string")
+      extra = []
+      if spec.get("enum"):
+        extra.append("one of " + ", ".join(map(str, spec["enum"])))
+      if spec.get("description"):
+        extra.append(spec["description"])
+      lines.append(f'- "{name}" ({kind} or null){": " + "; ".join(extra) if extra else ""}')
+    return "\n".join(lines)
+
+  def task(self, verbalise: bool) -> tuple[str, str, str]:
+    return ("Extract these fields from the record; use null when a field is not stated:\n"
+            + self._field_lines(),
+            f"Answer with one JSON object with exactly these keys"
+            f"{' plus confidence' if verbalise else ''}.",
+            '{"id": "<id>", "fields": {<the keys above>}}')
+
+  def parse_single(self, reply, offsets, source, truncated) -> Answer:
+    # Extractions may come wrapped in prose: take the first JSON object anywhere.
+    objects = json_objects(reply.text)
+    if not objects or not isinstance(objects[0][2], Mapping):
+      return Answer(error=f"invalid_answer: no JSON object in the answer{truncated}",
+                    answer_chars=len(reply.text))
+    a, b, obj = objects[0]
+    return self.parse(obj, (a, b), reply, offsets, source, bare=False)
+
+  def _check_fields(self, fields: Any, source: str
+                    ) -> tuple[Optional[dict], list[str], dict[str, float]]:
+    """Validated fields (None if not an object), notes, grounding factor per field."""
+    if not isinstance(fields, Mapping):
+      return None, ["extraction is not a JSON object"], {}
+    out, notes, grounding = {}, [], {}
+    extra = sorted(set(fields) - set(self.stage.fields) - {"id", "confidence"})
+    if extra:
+      notes.append(f"dropped unconfigured field(s): {', '.join(extra)[:80]}")
+    for name, spec in self.stage.fields.items():
+      spec = spec or {}
+      value = fields.get(name)
+      grounding[name] = 1.0
+      if value is None:
+        out[name] = None
+        continue
+      kind = spec.get("type", "string")
+      ok = {"string": isinstance(value, str),
+            "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "integer": isinstance(value, int) and not isinstance(value, bool),
+            "boolean": isinstance(value, bool)}.get(kind, True)
+      if ok and kind == "number" and not math.isfinite(value):
+        ok = False
+      if ok and kind == "string" and spec.get("pattern") and not re.fullmatch(
+          spec["pattern"], value):
+        ok = False
+      if ok and spec.get("enum") and value not in spec["enum"]:
+        ok = False
+      if not ok:
+        notes.append(f"invalid {name}: {str(value)[:40]!r}")
+        out[name] = None
+        grounding[name] = 0.0
+        continue
+      out[name] = float(value) if kind == "number" else value
+      if isinstance(value, str) and not spec.get("enum") and not grounded(value, source):
+        grounding[name] = 0.5
+        notes.append(f"{name} not found in the text")
+    return out, notes, grounding
+
+  def parse(self, obj, span, reply, offsets, source, bare) -> Answer:
+    a, b = span
+    fields = obj.get("fields", obj) if isinstance(obj, Mapping) else obj
+    values, notes, grounding = self._check_fields(fields, source)
+    if values is None:
+      return Answer(error="invalid_answer: " + "; ".join(notes), answer_chars=b - a)
+    per_field = {}
+    for name in values:
+      g = grounding[name]
+      if g == 0.0:
+        per_field[name] = 0.0
+        continue
+      p = gm_prob(span_tokens(reply, offsets,
+                              *value_span(reply.text, a, b, name, fields.get(name))))
+      per_field[name] = g * (p if p is not None else 1.0)
+    conf = min(per_field.values()) if per_field else 0.0
+    signal = "logprob" if offsets is not None else "checks"
+    if signal == "checks" and verbalised(fields) is not None:
+      conf = min(conf, verbalised(fields))
+    return Answer({"fields": values, "field_confidence": per_field}, conf, signal,
+                  tuple(notes), answer_chars=b - a)
+
+  def output_type(self) -> Any:
+    return {"type": "record", "name": f"{self.stage.name.title().replace('_', '')}Fields",
+            "fields": [{"name": name, "type": ["null", _FIELD_TYPES[(spec or {}).get(
+                "type", "string")]], "default": None}
+                       for name, spec in self.stage.fields.items()]}
+
+  def column_value(self, value: Any) -> Any:
+    return None if value is None else dict(value.get("fields") or {})
+
+  def answer_text(self, value: Any) -> Optional[str]:
+    if value is None:
+      return None
+    return json.dumps(value.get("fields"), ensure_ascii=False, sort_keys=True)
+
+  def matches(self, answer: Any, label: Any) -> bool:
+    return answer is not None and label is not None and answer == label
+
+
+class Summarise(StageKind):
+  """One sentence of at most ``max_words`` words."""
+
+  kind = "summarise"
+  output = "summary"
+
+  @classmethod
+  def check(cls, stage) -> None:
+    if stage.max_words < 1:
+      raise ValueError(f"stage {stage.name}: max_words must be >= 1")
+
+  def output_tokens_per_record(self) -> int:
+    return 16 + 2 * self.stage.max_words
+
+  def task(self, verbalise: bool) -> tuple[str, str, str]:
+    return (f"Summarise the record in one sentence of at most {self.stage.max_words} words.",
+            "Answer with the summary only.",
+            '{"id": "<id>", "summary": "<summary>"}')
+
+  def _is_answer_object(self, obj: Mapping) -> bool:
+    # A summary that quotes JSON from the record is still a summary.
+    return isinstance(obj.get("summary"), str)
+
+  def parse_single(self, reply, offsets, source, truncated) -> Answer:
+    if truncated:
+      return Answer(error=f"invalid_answer: summary cut off{truncated}",
+                    answer_chars=len(reply.text))
+    return super().parse_single(reply, offsets, source, truncated)
+
+  def _score(self, summary: Any, source: str) -> tuple[Optional[str], float, list[str]]:
+    if not isinstance(summary, str) or not summary.strip():
+      return None, 0.0, ["empty summary"]
+    summary = summary.strip().strip('"').strip()
+    words = summary.split()
+    if len(words) > self.stage.max_words:
+      return summary, 0.0, [f"{len(words)} words, over the {self.stage.max_words}-word limit"]
+    content = [w for w in WORD.findall(summary.casefold()) if w not in _STOP and len(w) > 2]
+    if not content:
+      return summary, 0.0, ["summary has no content words"]
+    src = set(WORD.findall(source.casefold()))
+    overlap = sum(w in src for w in content) / len(content)
+    return summary, min(1.0, overlap / 0.6), [f"grounding {overlap:.2f}"]
+
+  def parse(self, obj, span, reply, offsets, source, bare) -> Answer:
+    a, b = span
+    summary = reply.text[a:b] if bare else (obj.get("summary") if isinstance(obj, Mapping)
+                                            else None)
+    summary, score, notes = self._score(summary, source)
+    if summary is None:
+      return Answer(error="invalid_answer: " + "; ".join(notes), answer_chars=b - a)
+    p = gm_prob(span_tokens(reply, offsets, a, b))
+    conf = score * (p if p is not None else 1.0)
+    return Answer(summary, conf, "logprob" if p is not None else "checks", tuple(notes),
+                  answer_chars=b - a)
+
+
+KINDS: dict[str, type[StageKind]] = {k.kind: k for k in (Classify, Extract, Summarise)}
+
+
+def kind_of(stage) -> StageKind:
+  """The kind object for a stage config."""
+  try:
+    return KINDS[stage.kind](stage)
+  except KeyError:
+    raise ValueError(f"stage {stage.name}: kind must be one of {', '.join(KINDS)}") from None
