@@ -53,6 +53,7 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from tierflow import progress
 from tierflow.connectors.kafka_client import (check_secret_settings, client_settings,
                                               new_consumer)
 
@@ -487,6 +488,7 @@ class _ReadPartitionFn(beam.DoFn):
 
   def setup(self):
     self._consumers: dict = {}  # (topic, partition) -> [consumer, next offset it will return]
+    progress.ensure_worker_reporter()
 
   def teardown(self):
     for c, _ in list(getattr(self, "_consumers", {}).values()):
@@ -594,6 +596,7 @@ class _ReadPartitionFn(beam.DoFn):
     tracker.defer_remainder(Duration(seconds=cfg.resume_delay_s if idle else 0))
 
   def _emit_counts(self, offsets, values, covered):
+    progress.add(read=len(offsets))
     self._batches.inc()
     self._records.inc(len(offsets))
     self._bytes.inc(sum(len(v) for v in values if v))

@@ -55,7 +55,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.display import DisplayDataItem
 
-from tierflow import schemas
+from tierflow import progress, schemas
 from tierflow.connectors.decode import DEAD_LETTER_SCHEMA, BatchRef, DecodedBatch
 
 __all__ = [
@@ -238,6 +238,7 @@ class _WriteBatchFn(beam.DoFn):
     self._rows.inc(batch.rows.num_rows)
     self._dead.inc(batch.dead_letters.num_rows)
     self._files.inc(len(files))
+    progress.add(written=batch.rows.num_rows, dead_letters=batch.dead_letters.num_rows)
     yield WrittenBatch(ref, tuple(files), batch.rows.num_rows, batch.dead_letters.num_rows)
 
 

@@ -19,7 +19,7 @@ from tierflow import schemas
 from tierflow.config import RunConfig, load_config
 from tierflow.pipelines.budget import Budget
 from tierflow.pipelines.options import (KafkaSourceOptions, ParquetSinkOptions,
-                                        SourceSinkConfig, _add)
+                                        RunLimitsOptions, SourceSinkConfig, _add, _Unprefixed)
 from tierflow.pipelines.routing import RouteBatches
 from tierflow.pipelines.transforms import ReadAndDecode, WriteAndCommit
 from tierflow.prices import PriceBook, load_price_book
@@ -63,11 +63,11 @@ class ModelPipelineConfig:
 
 
 # The option classes a model pipeline reads (the launcher rejects other tierflow flags).
-OPTIONS = (KafkaSourceOptions, ParquetSinkOptions, ModelOptions)
+OPTIONS = (KafkaSourceOptions, ParquetSinkOptions, ModelOptions, RunLimitsOptions)
 
 
 def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelineConfig:
-  m = options.view_as(ModelOptions)
+  m = _Unprefixed(options.view_as(ModelOptions))
   run = load_config(m.config or pipeline)
   calibration_version = None
   if m.calibration:

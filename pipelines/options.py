@@ -1,9 +1,13 @@
 """Pipeline options (Beam ``PipelineOptions`` conventions) and the typed config built from them.
 
-Every flag is accepted with hyphens (``--bootstrap-servers``) and with
-underscores (``--bootstrap_servers``, what Dataflow Flex Template parameters
-use). ``--streaming`` is Beam's own flag: it makes the Kafka read unbounded;
-without it the read is bounded (``--bounded``, the default).
+tierflow's ``PipelineOptions`` are all prefixed, ``--tierflow_topic``,
+``--tierflow_output`` and so on (hyphens or underscores), so that in a user's own
+pipeline that composes tierflow's transforms, the user's ``--output`` can never
+set tierflow's. ``tierflow run`` and the launcher (Dataflow Flex Template, Flink
+submit) take the short spellings (``--topic``, ``--output``, ``--bootstrap_servers``)
+and translate them (``translate_flags``). ``--streaming`` is Beam's own flag: it
+makes the Kafka read unbounded; without it the read is bounded (``--bounded``,
+the default).
 """
 
 from __future__ import annotations
@@ -20,12 +24,46 @@ from tierflow.connectors.codecs import FORMATS, Codec, make_codec
 from tierflow.connectors.kafka_source import DEFAULT_OFFSETS_PER_BATCH, KafkaReadConfig
 from tierflow.connectors.parquet_dataset import check_topic
 
-__all__ = ["KafkaSourceOptions", "ParquetSinkOptions", "SourceSinkConfig", "parse_time_ms"]
+__all__ = ["KafkaSourceOptions", "ParquetSinkOptions", "RunLimitsOptions", "SourceSinkConfig",
+           "parse_time_ms", "translate_flags", "PREFIX"]
+
+PREFIX = "tierflow_"
+# Short spellings the CLI and launcher accept, e.g. "--topic" -> "--tierflow_topic".
+_SHORT: dict[str, str] = {}
 
 
-def _add(parser, name: str, **kwargs) -> None:
-  parser.add_argument(f"--{name}", f"--{name.replace('-', '_')}",
-                      dest=name.replace("-", "_"), **kwargs)
+def _add(parser, name: str, *aliases: str, **kwargs) -> None:
+  """Registers ``--tierflow_<name>`` (and its hyphenated form); records the short
+  spellings ``--<name>``, ``--<name_with_underscores>`` and ``aliases`` for the CLI."""
+  under = name.replace("-", "_")
+  flag = f"--{PREFIX}{under}"
+  parser.add_argument(flag, f"--{PREFIX.replace('_', '-')}{name}", dest=f"{PREFIX}{under}",
+                      **kwargs)
+  for short in (f"--{name}", f"--{under}", *aliases):
+    _SHORT[short] = flag
+
+
+def _register_all() -> None:
+  """Fills the short-spelling table from every loaded tierflow options class."""
+  import argparse
+  stack = [PipelineOptions]
+  while stack:
+    cls = stack.pop()
+    stack.extend(cls.__subclasses__())
+    if cls.__module__.startswith("tierflow.") and "_add_argparse_args" in cls.__dict__:
+      cls._add_argparse_args(argparse.ArgumentParser(add_help=False))
+
+
+def translate_flags(argv: list[str]) -> list[str]:
+  """argv with tierflow's short flags (``--output``) spelt as its options (``--tierflow_output``)."""
+  _register_all()
+  out = []
+  for arg in argv:
+    name, sep, value = arg.partition("=")
+    if name in _SHORT:
+      arg = _SHORT[name] + sep + value
+    out.append(arg)
+  return out
 
 
 def parse_time_ms(value: str | int | None) -> Optional[int]:
@@ -64,12 +102,8 @@ class KafkaSourceOptions(PipelineOptions):
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    # Beam's KafkaStreamsRunnerOptions already owns --bootstrap_servers (with a
-    # localhost default); --bootstrap-servers is ours, and an explicit
-    # --bootstrap_servers is honoured too (see SourceSinkConfig.from_options).
-    parser.add_argument("--bootstrap-servers", "--kafka-bootstrap-servers",
-                        "--kafka_bootstrap_servers", dest="kafka_bootstrap_servers",
-                        default=None, help="Kafka bootstrap servers, host:port[,host:port]")
+    _add(parser, "bootstrap-servers", "--kafka-bootstrap-servers", "--kafka_bootstrap_servers",
+         default=None, help="Kafka bootstrap servers, host:port[,host:port]")
     _add(parser, "topic", help="Kafka topic to read")
     _add(parser, "format", default="json", choices=FORMATS, help="message value format")
     _add(parser, "schema", default=None,
@@ -92,18 +126,35 @@ class KafkaSourceOptions(PipelineOptions):
     _add(parser, "group-id", default=None,
          help="consumer group for committed offsets (default tierflow.<pipeline>.<topic>)")
     _add(parser, "commit-offsets", default="auto", choices=("auto", "always", "never"),
-         help="commit offsets on bundle finalization; auto = not for explicit offset/time "
-              "ranges, so a backfill never moves the group's position")
+         help="commit the group's offsets past written output; auto = not for explicit "
+              "offset/time ranges, so a backfill never moves the group's position")
     _add(parser, "kafka-consumer-config", action="append", default=None,
-         help="extra kafka-python consumer setting KEY=VALUE (repeatable), e.g. "
-              "security_protocol=SASL_SSL; secrets only by reference: "
-              "sasl_plain_password=env:VAR or =file:PATH (read on the worker)")
+         help="extra Kafka client setting KEY=VALUE (repeatable), librdkafka or kafka-python "
+              "names, e.g. security.protocol=SASL_SSL; secrets only by reference: "
+              "sasl.password=env:VAR or =file:PATH (read on the worker)")
     _add(parser, "max-record-bytes", type=int, default=1024 * 1024,
          help="records larger than this go to the dead-letter output")
     _add(parser, "max-read-seconds", type=float, default=None,
          help="stop a streaming read after this long (for tests, demos and bounded soaks)")
     _add(parser, "max-out-of-orderness-seconds", type=float, default=5.0,
          help="how far the streaming watermark trails the newest record timestamp")
+
+
+class RunLimitsOptions(PipelineOptions):
+  """When a finished run counts as failed (see the README's exit codes), and checks
+  before it starts."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    _add(parser, "max-failed-fraction", type=float, default=0.0,
+         help="model pipelines: exit 3 when more than this fraction of records failed in "
+              "the model stages (default 0: any failure)")
+    _add(parser, "max-dead-letter-fraction", type=float, default=None,
+         help="exit 4 when more than this fraction of the records read were dead-lettered "
+              "as undecodable (default: no limit; bad input is data to route aside)")
+    _add(parser, "preflight", default="auto", choices=("auto", "never"),
+         help="before building the pipeline, check that the brokers answer, the topic "
+              "exists and the output is writable (auto), or not (never)")
 
 
 class ParquetSinkOptions(PipelineOptions):
@@ -145,11 +196,10 @@ class SourceSinkConfig:
                    default_schema: str = "ticket",
                    default_rows_per_file: int = DEFAULT_OFFSETS_PER_BATCH) -> "SourceSinkConfig":
     """Builds and validates the config; raises ValueError naming the flag at fault."""
-    k = options.view_as(KafkaSourceOptions)
-    o = options.view_as(ParquetSinkOptions)
+    k = _Unprefixed(options.view_as(KafkaSourceOptions))
+    o = _Unprefixed(options.view_as(ParquetSinkOptions))
     streaming = bool(options.view_as(StandardOptions).streaming)
-    bootstrap = (k.kafka_bootstrap_servers
-                 or options.get_all_options(drop_default=True).get("bootstrap_servers"))
+    bootstrap = k.bootstrap_servers
     for flag, value in (("--bootstrap-servers", bootstrap), ("--topic", k.topic),
                         ("--output", o.output)):
       if not value:
@@ -167,6 +217,7 @@ class SourceSinkConfig:
     if o.flush_seconds <= 0:
       raise ValueError("--flush-seconds must be positive")
     check_topic(k.topic)
+    check_servers(bootstrap)
     try:
       source = KafkaReadConfig(
           bootstrap_servers=bootstrap,
@@ -198,6 +249,25 @@ class SourceSinkConfig:
         max_record_bytes=k.max_record_bytes,
         event_time_field="created_at" if "created_at" in names else None,
     )
+
+
+class _Unprefixed:
+  """Reads ``options.tierflow_<name>`` as ``.name``."""
+
+  def __init__(self, view):
+    self._view = view
+
+  def __getattr__(self, name):
+    return getattr(self._view, PREFIX + name)
+
+
+def check_servers(servers: str) -> None:
+  """Raises ValueError unless ``servers`` is ``host:port[,host:port]`` with valid ports."""
+  for entry in servers.split(","):
+    host, sep, port = entry.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ValueError(f"--bootstrap-servers: {entry.strip()!r} is not host:port with a "
+                       "port from 1 to 65535")
 
 
 def _flag_words(message: str) -> str:

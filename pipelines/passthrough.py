@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from tierflow.pipelines.options import KafkaSourceOptions, ParquetSinkOptions, SourceSinkConfig
+from tierflow.pipelines.options import (KafkaSourceOptions, ParquetSinkOptions, RunLimitsOptions,
+                                        SourceSinkConfig)
 from tierflow.pipelines.transforms import ReadAndDecode, WriteAndCommit
 
 NAME = "passthrough"
-OPTIONS = (KafkaSourceOptions, ParquetSinkOptions)
+OPTIONS = (KafkaSourceOptions, ParquetSinkOptions, RunLimitsOptions)
 
 
 def build_pipeline(p: beam.Pipeline, config: SourceSinkConfig) -> None:

@@ -43,7 +43,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from tierflow import schemas
+from tierflow import progress, schemas
 from tierflow.config import RunConfig
 from tierflow.connectors.decode import DecodedBatch, dead_letter, dead_letter_table
 from tierflow.connectors.llm_clients import ModelCallError, ModelClient
@@ -271,6 +271,10 @@ class _Counters:
 
   def count(self, routed: list[RoutedRecord], rows: list[dict]) -> None:
     self.records.inc(len(routed))
+    progress.add(routed=len(routed),
+                 escalated=sum(1 for r in routed if any(st.approved for st in r.stages.values())),
+                 cost_usd=sum(row["cost_usd"] for row in rows),
+                 frontier_usd=sum(row["frontier_cost_usd"] for row in rows))
     for rec, row in zip(routed, rows):
       sts = rec.stages.values()
       if any(st.approved for st in sts):

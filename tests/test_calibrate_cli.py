@@ -170,7 +170,7 @@ def test_config_and_calibration_load_from_filesystem_urls(tmp_path, config_file)
   cal.save(tmp_path / "cal.json")
   assert Calibration.load(f"file://{tmp_path}/cal.json").threshold("classify") == sc.threshold
   assert load_config(f"file://{config_file}") == load_config(config_file)
-  with pytest.raises(FileNotFoundError):
+  with pytest.raises(ValueError, match="cannot read .*missing.json: No such file"):
     Calibration.load(f"file://{tmp_path}/missing.json")
   # Other schemes go through Beam's FileSystems (gs:// needs apache-beam[gcp] on the launcher).
   with pytest.raises(ValueError, match="cannot read nosuchfs://bucket/cal.json"):

@@ -38,7 +38,7 @@ PARAMS = {p["name"]: p for p in METADATA["parameters"]}
 # Parameters main.py consumes itself, and parameters only the model pipelines
 # (tickets, documents) declare: passthrough does not take them.
 CONSUMED_BY_MAIN = {"pipeline"}
-MODEL_PIPELINE_ONLY = {"config", "calibration"}
+MODEL_PIPELINE_ONLY = {"config", "calibration", "budget_period", "workers_hint"}
 MODEL_PIPELINES = ("tickets", "documents")
 
 # One valid value per template parameter (a new parameter needs a sample here).
@@ -63,6 +63,12 @@ SAMPLES = {
     "streaming": "true",
     "config": "gs://my-bucket/tierflow/config.yaml",
     "calibration": "gs://my-bucket/tierflow/calibration.json",
+    "flush_seconds": "30",
+    "max_failed_fraction": "0.01",
+    "max_dead_letter_fraction": "0.5",
+    "preflight": "never",
+    "budget_period": "hour",
+    "workers_hint": "8",
 }
 # Values each regex must reject.
 REJECTED = {
@@ -89,6 +95,13 @@ def _load(path: Path, name: str):
   spec.loader.exec_module(module)
   return module
 
+
+
+@pytest.fixture(autouse=True)
+def no_preflight(monkeypatch):
+  """These builds name brokers and buckets that do not exist here; the launcher's checks
+  before reading are tested against real ones in test_launcher.py."""
+  monkeypatch.setattr(launcher, "preflight", lambda config: None)
 
 @pytest.fixture(scope="module")
 def dataflow_main():
@@ -150,7 +163,8 @@ def test_every_parameter_is_a_launcher_flag(dataflow_main, name):
   if name in MODEL_PIPELINE_ONLY:
     # The value reaches the model pipelines' option unchanged.
     from tierflow.pipelines.model_pipeline import ModelOptions
-    assert getattr(launcher.make_options(argv).view_as(ModelOptions), name) == SAMPLES[name]
+    value = getattr(launcher.make_options(argv).view_as(ModelOptions), f"tierflow_{name}")
+    assert str(value) == SAMPLES[name]
 
 
 def test_main_builds_passthrough_from_template_parameters(dataflow_main, tmp_path):
@@ -444,7 +458,7 @@ def test_flink_submit_flags_are_accepted(tmp_path):
       spec.loader.exec_module(importlib.util.module_from_spec(spec))
       from tierflow import launcher
       for argv in json.loads(sys.argv[1]).values():
-        argv = [a for a in argv if a != "--no-wait"]
+        argv = [a for a in argv if a != "--no-wait"] + ["--preflight=never"]  # no broker here
         _, config = launcher.build(argv[0], argv[1:])
         print(config.streaming, config.source.commit_offsets)
       """)

@@ -41,7 +41,8 @@ def argv(broker, topic, output, *flags):
 
 def build_proto(*flags):
   p, _ = launcher.build("passthrough", ["--bootstrap-servers", "127.0.0.1:9", "--topic", "t",
-                                        "--output", "/nonexistent/out", *flags])
+                                        "--output", "/nonexistent/out", "--preflight", "never",
+                                        *flags])
   return p.to_runner_api()
 
 
@@ -119,7 +120,7 @@ def test_portable_runner_proto_preparation():
   """What PortableRunner (Flink, Spark, the job service) submits, prepared offline."""
   p, _ = launcher.build("passthrough", [
       "--bootstrap-servers", "127.0.0.1:9", "--topic", "t", "--output", "/nonexistent",
-      "--runner=PortableRunner", "--environment_type=DOCKER"])
+      "--preflight=never", "--runner=PortableRunner", "--environment_type=DOCKER"])
   proto = PortableRunner.get_proto_pipeline(p, p.options)
   [env] = {t.environment_id for t in leaves(proto).values() if t.environment_id}
   environment = proto.components.environments[env]

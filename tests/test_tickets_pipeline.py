@@ -111,6 +111,13 @@ def test_both_tiers_down_ends_in_the_dead_letters(run_tickets, endpoints, read_d
   assert sorted(d["record_id"] for d in dead) == sorted(r["record_id"] for r in rows)
   assert len(dead) == 10
   assert all(d["error_type"] == "model_failure" and "server_error" in d["reason"] for d in dead)
+  # Every record failed in the model stages: the run says so with its own exit code...
+  assert (summary.records_routed, summary.records_failed) == (10, 10)
+  assert summary.exit_code == launcher.EXIT_MODEL_FAILURES
+  assert "10 of 10 records failed" in summary.problems[0]
+  # ... unless the run is allowed that many failures.
+  summary, _ = run_tickets(n=10, extra=("--max-failed-fraction", "1"))
+  assert summary.exit_code == launcher.EXIT_OK and not summary.problems
 
 
 def test_malformed_small_answers_escalate_per_record(run_tickets, endpoints, read_duckdb):

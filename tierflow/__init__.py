@@ -1,6 +1,2 @@
 """tierflow: route records to a cheap model first, escalate the uncertain ones, account for every cent."""
 __version__ = "0.1.0"
-
-from tierflow import _quiet
-
-_quiet.install()

@@ -18,25 +18,48 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-from tierflow import launcher
+from tierflow import _quiet
+
+_quiet.install()  # before Beam is imported: it logs a spurious warning on import
+
+from tierflow import launcher  # noqa: E402
 
 
-def _setup_logging(verbose: bool) -> None:
-  logging.basicConfig(
-      level=logging.INFO if verbose else logging.WARNING,
-      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  # kafka-python logs every reconnect at ERROR; its errors that matter surface
-  # as exceptions in tierflow's own code.
-  logging.getLogger("kafka").setLevel(logging.CRITICAL if not verbose else logging.WARNING)
+def _setup_logging(verbosity: int) -> None:
+  """-q: errors only; default: warnings (and progress); -v: tierflow's info; -vv: debug."""
+  level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+  # force: Beam installs a root handler on import, which would swallow this call.
+  logging.basicConfig(level=level, force=True,
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  # -v: tierflow's own info lines, not every library's.
+  logging.getLogger("tierflow").setLevel(logging.INFO if verbosity == 1 else logging.NOTSET)
+  if verbosity == 1:
+    logging.getLogger().setLevel(logging.WARNING)
+  # kafka-python (tests, the loader) and librdkafka log every reconnect; errors that
+  # matter surface as exceptions in tierflow's own code.
+  for name in ("kafka", "tierflow.kafka.librdkafka"):
+    logging.getLogger(name).setLevel(logging.CRITICAL if verbosity < 2 else logging.DEBUG)
+  # Beam logs a failing bundle's traceback several times before it raises; the CLI
+  # prints the cause in one line instead (-v shows everything).
+  logging.getLogger("apache_beam").setLevel(logging.CRITICAL if verbosity < 1 else logging.NOTSET)
+  from tierflow import _quiet
+  _quiet.install()
 
 
 def _print_summary(summary: launcher.RunSummary) -> None:
   print(f"pipeline      {summary.pipeline} ({summary.state})")
+  if summary.records_read >= 0:
+    print(f"read          {summary.records_read} records")
   print(f"results       {summary.output}/results  ({summary.rows_written} rows)")
   print(f"dead letters  {summary.output}/dead_letter  ({summary.dead_letters} rows)")
+  if summary.records_routed > 0:
+    print(f"model stages  {summary.records_routed} records routed, "
+          f"{summary.records_failed} failed")
   if summary.committed_offsets:
     offsets = " ".join(f"p{p}={o}" for p, o in sorted(summary.committed_offsets.items()))
     print(f"committed     {offsets}  (the next run resumes here)")
+  for problem in summary.problems:
+    print(f"problem       {problem}")
 
 
 def _serve_local(rest) -> int:
@@ -45,9 +68,18 @@ def _serve_local(rest) -> int:
 
 
 def cmd_run(args, rest: Sequence[str]) -> int:
-  summary = launcher.launch(args.pipeline, rest, wait=not args.no_wait)
+  if "-h" in rest or "--help" in rest:
+    print(launcher.pipeline_help(args.pipeline))
+    return 0
+  from tierflow import progress
+  if args.verbosity >= 0 and not args.no_wait:
+    progress.start(sys.stderr)
+  try:
+    summary = launcher.launch(args.pipeline, rest, wait=not args.no_wait)
+  finally:
+    progress.stop()
   _print_summary(summary)
-  return 0
+  return summary.exit_code
 
 
 def cmd_broker(args, rest) -> int:
@@ -137,11 +169,14 @@ def cmd_demo(args, rest) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="tierflow", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+  parser.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0,
+                      help="more logs (-v: tierflow's info lines, -vv: debug)")
+  parser.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                      help="errors only, no progress")
   sub = parser.add_subparsers(dest="command", required=True)
 
-  run = sub.add_parser("run", help="run a pipeline; other flags go to the pipeline and Beam",
-                       add_help=True)
+  run = sub.add_parser("run", help="run a pipeline; other flags go to the pipeline and Beam "
+                       "(`tierflow run PIPELINE --help` lists them)", add_help=False)
   run.add_argument("pipeline", choices=sorted(launcher.PIPELINES))
   run.add_argument("--no-wait", action="store_true",
                    help="submit and return (Dataflow/Flink launchers)")
@@ -190,12 +225,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args, rest = parser.parse_known_args(argv)
   if rest and args.command not in ("run", "demo", "serve-local"):
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
-  _setup_logging(args.verbose)
+  _setup_logging(args.verbosity)
   try:
     return args.func(args, rest)
   except ValueError as e:
+    if args.verbosity > 0:
+      logging.getLogger("tierflow").exception("rejected")
     print(f"tierflow: error: {e}", file=sys.stderr)
-    return 2
+    return launcher.EXIT_REJECTED
+  except KeyboardInterrupt:
+    print("tierflow: interrupted; nothing past the last commit was committed", file=sys.stderr)
+    return 130
+  except Exception as e:  # noqa: BLE001 - a failed run: one line, the traceback with -v
+    if args.verbosity > 0:
+      logging.getLogger("tierflow").exception("the run failed")
+    print(f"tierflow: the run failed: {_root_cause(e)}"
+          + ("" if args.verbosity > 0 else " (-v for the traceback)"), file=sys.stderr)
+    return launcher.EXIT_FAILED
+
+
+def _root_cause(e: BaseException) -> str:
+  """The innermost error's last line (Beam wraps worker errors several times)."""
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  text = str(e).strip().splitlines()
+  lines = [l for l in text if l.strip()]
+  message = lines[-1].strip() if lines else ""
+  return f"{type(e).__name__}: {message}"[:500]
 
 
 if __name__ == "__main__":

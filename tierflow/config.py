@@ -215,4 +215,16 @@ def load_config(path_or_name: str) -> RunConfig:
     text = bundled.read_text("utf-8")
   else:
     text = read_text(path_or_name)
-  return RunConfig.from_dict(yaml.safe_load(text))
+  try:
+    data = yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    where = getattr(e, "problem_mark", None)
+    at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+    raise ValueError(f"config {path_or_name} is not valid YAML{at}: "
+                     f"{getattr(e, 'problem', None) or e}") from None
+  if not isinstance(data, dict):
+    raise ValueError(f"config {path_or_name} is not a YAML mapping of settings")
+  try:
+    return RunConfig.from_dict(data)
+  except (TypeError, KeyError) as e:
+    raise ValueError(f"config {path_or_name}: {e}") from None

@@ -17,8 +17,11 @@ def read_text(path: str | os.PathLike) -> str:
   if path.startswith("file://"):
     path = path[len("file://"):]
   if "://" not in path:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
+    try:
+      with open(path, encoding="utf-8") as f:
+        return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+      raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
   from apache_beam.io.filesystems import FileSystems
   try:
     with FileSystems.open(path) as f:

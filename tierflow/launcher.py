@@ -1,10 +1,21 @@
 """Turns command-line flags into a running Beam pipeline (the launcher, as in Flex Templates).
 
-``launch(name, argv)`` parses Beam-style flags (unknown flags are an error, so a
-typo such as ``--end-ofset`` never silently reads the whole topic), builds the
-typed config, calls the pipeline's pure ``build_pipeline(p, config)`` and runs
-it. Without ``--runner`` it runs locally on Beam's FnApiRunner, which supports
-splittable DoFns and bundle finalization (offset commits).
+``launch(name, argv)`` translates tierflow's short flags (``--output``) into its
+prefixed options (``--tierflow_output``), rejects unknown flags (so a typo such
+as ``--end-ofset`` never silently reads the whole topic), builds the typed
+config, checks before reading that the brokers answer, the topic exists and
+the output is writable, calls the pipeline's pure ``build_pipeline(p, config)``
+and runs it. Without ``--runner`` it runs locally on Beam's FnApiRunner.
+
+Exit codes (``RunSummary.exit_code``, what ``tierflow run`` returns):
+
+* 0: the run finished within its limits;
+* 1: the run failed (an error while running; nothing past it was committed);
+* 2: rejected before reading (bad flags or config, unreachable brokers, missing
+  topic, unwritable output);
+* 3: more records failed in the model stages than ``--max-failed-fraction``;
+* 4: more records were dead-lettered as undecodable than
+  ``--max-dead-letter-fraction``.
 """
 
 from __future__ import annotations
@@ -13,23 +24,27 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import uuid
 from typing import Callable, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from tierflow.pipelines.options import SourceSinkConfig
+from tierflow.pipelines.options import (RunLimitsOptions, SourceSinkConfig, _Unprefixed,
+                                        translate_flags)
 
 _LOGGER = logging.getLogger(__name__)
 
-# name -> module under tierflow.pipelines exposing NAME, build_pipeline and
+# name -> module under tierflow.pipelines exposing NAME, OPTIONS, build_pipeline and
 # optionally config_from_options(options) (else SourceSinkConfig.from_options).
 PIPELINES = {
     "passthrough": "tierflow.pipelines.passthrough",
     "tickets": "tierflow.pipelines.tickets",
     "documents": "tierflow.pipelines.documents",
 }
+
+EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_MODEL_FAILURES, EXIT_DEAD_LETTERS = 0, 1, 2, 3, 4
 
 
 @dataclasses.dataclass
@@ -42,6 +57,12 @@ class RunSummary:
   files_written: int
   metrics: dict
   committed_offsets: Optional[dict] = None
+  records_read: int = -1
+  decode_dead_letters: int = -1
+  records_failed: int = -1
+  records_routed: int = -1
+  exit_code: int = EXIT_OK
+  problems: tuple = ()
 
 
 def _all_option_classes() -> list[type]:
@@ -62,6 +83,7 @@ def check_flags(argv: Sequence[str], pipeline_options: Optional[Sequence[type]] 
   module's ``OPTIONS``); flags of other tierflow classes (``--config`` for
   passthrough, say) are errors too. None accepts every loaded class.
   """
+  argv = translate_flags(list(argv))
   parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False,
                                    conflict_handler="resolve")
   for cls in _all_option_classes():
@@ -69,7 +91,8 @@ def check_flags(argv: Sequence[str], pipeline_options: Optional[Sequence[type]] 
     if pipeline_options is None or not own or cls in pipeline_options:
       cls._add_argparse_args(parser)
   _, unknown = parser.parse_known_args(list(argv))
-  flags = [u for u in unknown if u.startswith("--")]
+  flags = [u.replace("--tierflow_", "--").replace("--tierflow-", "--")
+           for u in unknown if u.startswith("--")]
   if flags:
     raise ValueError(f"unknown flag(s): {' '.join(flags)}")
 
@@ -82,12 +105,42 @@ def pipeline_module(name: str):
 
 def make_options(argv: Sequence[str],
                  pipeline_options: Optional[Sequence[type]] = None) -> PipelineOptions:
+  argv = translate_flags(list(argv))
   check_flags(argv, pipeline_options)
-  options = PipelineOptions(list(argv))
+  options = PipelineOptions(argv)
   standard = options.view_as(StandardOptions)
   if not standard.runner:
     standard.runner = "FnApiRunner"
   return options
+
+
+def pipeline_help(name: str) -> str:
+  """The flags a pipeline reads, as ``tierflow run NAME --help`` prints them."""
+  module = pipeline_module(name)
+  parser = argparse.ArgumentParser(
+      prog=f"tierflow run {name}", add_help=False,
+      usage=f"tierflow run {name} --bootstrap-servers HOST:PORT --topic T --output DIR "
+            "[flags] [Beam flags]",
+      description=(module.__doc__ or "").strip(),
+      epilog="Flags also take underscores (--bootstrap_servers). Beam's own flags (--runner, "
+             "--streaming, --project, --flink_master, ...) are passed through to Beam.",
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  for cls in module.OPTIONS:
+    title = (cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip(".")
+    group = parser.add_argument_group(title)
+    inner = argparse.ArgumentParser(add_help=False)
+    cls._add_argparse_args(inner)
+    for action in inner._actions:
+      flag = "--" + action.dest[len("tierflow_"):].replace("_", "-")
+      if isinstance(action, argparse._StoreTrueAction):
+        group.add_argument(flag, action="store_true", help=action.help)
+        continue
+      kwargs = {"help": action.help + (f" (default: {action.default})"
+                                       if action.default not in (None, False) else "")}
+      if action.choices:
+        kwargs["choices"] = action.choices
+      group.add_argument(flag, metavar=flag[2:].replace("-", "_").upper(), **kwargs)
+  return parser.format_help()
 
 
 def build(name: str, argv: Sequence[str]) -> tuple[beam.Pipeline, object]:
@@ -97,16 +150,55 @@ def build(name: str, argv: Sequence[str]) -> tuple[beam.Pipeline, object]:
   make_config: Callable = getattr(module, "config_from_options", None) or (
       lambda o: SourceSinkConfig.from_options(o, pipeline=name))
   config = make_config(options)
+  if _Unprefixed(options.view_as(RunLimitsOptions)).preflight == "auto":
+    preflight(config)
   p = beam.Pipeline(options=options)
   module.build_pipeline(p, config)
   return p, config
 
 
-def _counter(result, name: str, step: Optional[str] = None) -> int:
+def _io(config) -> SourceSinkConfig:
+  return getattr(config, "io", config)
+
+
+def check_output(output: str) -> None:
+  """Raises ValueError unless ``output`` is (or can be made) a writable directory: a probe
+  file is created in it and deleted, on whatever filesystem it is."""
+  from apache_beam.io.filesystems import FileSystems
+  if _is_file(output):
+    raise ValueError(f"--output {output} is a file, not a directory")
+  probe = FileSystems.join(output, f".tierflow-write-check-{uuid.uuid4().hex}")
+  try:
+    with FileSystems.create(probe) as f:
+      f.write(b"")
+    FileSystems.delete([probe])
+  except Exception as e:  # noqa: BLE001 - each filesystem has its own errors
+    cause = e.__cause__ or e
+    reason = getattr(cause, "strerror", None) or str(cause).splitlines()[0][:200]
+    raise ValueError(f"--output {output} is not writable: {reason}") from None
+
+
+def _is_file(path: str) -> bool:
+  import os
+  if "://" in path and not path.startswith("file://"):
+    return False
+  return os.path.isfile(path.removeprefix("file://"))
+
+
+def preflight(config) -> None:
+  """Checks before reading: the output is writable, the brokers answer (within about
+  10 s), the topic exists. Raises ValueError with a one-line reason."""
+  from tierflow.connectors.kafka_source import check_broker
+  io = _io(config)
+  check_output(io.output)
+  check_broker(io.source)
+
+
+def _counter(result, name: str, namespace: Optional[str] = None) -> int:
   try:
     f = MetricsFilter().with_name(name)
-    if step:
-      f = f.with_step(step)
+    if namespace:
+      f = f.with_namespace(namespace)
     counters = result.metrics().query(f)["counters"]
   except Exception:  # noqa: BLE001 - some runners do not report metrics
     return -1
@@ -126,29 +218,60 @@ def metrics_dict(result) -> dict:
   return out
 
 
+def limits_of(options: PipelineOptions) -> tuple[float, Optional[float]]:
+  limits = _Unprefixed(options.view_as(RunLimitsOptions))
+  for name, value in (("--max-failed-fraction", limits.max_failed_fraction),
+                      ("--max-dead-letter-fraction", limits.max_dead_letter_fraction)):
+    if value is not None and not 0 <= value <= 1:
+      raise ValueError(f"{name} must be between 0 and 1")
+  return limits.max_failed_fraction, limits.max_dead_letter_fraction
+
+
+def judge(summary: RunSummary, max_failed: float, max_dead: Optional[float]) -> RunSummary:
+  """Sets the summary's exit code and problems from its counts and the limits."""
+  problems, code = [], EXIT_OK
+  if summary.records_routed > 0 and summary.records_failed > max_failed * summary.records_routed:
+    problems.append(f"{summary.records_failed} of {summary.records_routed} records failed in "
+                    f"the model stages (limit {max_failed:.2%}, --max-failed-fraction)")
+    code = EXIT_MODEL_FAILURES
+  if (max_dead is not None and summary.records_read > 0
+      and summary.decode_dead_letters > max_dead * summary.records_read):
+    problems.append(f"{summary.decode_dead_letters} of {summary.records_read} records were "
+                    f"undecodable (limit {max_dead:.2%}, --max-dead-letter-fraction)")
+    code = code or EXIT_DEAD_LETTERS
+  if summary.records_read < 0:
+    problems.append("the runner reported no metrics: the run's limits were not checked")
+  return dataclasses.replace(summary, exit_code=code, problems=tuple(problems))
+
+
 def launch(name: str, argv: Sequence[str], *, wait: bool = True) -> RunSummary:
   p, config = build(name, argv)
+  max_failed, max_dead = limits_of(p.options)
   result = p.run()
   if not wait:
-    return RunSummary(name, config.output, str(result.state), -1, -1, -1, {})
+    return RunSummary(name, _io(config).output, str(result.state), -1, -1, -1, {})
   result.wait_until_finish()
-  return RunSummary(
+  summary = RunSummary(
       pipeline=name,
-      output=config.output,
+      output=_io(config).output,
       state=str(result.state),
-      rows_written=_counter(result, "rows_written"),
-      dead_letters=_counter(result, "dead_letters_written"),
-      files_written=_counter(result, "files_written"),
+      rows_written=_counter(result, "rows_written", "tierflow.parquet"),
+      dead_letters=_counter(result, "dead_letters_written", "tierflow.parquet"),
+      files_written=_counter(result, "files_written", "tierflow.parquet"),
       metrics=metrics_dict(result),
       committed_offsets=_committed(config),
+      records_read=_counter(result, "records_read", "tierflow.kafka"),
+      decode_dead_letters=_counter(result, "records_dead_lettered", "tierflow.decode"),
+      records_failed=_counter(result, "records_failed", "tierflow.routing"),
+      records_routed=_counter(result, "records", "tierflow.routing"),
   )
+  return judge(summary, max_failed, max_dead)
 
 
 def _committed(config) -> Optional[dict]:
   """The group's offsets after a run that commits (None when it does not, or on error)."""
-  io = getattr(config, "io", config)
-  source = getattr(io, "source", None)
-  if source is None or not source.commit_offsets:
+  source = _io(config).source
+  if not source.commit_offsets:
     return None
   from tierflow.connectors.kafka_source import committed_offsets
   try:
