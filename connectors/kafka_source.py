@@ -72,7 +72,7 @@ __all__ = [
 _LOGGER = logging.getLogger(__name__)
 METRICS_NAMESPACE = "tierflow.kafka"
 UNBOUNDED = sys.maxsize
-DEFAULT_OFFSETS_PER_BATCH = 100_000
+DEFAULT_OFFSETS_PER_BATCH = 25_000
 
 
 class KafkaRecord(NamedTuple):
@@ -467,6 +467,10 @@ def _set_if_greater(estimator: ManualWatermarkEstimator, ts: Timestamp) -> None:
 
 
 _PROVIDER = _PartitionRestrictionProvider()
+# What the consumer of the partition being read prefetches: enough to keep it busy
+# (librdkafka's defaults are 100,000 messages or 64 MiB).
+_READ_QUEUE = {"queued.min.messages": 50_000, "queued.max.messages.kbytes": 32 * 1024,
+               "max.partition.fetch.bytes": 8 * 1024 * 1024}
 
 
 def next_boundary(offset: int, offsets_per_batch: int) -> int:
@@ -496,12 +500,13 @@ class _ReadPartitionFn(beam.DoFn):
     self._consumers = {}
 
   def _consumer_at(self, topic: str, partition: int, offset: int):
+    """The partition's consumer, assigned at ``offset``. Between calls a partition is
+    unassigned, so librdkafka holds no prefetched records for partitions not being read."""
     entry = self._consumers.get((topic, partition))
     if entry is None:
-      entry = self._consumers[(topic, partition)] = [consumer(self._config), None]
-    if entry[1] != offset:
-      entry[0].assign([_tp(topic, partition, offset)])
-      entry[1] = offset
+      entry = self._consumers[(topic, partition)] = [consumer(self._config, **_READ_QUEUE), None]
+    entry[0].assign([_tp(topic, partition, offset)])
+    entry[1] = offset
     return entry
 
   def _read(self, element: PartitionRange, tracker, watermark):
@@ -544,7 +549,6 @@ class _ReadPartitionFn(beam.DoFn):
           continue
         offset = m.offset()
         if offset >= boundary:  # past a gap: belongs to the next batch
-          entry[1] = None  # the consumer is ahead of where the next call starts
           position = boundary
           break
         if not tracker.try_claim(offset):
@@ -574,8 +578,7 @@ class _ReadPartitionFn(beam.DoFn):
       if caught_up and not offsets:
         idle = True
         break
-    if entry[1] is not None:
-      entry[1] = position
+    c.unassign()  # frees the prefetched records until this partition is read again
     # The batch covers [start, end): every offset read, gaps included.
     end = (tracker.current_restriction().stop if split else position)
     if not split and end - 1 > (offsets[-1] if offsets else start - 1):

@@ -165,7 +165,7 @@ class ParquetSinkOptions(PipelineOptions):
     _add(parser, "output", help="output directory (local path, gs://, s3://)")
     _add(parser, "rows-per-file", type=int, default=None,
          help="files are cut at offsets that are multiples of this (per partition and day), "
-              "so a re-run of a range rewrites the same files; default 100000 for "
+              "so a re-run of a range rewrites the same files; default 25000 for "
               "passthrough, 10000 for the model pipelines")
     _add(parser, "flush-seconds", type=float, default=10.0,
          help="streaming: a partition's file is cut after this long even if not full")

@@ -245,6 +245,8 @@ def judge(summary: RunSummary, max_failed: float, max_dead: Optional[float]) -> 
 
 
 def launch(name: str, argv: Sequence[str], *, wait: bool = True) -> RunSummary:
+  from tierflow._memory import limit_malloc_arenas
+  limit_malloc_arenas()  # before the runner and the Kafka clients start their threads
   p, config = build(name, argv)
   max_failed, max_dead = limits_of(p.options)
   result = p.run()
