@@ -255,37 +255,60 @@ class ModelClient:
       kwargs["logprobs"] = True
       if top_logprobs:
         kwargs["top_logprobs"] = top_logprobs
-    resp = self._client.chat.completions.create(**kwargs)
-    if not resp.choices:
+    # The raw response, read as JSON: building the SDK's pydantic models for an answer
+    # with logprobs cost more CPU than everything else about the request.
+    raw = self._client.chat.completions.with_raw_response.create(**kwargs)
+    body = _json_body(raw)
+    choices = body.get("choices") or []
+    if not choices or not isinstance(choices[0], dict):
       raise ModelCallError("malformed", "answer has no choices")
-    choice = resp.choices[0]
-    text = choice.message.content or ""
+    choice = choices[0]
+    text = (choice.get("message") or {}).get("content") or ""
     tokens = None
-    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    content = (choice.get("logprobs") or {}).get("content")
     if content:
-      tokens = tuple(TokenInfo(t.token, t.logprob,
-                               tuple((a.token, a.logprob) for a in (t.top_logprobs or ())))
+      tokens = tuple(TokenInfo(t["token"], t["logprob"],
+                               tuple((a["token"], a["logprob"])
+                                     for a in (t.get("top_logprobs") or ())))
                      for t in content)
-    u = resp.usage
-    if u is None:
+    u = body.get("usage")
+    if not isinstance(u, dict):
       raise ModelCallError("malformed", "answer has no usage; refusing to guess its cost")
-    cached = getattr(getattr(u, "prompt_tokens_details", None), "cached_tokens", None) or 0
-    usage = Usage(input_tokens=max(0, (u.prompt_tokens or 0) - cached),
-                  output_tokens=u.completion_tokens or 0, cache_read_tokens=cached)
-    return ModelReply(text, tokens, usage, resp.model or self.cfg.model,
-                      choice.finish_reason or "stop")
+    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    usage = Usage(input_tokens=max(0, (u.get("prompt_tokens") or 0) - cached),
+                  output_tokens=u.get("completion_tokens") or 0, cache_read_tokens=cached)
+    return ModelReply(text, tokens, usage, body.get("model") or self.cfg.model,
+                      choice.get("finish_reason") or "stop")
 
   def _anthropic(self, system: str, user: str, max_tokens: int) -> ModelReply:
-    resp = self._client.messages.create(
+    raw = self._client.messages.with_raw_response.create(
         model=self.cfg.model, max_tokens=max_tokens,
         system=[{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
         messages=[{"role": "user", "content": user}])
-    text = "".join(getattr(b, "text", "") for b in resp.content if b.type == "text")
-    u = resp.usage
-    if u is None:
+    body = _json_body(raw)
+    blocks = body.get("content")
+    if not isinstance(blocks, list):
+      raise ModelCallError("malformed", "answer has no content")
+    text = "".join(b.get("text", "") for b in blocks
+                   if isinstance(b, dict) and b.get("type") == "text")
+    u = body.get("usage")
+    if not isinstance(u, dict):
       raise ModelCallError("malformed", "answer has no usage; refusing to guess its cost")
-    usage = Usage(input_tokens=u.input_tokens or 0, output_tokens=u.output_tokens or 0,
-                  cache_read_tokens=getattr(u, "cache_read_input_tokens", 0) or 0,
-                  cache_write_tokens=getattr(u, "cache_creation_input_tokens", 0) or 0)
-    return ModelReply(text, None, usage, resp.model or self.cfg.model,
-                      resp.stop_reason or "end_turn")
+    usage = Usage(input_tokens=u.get("input_tokens") or 0,
+                  output_tokens=u.get("output_tokens") or 0,
+                  cache_read_tokens=u.get("cache_read_input_tokens") or 0,
+                  cache_write_tokens=u.get("cache_creation_input_tokens") or 0)
+    return ModelReply(text, None, usage, body.get("model") or self.cfg.model,
+                      body.get("stop_reason") or "end_turn")
+
+
+def _json_body(raw) -> dict:
+  """The JSON object of a raw SDK response (``ModelCallError`` if it is not one)."""
+  import json
+  try:
+    body = json.loads(raw.http_response.content)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ModelCallError("malformed", f"answer is not JSON: {e}") from None
+  if not isinstance(body, dict):
+    raise ModelCallError("malformed", "answer is not a JSON object")
+  return body

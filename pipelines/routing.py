@@ -268,6 +268,7 @@ class _Counters:
     self.skipped, self.failed, self.retried = c("escalations_budget_skipped"), \
         c("records_failed"), c("records_retried_alone")
     self.micro_usd, self.frontier_micro_usd = c("cost_micro_usd"), c("frontier_cost_micro_usd")
+    self.route_millis = c("route_millis")  # time spent routing (the model stage's span)
 
   def count(self, routed: list[RoutedRecord], rows: list[dict]) -> None:
     self.records.inc(len(routed))
@@ -325,12 +326,14 @@ class _RouteBatchFn(beam.DoFn):
       else:
         self._pool.ensure_period()
     rows = batch.rows.to_pylist()
+    started = time.monotonic()
     try:
       routed = self._router.route(rows, self._pool)
     except Exception as e:  # noqa: BLE001 - see _crashed
       _LOGGER.exception("routing batch %s failed; its records are written as failed", ref.name)
       routed = [_crashed(r, self._config, f"routing crashed: {type(e).__name__}: {e}")
                 for r in rows]
+    self._counters.route_millis.inc(int((time.monotonic() - started) * 1000))
     results, dead = [], []
     now = int(time.time() * 1000)
     for rec in routed:
