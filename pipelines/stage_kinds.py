@@ -220,14 +220,10 @@ class Extract(StageKind):
   def check(cls, stage) -> None:
     if not stage.fields:
       raise ValueError(f"stage {stage.name}: an extract stage needs fields")
-    for name, spec in stage.fields.items():
+    for name in stage.fields:
       if not _AVRO_NAME.fullmatch(str(name)):
         raise ValueError(f"stage {stage.name}: field name {name!r} must be letters, digits "
                          "and underscores, not starting with a digit")
-      kind = (spec or {}).get("type", "string")
-      if kind not in _FIELD_TYPES:
-        raise ValueError(f"stage {stage.name}: field {name}: type must be one of "
-                         f"{', '.join(_FIELD_TYPES)}, not {kind!r}")
 
   def output_tokens_per_record(self) -> int:
     return 24 + 24 * len(self.stage.fields)
@@ -235,14 +231,12 @@ class Extract(StageKind):
   def _field_lines(self) -> str:
     lines = []
     for name, spec in self.stage.fields.items():
-      spec = spec or {}
-      kind = spec.get("type", "string")
       extra = []
-      if spec.get("enum"):
-        extra.append("one of " + ", ".join(map(str, spec["enum"])))
-      if spec.get("description"):
-        extra.append(spec["description"])
-      lines.append(f'- "{name}" ({kind} or null){": " + "; ".join(extra) if extra else ""}')
+      if spec.enum:
+        extra.append("one of " + ", ".join(map(str, spec.enum)))
+      if spec.description:
+        extra.append(spec.description)
+      lines.append(f'- "{name}" ({spec.type} or null){": " + "; ".join(extra) if extra else ""}')
     return "\n".join(lines)
 
   def task(self, verbalise: bool) -> tuple[str, str, str]:
@@ -271,23 +265,21 @@ class Extract(StageKind):
     if extra:
       notes.append(f"dropped unconfigured field(s): {', '.join(extra)[:80]}")
     for name, spec in self.stage.fields.items():
-      spec = spec or {}
       value = fields.get(name)
       grounding[name] = 1.0
       if value is None:
         out[name] = None
         continue
-      kind = spec.get("type", "string")
+      kind = spec.type
       ok = {"string": isinstance(value, str),
             "number": isinstance(value, (int, float)) and not isinstance(value, bool),
             "integer": isinstance(value, int) and not isinstance(value, bool),
             "boolean": isinstance(value, bool)}.get(kind, True)
       if ok and kind == "number" and not math.isfinite(value):
         ok = False
-      if ok and kind == "string" and spec.get("pattern") and not re.fullmatch(
-          spec["pattern"], value):
+      if ok and kind == "string" and spec.pattern and not re.fullmatch(spec.pattern, value):
         ok = False
-      if ok and spec.get("enum") and value not in spec["enum"]:
+      if ok and spec.enum and value not in spec.enum:
         ok = False
       if not ok:
         notes.append(f"invalid {name}: {str(value)[:40]!r}")
@@ -295,7 +287,7 @@ class Extract(StageKind):
         grounding[name] = 0.0
         continue
       out[name] = float(value) if kind == "number" else value
-      if isinstance(value, str) and not spec.get("enum") and not grounded(value, source):
+      if isinstance(value, str) and not spec.enum and not grounded(value, source):
         grounding[name] = 0.5
         notes.append(f"{name} not found in the text")
     return out, notes, grounding
@@ -324,8 +316,7 @@ class Extract(StageKind):
 
   def output_type(self) -> Any:
     return {"type": "record", "name": f"{self.stage.name.title().replace('_', '')}Fields",
-            "fields": [{"name": name, "type": ["null", _FIELD_TYPES[(spec or {}).get(
-                "type", "string")]], "default": None}
+            "fields": [{"name": name, "type": ["null", _FIELD_TYPES[spec.type]], "default": None}
                        for name, spec in self.stage.fields.items()]}
 
   def column_value(self, value: Any) -> Any:

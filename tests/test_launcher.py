@@ -88,7 +88,7 @@ def test_a_missing_topic_is_rejected(broker, output_dir, capsys):
     (None, "cannot read"),
     ("models: [unclosed", "is not valid YAML at line 1"),
     ("just a string", "is not a YAML mapping"),
-    ("name: x\nmodels: {}\nstages: []\nsurprise: 1\n", "unknown key(s) surprise"),
+    ("name: x\nmodels: {}\nstages: []\nsurprise: 1\n", "surprise: unknown key"),
 ])
 def test_bad_configs_fail_in_one_line(broker, published, output_dir, tmp_path, capsys,
                                       content, message):
@@ -178,3 +178,23 @@ def test_progress_and_verbose_logs(broker, published, output_dir, capsys):
   assert code == 0 and " DEBUG " in err
   code, out, err = run_cli(capsys, "-q", *base(broker, published, output_dir + "-q"))
   assert code == 0 and "progress:" not in err
+
+
+def test_a_typo_anywhere_in_the_config_names_its_path(tmp_path):
+  import yaml
+  from importlib import resources
+  from tierflow.config import load_config
+  config = yaml.safe_load(resources.files("tierflow").joinpath("data", "tickets.yaml").read_text())
+  config["stages"][1]["fields"]["amount"] = {"type": "number", "enmu": ["USD"]}
+  config["models"]["small"]["batchsize"] = 4
+  path = tmp_path / "typo.yaml"
+  path.write_text(yaml.safe_dump(config))
+  with pytest.raises(ValueError) as e:
+    load_config(str(path))
+  assert "stages.1.fields.amount.enmu: unknown key" in str(e.value)
+  assert "models.small.batchsize: unknown key" in str(e.value)
+  config = yaml.safe_load(resources.files("tierflow").joinpath("data", "tickets.yaml").read_text())
+  config["stages"][1]["fields"]["amount"] = {"type": "float"}
+  path.write_text(yaml.safe_dump(config))
+  with pytest.raises(ValueError, match="stages.1.fields.amount.type: Input should be 'string'"):
+    load_config(str(path))

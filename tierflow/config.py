@@ -4,6 +4,10 @@ Prompts, label sets, extraction fields and thresholds live here, not in code.
 Values may use ``${VAR}`` or ``${VAR:-default}`` to read the environment (for
 base URLs, say). API keys are never put in the file: a model names the
 environment variable that holds its key (``api_key_env``).
+
+The file is validated with pydantic, strictly: an unknown key at any depth is an
+error naming its path (``stages.1.fields.amount.enmu``), so a typo never turns
+into a silently ignored setting.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, \
+    model_validator
 
 from tierflow.files import read_text
 
-__all__ = ["ModelConfig", "StageConfig", "RunConfig", "load_config"]
+__all__ = ["FieldSpec", "ModelConfig", "StageConfig", "RunConfig", "load_config"]
 
 PROVIDERS = ("openai", "anthropic")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -39,31 +45,29 @@ def _expand(value: Any) -> Any:
   return value
 
 
-def _coerce(value: Any, default: Any, where: str) -> Any:
-  """Strings from ``${VAR}`` expansion take the type of the field's default."""
-  if (not isinstance(value, str) or isinstance(default, str) or default is None
-      or default is dataclasses.MISSING):
+class _Strict(BaseModel):
+  model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldSpec(_Strict):
+  """One extraction field: its type, and optionally allowed values or a pattern."""
+  type: Literal["string", "number", "integer", "boolean"] = "string"
+  enum: Optional[tuple] = None
+  pattern: Optional[str] = None
+  description: Optional[str] = None
+
+  @field_validator("pattern")
+  @classmethod
+  def _compiles(cls, value):
+    if value is not None:
+      try:
+        re.compile(value)
+      except re.error as e:
+        raise ValueError(f"pattern does not compile: {e}") from None
     return value
-  try:
-    if isinstance(default, bool):
-      if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError(value)
-      return value.lower() in ("true", "1", "yes")
-    return type(default)(value)
-  except ValueError:
-    raise ValueError(f"{where}: {value!r} is not a {type(default).__name__}") from None
 
 
-def _take(data: Mapping[str, Any], cls, where: str) -> dict:
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = set(data) - set(fields)
-  if unknown:
-    raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-  return {k: _coerce(v, fields[k].default, f"{where}.{k}") for k, v in data.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Strict):
   """One model endpoint and how to call it.
 
   Attributes:
@@ -74,63 +78,74 @@ class ModelConfig:
     price_as: price-book entry to cost calls with (default: ``model``); for a
       self-hosted or stand-in model, the model it stands in for.
     batch_size: records packed into one request.
-    concurrency: requests in flight at once per worker thread.
+    concurrency: requests in flight at once per worker.
     rpm / tpm: client-side requests / tokens per minute limits per process.
     max_retries: retries of a failed request (they honour ``retry-after``).
     logprobs: ask for token logprobs (OpenAI-compatible endpoints only).
     stand_in: a label saying this endpoint is a stand-in, shown in summaries.
   """
-  provider: str
+  provider: Literal["openai", "anthropic"]
   model: str
   base_url: Optional[str] = None
   api_key_env: Optional[str] = None
   price_as: Optional[str] = None
-  batch_size: int = 8
-  concurrency: int = 4
-  rpm: Optional[int] = None
-  tpm: Optional[int] = None
-  timeout_s: float = 60.0
-  max_retries: int = 4
+  batch_size: int = Field(8, ge=1)
+  concurrency: int = Field(4, ge=1)
+  rpm: Optional[int] = Field(None, ge=1)
+  tpm: Optional[int] = Field(None, ge=1)
+  timeout_s: float = Field(60.0, gt=0)
+  max_retries: int = Field(4, ge=0)
   logprobs: bool = True
-  top_logprobs: int = 10
+  top_logprobs: int = Field(10, ge=0, le=20)
   temperature: float = 0.0
   stand_in: Optional[str] = None
 
-  def __post_init__(self):
-    if self.provider not in PROVIDERS:
-      raise ValueError(f"model {self.model}: provider must be one of {PROVIDERS}")
-    for name in ("batch_size", "concurrency"):
-      if int(getattr(self, name)) < 1:
-        raise ValueError(f"model {self.model}: {name} must be >= 1")
-    if self.provider == "anthropic" and self.logprobs:
-      object.__setattr__(self, "logprobs", False)  # the Messages API has none
+  @model_validator(mode="before")
+  @classmethod
+  def _no_logprobs_on_anthropic(cls, data):
+    if isinstance(data, dict) and data.get("provider") == "anthropic":
+      data = {**data, "logprobs": False}  # the Messages API has none
+    return data
+
+  @field_validator("base_url", "api_key_env", "price_as", mode="before")
+  @classmethod
+  def _empty_is_none(cls, value):
+    return None if value == "" else value
 
   @property
   def price_key(self) -> str:
     return self.price_as or self.model
 
 
-@dataclasses.dataclass(frozen=True)
-class StageConfig:
+class StageConfig(_Strict):
   """One stage. ``threshold``: records whose small-tier confidence is below it escalate."""
   name: str
   kind: str
   instructions: str = ""
-  labels: tuple = ()
-  fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  labels: tuple[str, ...] = ()
+  fields: dict[str, FieldSpec] = Field(default_factory=dict)
   max_words: int = 40
   threshold: float = 0.5
-  max_output_tokens: Optional[int] = None
+  max_output_tokens: Optional[int] = Field(None, ge=1)
 
-  def __post_init__(self):
+  @field_validator("fields", mode="before")
+  @classmethod
+  def _bare_fields(cls, value):
+    # `order_id:` with nothing under it is a string field.
+    if isinstance(value, Mapping):
+      return {k: ({} if v is None else v) for k, v in value.items()}
+    return value
+
+  @model_validator(mode="after")
+  def _kind_checks(self):
     from tierflow.pipelines.stage_kinds import KINDS
     if self.kind not in KINDS:
       raise ValueError(f"stage {self.name}: kind must be one of {', '.join(KINDS)}")
-    object.__setattr__(self, "labels", tuple(self.labels))
     KINDS[self.kind].check(self)
     # Above 1 (a calibration that could not certify: +inf) escalates every record.
     if not float(self.threshold) >= 0.0:
       raise ValueError(f"stage {self.name}: threshold must be >= 0")
+    return self
 
   @property
   def kind_impl(self):
@@ -155,6 +170,7 @@ class RunConfig:
   price_book: Optional[str] = None
 
   def __post_init__(self):
+    object.__setattr__(self, "stages", tuple(self.stages))
     if not self.stages:
       raise ValueError("config needs at least one stage")
     names = [s.name for s in self.stages]
@@ -174,37 +190,50 @@ class RunConfig:
     raise KeyError(name)
 
   def with_thresholds(self, thresholds: Mapping[str, float]) -> "RunConfig":
-    stages = tuple(dataclasses.replace(s, threshold=float(thresholds[s.name]))
+    stages = tuple(s.model_copy(update={"threshold": float(thresholds[s.name])})
                    if s.name in thresholds else s for s in self.stages)
     return dataclasses.replace(self, stages=stages)
 
   @classmethod
   def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
-    data = _expand(dict(data))
-    _take(data, _RawRun, "config")
-    models = data.get("models") or {}
-    for tier in ("small", "frontier"):
-      if tier not in models:
-        raise ValueError(f"config: models.{tier} is required")
-    small = ModelConfig(**_take(models["small"], ModelConfig, "models.small"))
-    frontier = ModelConfig(**_take(models["frontier"], ModelConfig, "models.frontier"))
-    stages = tuple(StageConfig(**_take(s, StageConfig, f"stages[{i}]"))
-                   for i, s in enumerate(data.get("stages") or []))
-    inp = data.get("input") or {}
-    return cls(name=data.get("name", "run"), schema=inp.get("schema", "ticket"),
-               text=inp.get("text", "{body}"), small=small, frontier=frontier, stages=stages,
-               budget_usd=None if data.get("budget_usd") in (None, "", "none") else float(
-                   data["budget_usd"]), price_book=data.get("price_book"))
+    try:
+      f = _RunFile.model_validate(_expand(dict(data)))
+    except ValidationError as e:
+      raise ValueError("config: " + "; ".join(_error_line(err) for err in e.errors())) from None
+    return cls(name=f.name, schema=f.input.schema_name, text=f.input.text,
+               small=f.models.small, frontier=f.models.frontier, stages=tuple(f.stages),
+               budget_usd=f.budget_usd, price_book=f.price_book)
 
 
-@dataclasses.dataclass
-class _RawRun:
-  name: str = ""
-  input: Any = None
-  models: Any = None
-  stages: Any = None
-  budget_usd: Any = None
-  price_book: Any = None
+def _error_line(err: Mapping[str, Any]) -> str:
+  path = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+  message = "unknown key" if err["type"] == "extra_forbidden" else \
+      err["msg"].removeprefix("Value error, ")
+  return f"{path}: {message}" if path else message
+
+
+class _InputSection(_Strict):
+  schema_name: str = Field("ticket", alias="schema")
+  text: str = "{body}"
+
+
+class _ModelsSection(_Strict):
+  small: ModelConfig
+  frontier: ModelConfig
+
+
+class _RunFile(_Strict):
+  name: str = "run"
+  input: _InputSection = _InputSection()
+  models: _ModelsSection
+  stages: list[StageConfig] = Field(min_length=1)
+  budget_usd: Optional[float] = Field(None, ge=0)
+  price_book: Optional[str] = None
+
+  @field_validator("budget_usd", mode="before")
+  @classmethod
+  def _none(cls, value):
+    return None if value in ("", "none", "None") else value
 
 
 def load_config(path_or_name: str) -> RunConfig:
@@ -226,5 +255,5 @@ def load_config(path_or_name: str) -> RunConfig:
     raise ValueError(f"config {path_or_name} is not a YAML mapping of settings")
   try:
     return RunConfig.from_dict(data)
-  except (TypeError, KeyError) as e:
-    raise ValueError(f"config {path_or_name}: {e}") from None
+  except ValueError as e:
+    raise ValueError(f"{path_or_name}: {e}") from None
