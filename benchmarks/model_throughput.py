@@ -53,7 +53,7 @@ class Endpoints:
 
   def __enter__(self):
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "tierflow.local.provider_server", "--log-level", "WARNING",
+        [sys.executable, "-m", "tierflow_local.provider_server", "--log-level", "WARNING",
          "--latency", str(self.latency)], stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
     urls = dict(self.proc.stdout.readline().strip().split("=", 1) for _ in range(2))
     self.openai, self.anthropic = urls["OPENAI_BASE_URL"], urls["ANTHROPIC_BASE_URL"]
@@ -104,7 +104,7 @@ def run_child(pipeline: str, argv: list[str]) -> dict:
 
 
 def _topic(broker, name: str, n: int) -> str:
-  from tierflow.local.loader import publish, sample_tickets
+  from tierflow_local.loader import publish, sample_tickets
   base = sample_tickets()
   broker.create_topic(name, 4)
   publish(broker.bootstrap_servers, name,
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.child:
     print(json.dumps(child(args.child, rest)))
     return 0
-  from tierflow.local.broker import EmbeddedBroker
+  from tierflow_local.broker import EmbeddedBroker
   result = {"benchmark": "model_throughput",
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
             "cpus": os.cpu_count(),

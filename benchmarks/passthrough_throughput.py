@@ -51,7 +51,7 @@ KINDS = ("tight", "raw", "tierflow")
 
 def sample_like_tickets(n: int, start_ms: int = START_MS) -> list[dict]:
   """N tickets shaped like the bundled sample: cycled bodies, unique ids, one day of times."""
-  from tierflow.local.loader import sample_tickets
+  from tierflow_local.loader import sample_tickets
   base = sample_tickets()
   step_ms = max(1, 86_400_000 // max(n, 1))
   out = []
@@ -221,7 +221,7 @@ def _versions() -> dict:
 
 
 def run(records: int, fmt: str, repeats: int, partitions: int, rss_records: int) -> dict:
-  from tierflow.local.broker import EmbeddedBroker
+  from tierflow_local.broker import EmbeddedBroker
   with EmbeddedBroker() as broker:
     topic = f"bench-{fmt}"
     broker.create_topic(topic, partitions)

@@ -43,7 +43,8 @@ from tierflow.connectors.llm_clients import ModelReply, TokenInfo
 from tierflow.pipelines.answers import (WORD, Answer, gm_prob, grounded, json_objects, seq_prob,
                                         span_tokens, value_span, verbalised)
 
-__all__ = ["Classify", "Extract", "KINDS", "StageKind", "Summarise", "kind_of"]
+__all__ = ["Classify", "Extract", "KINDS", "StageKind", "Summarise", "as_object", "kind_of",
+           "normalised"]
 
 _STOP = frozenset(
     "the a an and or of to in on for with is are was were be been it this that at by from as "
@@ -121,9 +122,47 @@ class StageKind:
     """An answer as text for the ledger (``small_answer``)."""
     return None if value is None else str(value)
 
-  def matches(self, answer: Any, label: Any) -> bool:
-    """Whether an answer equals a reference label (calibration and the report)."""
-    return answer is not None and label is not None and str(answer) == str(label)
+  # --- scoring against labels (calibration and the report) ---------------------------
+  scored: ClassVar[bool] = True  # exact-match scoring applies to this kind
+
+  @classmethod
+  def default_label_fields(cls, stage_name: str, label_columns: set, answers) -> list[str]:
+    """The label columns a stage is scored against when none are given."""
+    return []
+
+  @classmethod
+  def labelled(cls, reference: Optional[Mapping], fields: list) -> bool:
+    """Whether a reference row labels this stage."""
+    return reference is not None
+
+  @classmethod
+  def matches(cls, answer: Any, reference: Mapping, fields: list) -> bool:
+    """Exact match (whitespace/case-normalised) of one answer against its reference."""
+    raise NotImplementedError
+
+
+def normalised(value: Any) -> Any:
+  """A value as compared in scoring: trimmed and case-folded text, numbers to 9 decimals."""
+  if isinstance(value, bool) or value is None:
+    return value
+  if isinstance(value, (int, float)):
+    return round(float(value), 9)
+  if isinstance(value, str):
+    return " ".join(value.split()).casefold()
+  return json.dumps(value, sort_keys=True)
+
+
+def as_object(value: Any) -> Optional[dict]:
+  """An extraction as a dict: a struct column value, or a JSON string (the ledger)."""
+  if isinstance(value, dict):
+    return value
+  if not isinstance(value, str):
+    return None
+  try:
+    obj = json.loads(value)
+  except json.JSONDecodeError:
+    return None
+  return obj if isinstance(obj, dict) else None
 
 
 class Classify(StageKind):
@@ -207,6 +246,18 @@ class Classify(StageKind):
     if p is not None:
       return Answer(label, p, "logprob", answer_chars=b - a)
     return Answer(label, verbalised(conf_obj), "verbalised", answer_chars=b - a)
+
+  @classmethod
+  def default_label_fields(cls, stage_name, label_columns, answers) -> list[str]:
+    return [c for c in (stage_name, "category", "label") if c in label_columns][:1]
+
+  @classmethod
+  def labelled(cls, reference, fields) -> bool:
+    return reference is not None and reference.get(fields[0]) is not None
+
+  @classmethod
+  def matches(cls, answer, reference, fields) -> bool:
+    return answer is not None and normalised(answer) == normalised(reference.get(fields[0]))
 
 
 class Extract(StageKind):
@@ -327,8 +378,18 @@ class Extract(StageKind):
       return None
     return json.dumps(value.get("fields"), ensure_ascii=False, sort_keys=True)
 
-  def matches(self, answer: Any, label: Any) -> bool:
-    return answer is not None and label is not None and answer == label
+  @classmethod
+  def default_label_fields(cls, stage_name, label_columns, answers) -> list[str]:
+    keys: set = set()
+    for answer in answers:
+      keys |= set(as_object(answer) or {})
+    return sorted(k for k in keys if k in label_columns)
+
+  @classmethod
+  def matches(cls, answer, reference, fields) -> bool:
+    obj = as_object(answer)
+    return obj is not None and all(
+        normalised(obj.get(f)) == normalised(reference.get(f)) for f in fields)
 
 
 class Summarise(StageKind):
@@ -336,6 +397,7 @@ class Summarise(StageKind):
 
   kind = "summarise"
   output = "summary"
+  scored = False  # exact match does not apply to free text
 
   @classmethod
   def check(cls, stage) -> None:

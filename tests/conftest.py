@@ -18,7 +18,7 @@ logging.getLogger("kafka").setLevel(logging.CRITICAL)
 @pytest.fixture(scope="session")
 def broker():
   """A running ``EmbeddedBroker``, shared by the whole session."""
-  from tierflow.local.broker import EmbeddedBroker
+  from tierflow_local.broker import EmbeddedBroker
   with EmbeddedBroker() as b:
     yield b
 
@@ -48,7 +48,7 @@ def output_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def schema_registry():
   """A running local Confluent-compatible schema registry."""
-  from tierflow.local.schema_registry import LocalSchemaRegistry
+  from tierflow_local.schema_registry import LocalSchemaRegistry
   with LocalSchemaRegistry() as r:
     yield r
 

@@ -11,9 +11,9 @@ import yaml
 
 from tierflow import cli, launcher
 from tierflow.calibration import Calibration, calibrate_threshold
-from tierflow.local.loader import publish, sample_tickets
-from tierflow.local.provider_server import LocalProviderServer
-from tierflow.local.standin_model import KeywordStandIn
+from tierflow_local.loader import publish, sample_tickets
+from tierflow_local.provider_server import LocalProviderServer
+from tierflow_local.standin_model import KeywordStandIn
 
 DATA = pathlib.Path(__file__).parents[1] / "deploy/local/data"
 LABELS = DATA / "sample_tickets_labels.jsonl"

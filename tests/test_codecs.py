@@ -14,7 +14,7 @@ import pytest
 from tierflow import schemas
 from tierflow.connectors import codecs
 from tierflow.connectors.codecs import DecodeError
-from tierflow.local.schema_registry import CONTENT_TYPE, LocalSchemaRegistry
+from tierflow_local.schema_registry import CONTENT_TYPE, LocalSchemaRegistry
 
 TICKET = schemas.load("ticket")
 FULL = {

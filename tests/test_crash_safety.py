@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tierflow.local.loader import sample_tickets
-from tierflow.local.provider_server import LocalProviderServer
-from tierflow.local.standin_model import KeywordStandIn
+from tierflow_local.loader import sample_tickets
+from tierflow_local.provider_server import LocalProviderServer
+from tierflow_local.standin_model import KeywordStandIn
 
 TIERFLOW = [sys.executable, "-m", "tierflow.cli"]
 T0_MS = 1_704_067_200_000
@@ -219,7 +219,7 @@ def endpoints():
 
 @pytest.fixture(scope="module")
 def tickets_topic(broker):
-  from tierflow.local.loader import publish
+  from tierflow_local.loader import publish
   name = f"crash-tickets-{os.getpid()}-{int(time.time())}"
   broker.create_topic(name, PARTITIONS)
   tickets = [{**t, "ticket_id": f"{t['ticket_id']}-{k}"} for k in range(3)

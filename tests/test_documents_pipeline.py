@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from tierflow import launcher, schemas
-from tierflow.local.loader import publish
-from tierflow.local.provider_server import LocalProviderServer
-from tierflow.local.standin_model import KeywordStandIn
+from tierflow_local.loader import publish
+from tierflow_local.provider_server import LocalProviderServer
+from tierflow_local.standin_model import KeywordStandIn
 
 KEY = "sk-test-documents-7c1e"
 T0_MS = 1_717_200_000_000  # 2024-06-01T00:00:00Z

@@ -14,7 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from kafka import KafkaConsumer, TopicPartition
 
 from tierflow.connectors.kafka_source import KafkaReadConfig, ReadKafkaBatches, resolve_ranges
-from tierflow.local.loader import publish
+from tierflow_local.loader import publish
 
 T0_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 

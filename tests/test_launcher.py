@@ -10,8 +10,8 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from tierflow import cli, launcher
-from tierflow.local.broker import free_port
-from tierflow.local.loader import publish
+from tierflow_local.broker import free_port
+from tierflow_local.loader import publish
 from tierflow.pipelines.options import KafkaSourceOptions, ParquetSinkOptions
 
 

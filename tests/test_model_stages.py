@@ -8,8 +8,8 @@ import pytest
 
 from tierflow.config import ModelConfig, StageConfig
 from tierflow.connectors.llm_clients import ModelCallError, ModelClient, ModelReply, TokenInfo
-from tierflow.local.provider_server import LocalProviderServer, tokenize
-from tierflow.local.standin_model import KeywordStandIn
+from tierflow_local.provider_server import LocalProviderServer, tokenize
+from tierflow_local.standin_model import KeywordStandIn
 from tierflow.pipelines.prompts import build_prompt, parse_reply, split_usage
 from tierflow.prices import Usage, load_price_book
 

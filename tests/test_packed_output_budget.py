@@ -4,8 +4,8 @@ import pytest
 
 from tierflow.config import ModelConfig, StageConfig
 from tierflow.connectors.llm_clients import ModelClient
-from tierflow.local.provider_server import LocalProviderServer
-from tierflow.local.standin_model import KeywordStandIn
+from tierflow_local.provider_server import LocalProviderServer
+from tierflow_local.standin_model import KeywordStandIn
 from tierflow.pipelines.prompts import build_prompt, parse_reply
 
 

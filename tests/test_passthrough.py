@@ -10,8 +10,8 @@ import pytest
 
 from tierflow import cli, launcher, schemas
 from tierflow.connectors import codecs
-from tierflow.local.loader import publish
-from tierflow.local.schema_registry import LocalSchemaRegistry
+from tierflow_local.loader import publish
+from tierflow_local.schema_registry import LocalSchemaRegistry
 
 TICKET = schemas.load("ticket")
 T0_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z

@@ -19,7 +19,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.runners.portability.portable_runner import PortableRunner
 
 from tierflow import launcher
-from tierflow.local.loader import publish
+from tierflow_local.loader import publish
 
 P = common_urns.primitives
 # What every portable runner executes itself; everything else must be a composite.

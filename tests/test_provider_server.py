@@ -16,7 +16,7 @@ import httpx2
 import openai
 import pytest
 
-from tierflow.local.provider_server import (
+from tierflow_local.provider_server import (
   Completion,
   LocalProviderServer,
   RateLimit,
@@ -439,7 +439,7 @@ def test_tpm_limit_counts_prompt_and_completion_tokens():
 # -- authentication and secrecy ----------------------------------------------
 
 def test_wrong_key_is_rejected_and_keys_never_logged(caplog, capsys):
-  caplog.set_level(logging.DEBUG, logger="tierflow.local.provider_server")
+  caplog.set_level(logging.DEBUG, logger="tierflow_local.provider_server")
   openai_key, anthropic_key, wrong = "sk-oa-SECRET-1111", "sk-ant-SECRET-2222", "sk-WRONG-3333"
   with LocalProviderServer(openai_api_key=openai_key, anthropic_api_key=anthropic_key) as srv:
     with pytest.raises(openai.AuthenticationError) as oerr:
@@ -515,7 +515,7 @@ def test_cli_serves_until_interrupted(tmp_path):
   # PYTHONFAULTHANDLER: if it ever hangs on Ctrl-C, SIGABRT dumps every thread's stack.
   env = {**os.environ, "TF_LOCAL_KEY": "sk-cli-SECRET", "PYTHONFAULTHANDLER": "1"}
   proc = subprocess.Popen(
-    [sys.executable, "-m", "tierflow.local.provider_server", "--require-key-env", "TF_LOCAL_KEY",
+    [sys.executable, "-m", "tierflow_local.provider_server", "--require-key-env", "TF_LOCAL_KEY",
      "--fault", "server_error:1", "--rpm", f"{SMALL}=5", "--latency", "0"],
     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   try:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import report_fixtures
-from tierflow import report
+from tierflow import report, report_command, report_render
 
 REL = 1e-9
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -302,7 +302,7 @@ def test_notes_state_estimates(run):
 
 def test_cost_only_without_labels(run, tmp_path, capsys):
   out = str(tmp_path / "rep")
-  assert report.main([run["root"], "--out", out, "--resamples", "200"]) == 0
+  assert report_command.main([run["root"], "--out", out, "--resamples", "200"]) == 0
   assert "report.html" in capsys.readouterr().out
   with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
     j = json.load(f)
@@ -331,7 +331,7 @@ def test_without_small_answer_reports_cost_figures_only(tmp_path):
 
 
 def test_label_field_errors(run, capsys):
-  assert report.main([run["root"], "--labels", run["labels"], "--label-field",
+  assert report_command.main([run["root"], "--labels", run["labels"], "--label-field",
                       "summarise=category", "--out", "/nonexistent/never"]) == 2
   assert "summarise" in capsys.readouterr().err
   with pytest.raises(ValueError, match="not in the labels"):
@@ -352,7 +352,7 @@ def test_parquet_labels_and_explicit_fields(run):
   # Given fields override the defaults for their stage; other stages keep the defaults.
   assert rep["inputs"]["label_fields"] == run["json"]["inputs"]["label_fields"]
   for stage in ("classify", "extract"):
-    assert report._jsonable(rep["stages"][stage]["quality"]) == \
+    assert report_render._jsonable(rep["stages"][stage]["quality"]) == \
         run["json"]["stages"][stage]["quality"]
   rep = report.build_report(run["root"], path, {"extract": ["order_id"]}, resamples=50,
                             charts=False)

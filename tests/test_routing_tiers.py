@@ -14,7 +14,7 @@ from benchmarks.routing.datasets import load_dataset, make_splits
 from benchmarks.routing.tiers import ranked_logprobs, train_tiers
 from tierflow.config import ModelConfig, StageConfig, load_config
 from tierflow.connectors.llm_clients import ModelClient, ModelReply, TokenInfo
-from tierflow.local.provider_server import LocalProviderServer
+from tierflow_local.provider_server import LocalProviderServer
 from tierflow.pipelines.prompts import build_prompt, parse_reply, render_text
 from tierflow.prices import Usage
 

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from tierflow import launcher, schemas
-from tierflow.local.loader import publish, sample_tickets
-from tierflow.local.provider_server import Completion, LocalProviderServer, count_tokens
-from tierflow.local.standin_model import KeywordStandIn
+from tierflow_local.loader import publish, sample_tickets
+from tierflow_local.provider_server import Completion, LocalProviderServer, count_tokens
+from tierflow_local.standin_model import KeywordStandIn
 from tierflow.prices import Usage, load_price_book
 
 SECRET = "sk-test-DO-NOT-LEAK-4f2a9c"
@@ -305,3 +305,20 @@ def test_a_record_failing_alone_too_is_dead_lettered_with_both_reasons(
     assert "missing_answer" in error and "retried alone" in error and "label set" in error
     assert r["label"] is None and error in dead[r["record_id"]]["reason"]
     assert dead[r["record_id"]]["error_type"] == "model_failure"
+
+
+def test_a_run_to_a_non_local_filesystem_reads_back_through_the_one_reader(run_tickets):
+  """Output on an object-store-like filesystem (Beam's FileSystems, scheme mem://): written by
+  the pipeline, read back by tierflow.results, the report's and calibrate's reader."""
+  import memfs
+  from tierflow.results import dataset_files, read_dead_letters, read_run
+  from tierflow.summary import cost_summary
+  out = "mem://bucket/run-1"
+  summary, _ = run_tickets(n=12, extra=("--output", out))
+  assert summary.rows_written == 12
+  assert all(k.startswith("mem://bucket/run-1/") for k in memfs.STORE)
+  assert len(dataset_files(f"{out}/results")) >= 2
+  run = read_run(out)
+  assert run.n == 12 and {s.name for s in run.stages} == {"classify", "extract", "summarise"}
+  assert cost_summary(out)["records"] == 12
+  assert read_dead_letters(out)["rows"] == 0

@@ -62,8 +62,19 @@ def _print_summary(summary: launcher.RunSummary) -> None:
     print(f"problem       {problem}")
 
 
+def _local():
+  """The local tooling (deploy/local, the tierflow-local distribution), or a clear error."""
+  try:
+    import tierflow_local
+  except ImportError:
+    raise ValueError("this command needs tierflow's local tooling: pip install -e deploy/local "
+                     "(make demo and make test install it)") from None
+  return tierflow_local
+
+
 def _serve_local(rest) -> int:
-  from tierflow.local import provider_server
+  _local()
+  from tierflow_local import provider_server
   return provider_server.main(list(rest))
 
 
@@ -83,8 +94,9 @@ def cmd_run(args, rest: Sequence[str]) -> int:
 
 
 def cmd_broker(args, rest) -> int:
-  from tierflow.local.broker import EmbeddedBroker
-  from tierflow.local.loader import publish, sample_tickets
+  _local()
+  from tierflow_local.broker import EmbeddedBroker
+  from tierflow_local.loader import publish, sample_tickets
   with EmbeddedBroker(port=args.port) as broker:
     for topic in args.topic or []:
       broker.create_topic(topic, args.partitions)
@@ -101,7 +113,8 @@ def cmd_broker(args, rest) -> int:
 
 
 def cmd_publish(args, rest) -> int:
-  from tierflow.local.loader import publish, read_jsonl, sample_tickets
+  _local()
+  from tierflow_local.loader import publish, read_jsonl, sample_tickets
   records = sample_tickets() if args.input == "sample" else read_jsonl(args.input)
   n = publish(args.bootstrap_servers, args.topic, records, fmt=args.format, schema=args.schema,
               schema_registry_url=args.schema_registry_url)
@@ -125,11 +138,12 @@ def _demo_env(small_url: str, small_model: str, frontier_url: str) -> dict:
 def cmd_demo(args, rest) -> int:
   import contextlib
   import os
-  from tierflow.local.broker import EmbeddedBroker
-  from tierflow.local.llama_server import MODEL_NAME, LlamaServer, available
-  from tierflow.local.loader import publish, sample_tickets
-  from tierflow.local.provider_server import LocalProviderServer
-  from tierflow.local.standin_model import KeywordStandIn
+  _local()
+  from tierflow_local.broker import EmbeddedBroker
+  from tierflow_local.llama_server import MODEL_NAME, LlamaServer, available
+  from tierflow_local.loader import publish, sample_tickets
+  from tierflow_local.provider_server import LocalProviderServer
+  from tierflow_local.standin_model import KeywordStandIn
   from tierflow.summary import cost_summary, format_summary
   ok, why = available()
   if not ok:
@@ -206,8 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   pub.set_defaults(func=cmd_publish)
 
   rep = sub.add_parser("report", help="cost/quality report (HTML, PNG, JSON) over a run's output")
-  from tierflow import calibrate as calibrate_module
-  from tierflow import report as report_module
+  from tierflow import calibrate_command as calibrate_module
+  from tierflow import report_command as report_module
   report_module.add_arguments(rep)
   rep.set_defaults(func=lambda a, r: report_module.run_from_args(a))
 

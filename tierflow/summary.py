@@ -1,44 +1,36 @@
-"""A run's cost summary, read back from its Parquet output."""
+"""A run's cost summary, read back from its Parquet output (through ``tierflow.results``)."""
 
 from __future__ import annotations
 
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
+import numpy as np
 
-from tierflow.connectors.parquet_dataset import hive_partitioning
+from tierflow.results import is_null, read_run
 
 
 def cost_summary(output_dir: str) -> dict:
   """Records, escalation rate per stage, total cost, frontier-only cost and saving.
 
-  Rows are deduplicated by ``record_id`` (overlapping re-runs store a record twice).
+  Rows are deduplicated by ``record_id`` as every reader of results does (an ok row if
+  any, else the last).
   """
-  table = ds.dataset(f"{output_dir}/results", format="parquet",
-                     partitioning=hive_partitioning()).to_table()
-  seen, keep = set(), []
-  for i, rid in enumerate(table.column("record_id").to_pylist()):
-    if rid not in seen:
-      seen.add(rid)
-      keep.append(i)
-  table = table.take(keep)
-  n = table.num_rows
-  total = pc.sum(table.column("cost_usd")).as_py() or 0.0
-  frontier_only = pc.sum(table.column("frontier_only_cost_usd")).as_py() or 0.0
+  run = read_run(output_dir)
+  n = run.n
+  total = float(np.nansum(run.records["cost_usd"]))
+  frontier_only = float(np.nansum(run.records["frontier_only_cost_usd"]))
   per_stage: dict = {}
-  for stages in table.column("stages").to_pylist():
-    for s in stages:
-      d = per_stage.setdefault(s["stage"], {"escalated": 0, "budget_skipped": 0,
-                                            "small_failed": 0, "cost_usd": 0.0})
-      d["escalated"] += bool(s["escalated"])
-      d["budget_skipped"] += bool(s["budget_skipped"])
-      d["small_failed"] += s["small_error"] is not None
-      d["cost_usd"] += s["cost_usd"]
-  for d in per_stage.values():
-    d["escalation_rate"] = d["escalated"] / n if n else 0.0
-  failed = sum(1 for s in table.column("status").to_pylist() if s != "ok")
+  for s in run.stages:
+    p = s.present
+    per_stage[s.name] = {
+        "escalated": int((s.col("escalated") & p).sum()),
+        "budget_skipped": int((s.col("budget_skipped") & p).sum()),
+        "small_failed": int((p & ~is_null(s.col("small_error"))).sum()),
+        "cost_usd": float(np.nansum(s.col("cost_usd")[p])),
+    }
+    per_stage[s.name]["escalation_rate"] = per_stage[s.name]["escalated"] / n if n else 0.0
+  failed = int(sum(1 for v in run.records["status"] if v != "ok"))
   return {
       "records": n, "failed": failed,
-      "escalated_records": sum(bool(x) for x in table.column("escalated").to_pylist()),
+      "escalated_records": int(run.records["escalated"].sum()),
       "cost_usd": total, "frontier_only_cost_usd": frontier_only,
       "saving_usd": frontier_only - total,
       "saving_pct": 100.0 * (frontier_only - total) / frontier_only if frontier_only else 0.0,

@@ -121,7 +121,7 @@ def _launch(pipeline: str, argv: Sequence[str]) -> float:
 
 def read_ledger(output_dir: str) -> dict[str, dict[str, Any]]:
   """doc_id -> the classify stage's small answer/confidence/cost, final answer and tier."""
-  from tierflow.report import read_run
+  from tierflow.results import read_run
   run = read_run(output_dir)
   stage = next(s for s in run.stages if s.name == "classify")
   ids = run.records["_id:doc_id"]
@@ -258,9 +258,9 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
                 log=print) -> dict:
   from tierflow import cli
   from tierflow.calibration import Calibration
-  from tierflow.local.broker import EmbeddedBroker
-  from tierflow.local.loader import publish
-  from tierflow.local.provider_server import LocalProviderServer
+  from tierflow_local.broker import EmbeddedBroker
+  from tierflow_local.loader import publish
+  from tierflow_local.provider_server import LocalProviderServer
   from tierflow.report import build_report
 
   from benchmarks.routing.datasets import load_dataset, make_splits

@@ -32,8 +32,8 @@ from typing import Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
-from tierflow.local.provider_server import Completion, ProviderRequest
-from tierflow.local.standin_model import KeywordStandIn
+from tierflow_local.provider_server import Completion, ProviderRequest
+from tierflow_local.standin_model import KeywordStandIn
 
 from benchmarks.routing.datasets import (DEFAULT_SMALL_TRAIN, DEFAULT_UPPER_TRAIN, Dataset,
                                          load_dataset, make_splits)
@@ -263,7 +263,7 @@ def check_responder(tiers: Tiers, texts: Sequence[str], stage_labels: Sequence[s
 
   from tierflow.config import StageConfig
   from tierflow.connectors.llm_clients import ModelReply, TokenInfo
-  from tierflow.local.provider_server import LocalProviderServer
+  from tierflow_local.provider_server import LocalProviderServer
   from tierflow.pipelines.prompts import build_prompt, parse_reply
   from tierflow.prices import Usage
 

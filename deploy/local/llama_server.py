@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tierflow.local.broker import free_port
+from tierflow_local.broker import free_port
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 

@@ -1402,7 +1402,7 @@ def _server_from_args(
     limits.setdefault(model, RateLimit()).rpm = rpm
   for model, tpm in args.tpm:
     limits.setdefault(model, RateLimit()).tpm = tpm
-  from tierflow.local.standin_model import KeywordStandIn  # answers tierflow's stage prompts
+  from tierflow_local.standin_model import KeywordStandIn  # answers tierflow's stage prompts
   return LocalProviderServer(
     KeywordStandIn(),
     host=args.host, port=args.port, models=args.models or DEFAULT_MODELS,

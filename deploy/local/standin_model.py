@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any, Mapping, Optional
 
-from tierflow.local.provider_server import Completion, ProviderRequest, TokenLogprob, tokenize
+from tierflow_local.provider_server import Completion, ProviderRequest, TokenLogprob, tokenize
 
 __all__ = ["KeywordStandIn", "DEFAULT_KEYWORDS"]
 

@@ -36,7 +36,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from tierflow import report as report_lib
+from tierflow import labels as labels_lib
+from tierflow import results as results_lib
 from tierflow.calibration import METHODS, Calibration, StageCalibration, calibrate_threshold
 
 __all__ = ["StageSample", "stage_samples", "calibrate_output", "run_small_tier",
@@ -61,7 +62,7 @@ class StageSample:
 
 
 def stage_samples(output_dir: str, labels: str, *,
-                  label_fields: Optional[report_lib.LabelFields] = None,
+                  label_fields: Optional[labels_lib.LabelFields] = None,
                   id_field: Optional[str] = None) -> tuple[dict[str, StageSample], list[str]]:
   """Per scorable stage, the labelled records' small-tier confidence and correctness.
 
@@ -69,14 +70,14 @@ def stage_samples(output_dir: str, labels: str, *,
   unlabelled records). Raises ValueError when the output lacks the small
   tier's own answers.
   """
-  run = report_lib.read_run(output_dir, (*report_lib.ID_FIELDS, id_field)
-                            if id_field else report_lib.ID_FIELDS)
-  rows = report_lib.read_labels(labels)
+  run = results_lib.read_run(output_dir, (*results_lib.ID_FIELDS, id_field)
+                             if id_field else results_lib.ID_FIELDS)
+  rows = labels_lib.read_labels(labels)
   if not rows:
     raise ValueError(f"{labels}: no label rows")
-  idf = report_lib._pick_id_field(run, rows, id_field)
-  refs, join = report_lib._reference_rows(run, rows, idf)
-  fields, notes = report_lib._resolve_label_fields(run, rows, label_fields)
+  idf = labels_lib.pick_id_field(run, rows, id_field)
+  refs, join = labels_lib.reference_rows(run, rows, idf)
+  fields, notes = labels_lib.resolve_label_fields(run, rows, label_fields)
   if join["records_with_labels"] < run.n:
     notes.append(f"{run.n - join['records_with_labels']} of {run.n} records in the output have "
                  f"no label and are not used")
@@ -86,7 +87,7 @@ def stage_samples(output_dir: str, labels: str, *,
   out = {}
   for name, cols in fields.items():
     stage = by_name[name]
-    scores = report_lib._score_stage(stage, run, refs, cols)
+    scores = labels_lib.score_stage(stage, run, refs, cols)
     if scores.small is None:
       raise ValueError(
           f"stage {name}: the output does not carry the small tier's own answer on every "
@@ -124,7 +125,7 @@ def _alpha_for(stage: str, alphas: Mapping[str, float], default: Optional[float]
 def calibrate_output(output_dir: str, labels: str, *, alpha: Optional[float] = None,
                      alphas: Optional[Mapping[str, float]] = None, delta: float = 0.1,
                      method: str = "ltt-binomial", stages: Optional[Sequence[str]] = None,
-                     label_fields: Optional[report_lib.LabelFields] = None,
+                     label_fields: Optional[labels_lib.LabelFields] = None,
                      id_field: Optional[str] = None, fallback_coverage: Optional[float] = 0.1,
                      source: Optional[str] = None) -> tuple[Calibration, list[str]]:
   """Calibrates every scorable stage (or ``stages``) of a run's output against labels."""
@@ -159,7 +160,7 @@ def calibrate_output(output_dir: str, labels: str, *, alpha: Optional[float] = N
 
 
 def _record_rows(path: str) -> list[dict]:
-  rows = report_lib.read_labels(path)
+  rows = labels_lib.read_labels(path)
   if not rows:
     raise ValueError(f"{path}: no records")
   return rows
@@ -291,7 +292,7 @@ def run_from_args(args: argparse.Namespace) -> int:
   calibration, notes = calibrate_output(
       output, args.labels, alpha=default, alphas=per_stage, delta=args.delta,
       method=args.method, stages=args.stage or None,
-      label_fields=report_lib._parse_label_fields(args.label_field), id_field=args.id_field)
+      label_fields=labels_lib.parse_label_fields(args.label_field), id_field=args.id_field)
   calibration.save(args.out)
   for note in notes:
     print(f"note: {note}")
