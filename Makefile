@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 # pip's cached wheel also runs on other machines of the same kind.
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF
 
-.PHONY: demo test bench-routing install install-test install-demo clean
+.PHONY: demo test test-fast bench-routing install install-test install-demo clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo: install-demo
 
 test: install-test
 	$(VENV)/bin/pytest -q
+
+# The developer loop: everything but the tests marked slow (under a minute).
+test-fast: install-test
+	$(VENV)/bin/pytest -q -m "not slow"
 
 # The routing benchmark (real data, both tiers, calibration); see benchmarks/README.md.
 bench-routing: install-test

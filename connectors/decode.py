@@ -27,8 +27,9 @@ from tierflow import schemas
 from tierflow.connectors.codecs import MAX_MILLIS, MIN_MILLIS, Codec
 from tierflow.connectors.kafka_source import KafkaBatch, KafkaRecord, batch_name
 
-__all__ = ["BatchRef", "DecodeBatches", "DecodedBatch", "dead_letter", "dead_letter_table",
-           "decode_batch", "dt_of", "row_schema", "DEAD_LETTER_SCHEMA"]
+__all__ = ["BatchRef", "DecodeBatches", "DecodeRecords", "DecodedBatch", "DecodedRecords",
+           "dead_letter", "dead_letter_table", "decode_batch", "dt_of", "row_schema",
+           "DEAD_LETTER_SCHEMA"]
 
 _LOGGER = logging.getLogger(__name__)
 DEFAULT_MAX_RECORD_BYTES = 1024 * 1024
@@ -281,3 +282,49 @@ class DecodeBatches(beam.PTransform):
   def display_data(self):
     return {"format": self._codec.name, "schema": self._codec.schema.get("name", ""),
             "max_record_bytes": self._max_record_bytes}
+
+
+class DecodedRecords(NamedTuple):
+  """Outputs of ``DecodeRecords``: decoded rows and dead letters, as dicts."""
+  rows: beam.PCollection
+  dead_letters: beam.PCollection
+
+
+class _DecodeRecordFn(_DecodeFn):
+  def process(self, rec: KafkaRecord, ts=beam.DoFn.TimestampParam):
+    batch = KafkaBatch(rec.topic, rec.partition, rec.offset, rec.offset + 1, rec.offset,
+                       [rec.offset], [rec.timestamp_ms], [rec.key], [rec.value])
+    for out in super().process(batch):
+      for row in out.rows.to_pylist():
+        yield row
+      for letter in out.dead_letters.to_pylist():
+        yield beam.pvalue.TaggedOutput("dead_letters", letter)
+
+
+class DecodeRecords(beam.PTransform):
+  """Decodes single ``KafkaRecord``s (from any source) into dict rows and dead letters.
+
+  The record-at-a-time form of ``DecodeBatches``, for composing into your own
+  pipelines: the same codecs, checks and dead-letter reasons; rows keep the input
+  records' timestamps. ``row_schema`` is the Avro schema of the rows.
+
+  Returns:
+    ``DecodedRecords(rows, dead_letters)``.
+  """
+
+  def __init__(self, codec: Codec, *, event_time_field: Optional[str] = "created_at",
+               max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES):
+    super().__init__()
+    self._batches = DecodeBatches(codec, event_time_field=event_time_field,
+                                  max_record_bytes=max_record_bytes)
+
+  @property
+  def row_schema(self) -> dict:
+    return self._batches.row_schema
+
+  def expand(self, records) -> DecodedRecords:
+    b = self._batches
+    out = records | "Decode" >> beam.ParDo(_DecodeRecordFn(
+        b._codec, b._codec.schema, b._event_time_field, b._max_record_bytes)).with_outputs(
+            "dead_letters", main="rows")
+    return DecodedRecords(out.rows, out.dead_letters)

@@ -141,6 +141,7 @@ SCENARIOS = [
 
 @pytest.mark.parametrize(
     "name,world,alpha,delta,n,draws,kw,oracle,min_cov", SCENARIOS, ids=[s[0] for s in SCENARIOS])
+@pytest.mark.slow
 def test_guarantee_holds_by_simulation(name, world, alpha, delta, n, draws, kw, oracle, min_cov):
   stats = _simulate(world, alpha, delta, n, draws, seed=zlib.crc32(name.encode()), **kw)
   print(name, stats)

@@ -25,6 +25,8 @@ from tierflow_local.loader import sample_tickets
 from tierflow_local.provider_server import LocalProviderServer
 from tierflow_local.standin_model import KeywordStandIn
 
+pytestmark = pytest.mark.slow  # whole runs killed and re-run, tens of seconds each
+
 TIERFLOW = [sys.executable, "-m", "tierflow.cli"]
 T0_MS = 1_704_067_200_000
 PARTITIONS = 4

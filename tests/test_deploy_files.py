@@ -429,6 +429,7 @@ def test_dataflow_run_scripts_pass_launcher_flags(dataflow_main, tmp_path, scrip
     assert config.streaming and "--enable-streaming-engine" in call
 
 
+@pytest.mark.slow
 def test_flink_submit_flags_are_accepted(tmp_path):
   """submit.sh's arguments build the pipeline once flink_run.py declares the Flink flags."""
   fake = tmp_path / "fake-python"

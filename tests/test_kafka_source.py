@@ -134,6 +134,7 @@ def counter_schema(tmp_path):
   return str(path)
 
 
+@pytest.mark.slow
 def test_time_range_flags_match_kafka_semantics(broker, topic, produce, passthrough,
                                                 output_dir, read_duckdb, counter_schema):
   """start/end times select [first offset with ts >= start, first offset with ts >= end)."""
@@ -174,6 +175,7 @@ def test_time_range_flags_match_kafka_semantics(broker, topic, produce, passthro
   assert [(r.start, r.stop) for r in late] == [(300, 300)] * 4
 
 
+@pytest.mark.slow
 def test_bounded_runs_commit_and_resume_from_the_group_offsets(
     broker, topic, make_tickets, passthrough, committed, tmp_path_factory, read_duckdb):
   name = topic(partitions=4)
@@ -208,6 +210,7 @@ def test_bounded_runs_commit_and_resume_from_the_group_offsets(
   assert committed(name, group_of(name), 4) == hw2
 
 
+@pytest.mark.slow
 def test_explicit_range_does_not_move_the_group(broker, topic, make_tickets, passthrough,
                                                 committed, tmp_path_factory, read_duckdb):
   name = topic(partitions=2)
@@ -239,6 +242,7 @@ def test_explicit_range_does_not_move_the_group(broker, topic, make_tickets, pas
   assert committed(name, other, 2) == {0: None, 1: None}
 
 
+@pytest.mark.slow
 def test_streaming_read_picks_up_new_records(broker, topic, make_tickets, passthrough, produce,
                                              output_dir, read_duckdb, committed):
   name = topic(partitions=2)

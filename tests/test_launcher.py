@@ -67,6 +67,7 @@ def test_an_output_that_is_a_file_or_unwritable_is_rejected(broker, published, t
     ("127.0.0.1:99999", "not host:port with a port from 1 to 65535"),
     ("localhost", "not host:port"),
 ])
+@pytest.mark.slow
 def test_unreachable_or_malformed_brokers_fail_fast_in_one_line(output_dir, capsys, servers,
                                                                 message):
   servers = servers.format(closed=free_port())

@@ -223,6 +223,7 @@ def test_record_over_the_default_limit(topic, produce, passthrough, output_dir, 
   assert row["raw_value"] == big[:1 << 20]
 
 
+@pytest.mark.slow
 def test_rerun_of_the_same_offset_range_is_idempotent(broker, topic, passthrough, output_dir,
                                                       read_duckdb, parquet_files, make_tickets):
   name = topic(partitions=2)

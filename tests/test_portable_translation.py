@@ -162,6 +162,7 @@ def test_round_trip_through_the_proto_gives_the_same_rows(broker, published, out
   assert committed(published, "roundtrip", 3) == committed(published, "direct", 3)
 
 
+@pytest.mark.slow
 def test_round_trip_in_a_fresh_interpreter(broker, published, output_dir, tmp_path_factory,
                                            read_duckdb):
   """The proto alone, run by another process, does the work: no construction-time state."""

@@ -55,6 +55,7 @@ def test_population_check_measures_the_exact_risk_over_the_pool():
   assert p["held"] == (p["population_risk"] <= 0.2)
 
 
+@pytest.mark.slow
 def test_the_whole_loop_runs_on_a_small_bbc_sample(tmp_path):
   """One small run of `python -m benchmarks.routing`: calibrate --run, frontier-only run,
   routed run with --calibration, report, splits; split 0 must agree both ways."""

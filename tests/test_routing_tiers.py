@@ -80,6 +80,7 @@ def test_splits_are_disjoint_and_keep_duplicates_together(bbc, splits):
   assert np.array_equal(again.small_train, splits.small_train)
 
 
+@pytest.mark.slow
 def test_tiers_give_probabilities_and_the_upper_one_is_stronger(bbc, splits, tiers):
   test = splits.test[::2]
   texts, gold = bbc.texts(test), np.array(bbc.gold_at(test))

@@ -9,6 +9,7 @@ import pathlib
 import threading
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -92,6 +93,7 @@ def test_every_record_is_answered_with_a_full_ledger(run_tickets, read_duckdb):
   assert summary.rows_written == 40 and summary.dead_letters == 0
 
 
+@pytest.mark.slow
 def test_small_tier_down_sends_everything_to_the_frontier(run_tickets, endpoints, read_duckdb):
   endpoints.faults.add("server_error", count=-1, model="small")
   _, out = run_tickets(n=12)
@@ -102,6 +104,7 @@ def test_small_tier_down_sends_everything_to_the_frontier(run_tickets, endpoints
     assert all("small tier failed" in reason for reason in r["escalation_reasons"])
 
 
+@pytest.mark.slow
 def test_both_tiers_down_ends_in_the_dead_letters(run_tickets, endpoints, read_duckdb):
   endpoints.faults.add("server_error", count=-1)
   summary, out = run_tickets(n=10)
@@ -164,6 +167,7 @@ def test_wrong_key_fails_records_not_the_pipeline(run_tickets, monkeypatch, read
   assert summary.dead_letters == 4
 
 
+@pytest.mark.slow
 def test_streaming_answers_records_before_and_after_start_exactly_once(
     run_tickets, broker, parquet_files, read_duckdb):
   samples = sample_tickets()[:24]
@@ -322,3 +326,44 @@ def test_a_run_to_a_non_local_filesystem_reads_back_through_the_one_reader(run_t
   assert run.n == 12 and {s.name for s in run.stages} == {"classify", "extract", "summarise"}
   assert cost_summary(out)["records"] == 12
   assert read_dead_letters(out)["rows"] == 0
+
+
+@pytest.mark.slow
+def test_analysts_read_typed_columns_with_duckdb_pyarrow_and_spark(run_tickets):
+  """extraction is a struct typed from the config (amount a DOUBLE, currency a string), and
+  the nested stages list reads in DuckDB, pyarrow and Spark alike."""
+  import duckdb
+  import pyarrow.dataset as pds
+  from tierflow.connectors.parquet_dataset import hive_partitioning
+  _, out = run_tickets(n=16)
+  glob = f"{out}/results/**/*.parquet"
+  con = duckdb.connect()
+  types = con.execute(
+      f"SELECT typeof(extraction.amount), typeof(extraction.currency), typeof(stages[1].cost_usd)"
+      f" FROM read_parquet('{glob}', hive_partitioning=true) LIMIT 1").fetchone()
+  assert types == ("DOUBLE", "VARCHAR", "DOUBLE")
+  n, with_amount = con.execute(
+      f"SELECT count(*), count(extraction.amount) FROM read_parquet('{glob}', "
+      f"hive_partitioning=true)").fetchone()
+  assert n == 16 and with_amount > 0
+  table = pds.dataset(f"{out}/results", format="parquet",
+                      partitioning=hive_partitioning()).to_table()
+  assert table.schema.field("extraction").type.field("amount").type == pa.float64()
+
+  from pyspark.sql import SparkSession
+  spark = (SparkSession.builder.master("local[1]").appName("tierflow-test")
+           .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "1")
+           .getOrCreate())
+  try:
+    df = spark.read.option("basePath", f"{out}/results").parquet(f"{out}/results/dt=*")
+    fields = {f.name: f.dataType.simpleString() for f in df.schema.fields}
+    struct = fields["extraction"]
+    assert struct.startswith("struct<") and {"amount:double", "currency:string",
+                                             "order_id:string"} <= set(struct[7:-1].split(","))
+    assert fields["dt"] in ("date", "string")
+    assert fields["stages"].startswith("array<struct<stage:string")
+    rows = df.selectExpr("extraction.amount AS amount", "size(stages) AS n").collect()
+    assert len(rows) == 16 and all(r["n"] == 3 for r in rows)
+    assert any(r["amount"] is not None for r in rows)
+  finally:
+    spark.stop()

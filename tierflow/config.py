@@ -189,6 +189,14 @@ class RunConfig:
         return s
     raise KeyError(name)
 
+  def with_model(self, tier: str, **changes) -> "RunConfig":
+    """A copy with the ``small`` or ``frontier`` model changed (and validated), e.g.
+    ``config.with_model("small", base_url="http://localhost:8080/v1", model="my-8b")``."""
+    if tier not in ("small", "frontier"):
+      raise ValueError(f"tier must be small or frontier, not {tier!r}")
+    model = ModelConfig(**{**getattr(self, tier).model_dump(), **changes})
+    return dataclasses.replace(self, **{tier: model})
+
   def with_thresholds(self, thresholds: Mapping[str, float]) -> "RunConfig":
     stages = tuple(s.model_copy(update={"threshold": float(thresholds[s.name])})
                    if s.name in thresholds else s for s in self.stages)
