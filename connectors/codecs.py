@@ -173,11 +173,14 @@ class Codec:
     """Decodes a batch of values (the default: one by one)."""
     return self._decode_each(range(len(values)), values)
 
-  def _decode_each(self, indices, values) -> DecodedValues:
+  def _decode_each(self, indices, values, decode=None) -> DecodedValues:
+    """Decodes the values at ``indices`` one by one (with ``decode``, default ``self.decode``);
+    every failure, whatever it raises, is that value's own."""
+    decode = decode or self.decode
     rows, ok, failed = [], [], []
     for i in indices:
       try:
-        rows.append(self.decode(values[i]))
+        rows.append(decode(values[i]))
         ok.append(i)
       except DecodeError as e:
         failed.append((i, e.error_type, e.reason))
@@ -402,18 +405,11 @@ class AvroCodec(Codec):
   def decode_batch(self, values: Sequence[Optional[bytes]]) -> DecodedValues:
     """Decodes each value with fastavro, reading timestamps as plain longs (decoding
     with the schema is the validation), then builds the Arrow table at once."""
-    rows, ok, failed = [], [], []
-    for i, value in enumerate(values):
-      try:
-        writer, body = self._writer_for(value)
-        rows.append(self._check_millis(_avro_read(body, writer, self._fast)))
-        ok.append(i)
-      except DecodeError as e:
-        failed.append((i, e.error_type, e.reason))
-      except Exception as e:  # noqa: BLE001 - hostile input must not crash a run
-        failed.append((i, "undecodable", f"{type(e).__name__}: {e}"[:1000]))
-    table, kept, refused = self._to_table(rows, ok)
-    return DecodedValues(table, kept, failed + refused)
+    return self._decode_each(range(len(values)), values, self._decode_fast)
+
+  def _decode_fast(self, value: Optional[bytes]) -> dict:
+    writer, body = self._writer_for(value)
+    return self._check_millis(_avro_read(body, writer, self._fast))
 
 
 class SchemaRegistryClient:

@@ -122,17 +122,21 @@ def cmd_publish(args, rest) -> int:
   return 0
 
 
-def _demo_env(small_url: str, small_model: str, frontier_url: str) -> dict:
-  """The bundled tickets config pointed at the local endpoints (see README)."""
-  return {
-      "TIERFLOW_SMALL_BASE_URL": small_url, "TIERFLOW_SMALL_MODEL": small_model,
-      "TIERFLOW_SMALL_API_KEY_ENV": "", "TIERFLOW_SMALL_BATCH_SIZE": "1",
+def _demo_config(path: str, small_url: str, small_model: str, frontier_url: str) -> str:
+  """The bundled tickets config pointed at the local endpoints, written to ``path``."""
+  import yaml
+  from importlib import resources
+  config = yaml.safe_load(resources.files("tierflow").joinpath("data", "tickets.yaml").read_text())
+  config["models"]["small"].update(
+      base_url=small_url, model=small_model, api_key_env=None, batch_size=1,
       # Priced as the small model it stands in for, stated in the summary.
-      "TIERFLOW_SMALL_PRICE_AS": "fireworks/llama-v3p1-8b-instruct",
-      "TIERFLOW_FRONTIER_PROVIDER": "anthropic", "TIERFLOW_FRONTIER_BASE_URL": frontier_url,
-      "TIERFLOW_FRONTIER_MODEL": "standin-frontier", "TIERFLOW_FRONTIER_API_KEY_ENV": "",
-      "TIERFLOW_FRONTIER_PRICE_AS": "claude-sonnet-4-6",
-  }
+      price_as="fireworks/llama-v3p1-8b-instruct")
+  config["models"]["frontier"].update(
+      provider="anthropic", base_url=frontier_url, model="standin-frontier", api_key_env=None,
+      price_as="claude-sonnet-4-6")
+  with open(path, "w", encoding="utf-8") as f:
+    yaml.safe_dump(config, f, sort_keys=False)
+  return path
 
 
 def cmd_demo(args, rest) -> int:
@@ -163,12 +167,13 @@ def cmd_demo(args, rest) -> int:
     standin = stack.enter_context(LocalProviderServer(KeywordStandIn(), models=("standin-frontier",)))
     print(f"[4/5] frontier tier: STAND-IN (keyword rules behind the Anthropic Messages API) at "
           f"{standin.anthropic_base_url}; no frontier model is reachable offline")
-    os.environ.update(_demo_env(llama.base_url, MODEL_NAME, standin.anthropic_base_url))
+    config = _demo_config(os.path.join(tempfile.mkdtemp(prefix="tierflow-demo-"), "tickets.yaml"),
+                          llama.base_url, MODEL_NAME, standin.anthropic_base_url)
     print(f"[5/5] running the tickets pipeline: classify -> extract -> summarise -> escalate "
           f"({n} records x 3 stages on a 135M model; a few minutes on 2 cores)")
     summary = launcher.launch("tickets", [
         "--bootstrap-servers", broker.bootstrap_servers, "--topic", topic,
-        "--output", output, "--bounded", *rest])
+        "--output", output, "--bounded", "--config", config, *rest])
   _print_summary(summary)
   print()
   print(format_summary(cost_summary(output)))
