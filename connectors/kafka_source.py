@@ -54,7 +54,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from tierflow import progress
-from tierflow.connectors.kafka_client import (check_secret_settings, client_settings,
+from tierflow.connectors.kafka_client import (check_secret_settings, client_settings, committed,
                                               new_consumer)
 
 __all__ = [
@@ -300,7 +300,7 @@ def committed_offsets(config: KafkaReadConfig) -> dict[int, Optional[int]]:
   c = consumer(config, group=True)
   try:
     partitions = sorted(c.list_topics(config.topic, timeout=10).topics[config.topic].partitions)
-    found = c.committed([_tp(config.topic, p) for p in partitions], timeout=10)
+    found = committed(c, [_tp(config.topic, p) for p in partitions])
     return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in found}
   finally:
     c.close()
@@ -375,10 +375,10 @@ def resolve_ranges(config: KafkaReadConfig) -> list[PartitionRange]:
     if topic is None or topic.error is not None or not topic.partitions:
       raise ValueError(f"topic {config.topic!r} does not exist on {config.bootstrap_servers}")
     partitions = sorted(topic.partitions)
-    committed = {}
+    group_offsets = {}
     if config.group_id is not None:
-      committed = {tp.partition: tp.offset for tp in c.committed(
-          [_tp(config.topic, p) for p in partitions], timeout=10) if tp.offset >= 0}
+      group_offsets = {tp.partition: tp.offset for tp in committed(
+          c, [_tp(config.topic, p) for p in partitions]) if tp.offset >= 0}
     ranges = []
     read_until = (int((time.time() + config.max_read_seconds) * 1000)
                   if config.max_read_seconds else 0)
@@ -389,7 +389,7 @@ def resolve_ranges(config: KafkaReadConfig) -> list[PartitionRange]:
       if start is None and config.start_time_ms is not None:
         start = offset_for_time(c, config.topic, p, config.start_time_ms, hw)
       if start is None:
-        start = committed.get(p)
+        start = group_offsets.get(p)
       start = min(max(begin if start is None else start, begin), hw)
       if config.bounded:
         stop = _pick(config.end_offset, p)

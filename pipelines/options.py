@@ -108,6 +108,9 @@ class KafkaSourceOptions(PipelineOptions):
     _add(parser, "format", default="json", choices=FORMATS, help="message value format")
     _add(parser, "schema", default=None,
          help="reader schema: a bundled name (ticket, document) or a path to an .avsc")
+    _add(parser, "schema-registry-auth", default=None,
+         help="the schema registry's basic-auth user:password, by reference only: env:VAR or "
+              "file:PATH (read on the worker)")
     _add(parser, "schema-registry-url", default=None,
          help="Confluent schema registry, for --format confluent-avro")
     _add(parser, "schema-id", type=int, default=1,
@@ -179,6 +182,7 @@ class SourceSinkConfig:
   schema: Mapping[str, Any]
   output: str
   schema_registry_url: Optional[str] = None
+  schema_registry_auth: Optional[str] = None
   schema_id: int = 1
   max_record_bytes: int = 1024 * 1024
   event_time_field: Optional[str] = "created_at"
@@ -189,6 +193,7 @@ class SourceSinkConfig:
 
   def codec(self) -> Codec:
     return make_codec(self.format, self.schema, schema_registry_url=self.schema_registry_url,
+                      schema_registry_auth=self.schema_registry_auth,
                       schema_id=self.schema_id)
 
   @classmethod
@@ -245,6 +250,7 @@ class SourceSinkConfig:
         schema=schema,
         output=o.output.rstrip("/"),
         schema_registry_url=k.schema_registry_url,
+        schema_registry_auth=k.schema_registry_auth,
         schema_id=k.schema_id,
         max_record_bytes=k.max_record_bytes,
         event_time_field="created_at" if "created_at" in names else None,

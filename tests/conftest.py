@@ -13,14 +13,38 @@ from tierflow.connectors.parquet_dataset import hive_partitioning
 
 # kafka-python logs every reconnect and group-less consumer at WARNING/ERROR.
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
+# Beam logs its job servers (Flink, Prism) starting and stopping at WARNING, the last
+# at interpreter exit, after pytest has closed its streams.
+logging.getLogger("apache_beam.utils.subprocess_server").setLevel(logging.ERROR)
 
 
 @pytest.fixture(scope="session")
-def broker():
-  """A running ``EmbeddedBroker``, shared by the whole session."""
+def tansu_broker():
+  """The embedded broker (Tansu, in memory), shared by the whole session."""
   from tierflow_local.broker import EmbeddedBroker
   with EmbeddedBroker() as b:
     yield b
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+  """Apache Kafka 4.4 (KRaft, single node) from `make engines`, shared by the session.
+  Not installed is an error, not a skip: CI installs it."""
+  from tierflow_local.engines import ApacheKafka
+  with ApacheKafka() as b:
+    yield b
+
+
+@pytest.fixture
+def broker(tansu_broker):
+  """The broker most tests use: Tansu. Modules that test Kafka behaviour override it with
+  both brokers (``both_brokers``)."""
+  return tansu_broker
+
+
+def both_brokers(request):
+  """For a module's ``broker`` override: Tansu and Apache Kafka, by ``request.param``."""
+  return request.getfixturevalue("tansu_broker" if request.param == "tansu" else "kafka_broker")
 
 
 _TOPIC_SEQ = itertools.count()
@@ -30,10 +54,10 @@ _TOPIC_SEQ = itertools.count()
 def topic(broker, request):
   """Factory: ``topic(partitions=1)`` creates a uniquely named topic and returns its name."""
 
-  def create(partitions: int = 1, prefix: str = "") -> str:
+  def create(partitions: int = 1, prefix: str = "", config: dict | None = None) -> str:
     base = prefix or request.node.name.split("[")[0].replace("test_", "", 1)
     name = f"{base[:60]}-{next(_TOPIC_SEQ)}-{uuid.uuid4().hex[:6]}".replace("_", "-")
-    broker.create_topic(name, partitions)
+    broker.create_topic(name, partitions, config)
     return name
 
   return create
@@ -47,9 +71,9 @@ def output_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def schema_registry():
-  """A running local Confluent-compatible schema registry."""
-  from tierflow_local.schema_registry import LocalSchemaRegistry
-  with LocalSchemaRegistry() as r:
+  """Apicurio Registry (Confluent-compatible API) from `make engines`, for the session."""
+  from tierflow_local.engines import ApicurioRegistry
+  with ApicurioRegistry() as r:
     yield r
 
 
@@ -184,3 +208,14 @@ def passthrough(broker):
         "--output", output, *flags])
 
   return run
+
+
+def pytest_collection_modifyitems(config, items):
+  """Marks the tests that need `make engines` (Apache Kafka, Apicurio, Flink, Prism) with
+  ``engines``, so `make test-fast` can leave them out."""
+  for item in items:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    needs = {"kafka_broker", "schema_registry"} & set(item.fixturenames)
+    if needs or params.get("broker") == "apache-kafka" or item.path.name in (
+        "test_engines.py", "test_kafka_gaps.py"):
+      item.add_marker("engines")

@@ -4,8 +4,6 @@ import io
 import json
 import pickle
 import struct
-import urllib.error
-import urllib.request
 
 import fastavro
 import pyarrow as pa
@@ -14,7 +12,6 @@ import pytest
 from tierflow import schemas
 from tierflow.connectors import codecs
 from tierflow.connectors.codecs import DecodeError
-from tierflow_local.schema_registry import CONTENT_TYPE, LocalSchemaRegistry
 
 TICKET = schemas.load("ticket")
 FULL = {
@@ -53,9 +50,17 @@ def error_of(codec, value) -> DecodeError:
 
 
 @pytest.fixture
-def registry():
-  with LocalSchemaRegistry() as r:
-    yield r
+def registry(schema_registry):
+  """Apicurio Registry's Confluent-compatible API (session-wide)."""
+  return schema_registry
+
+
+def subject(name):
+  """A subject no other test uses (the registry lives for the whole session)."""
+  return f"{name}-{next(_SUBJECTS)}-value"
+
+
+_SUBJECTS = __import__("itertools").count()
 
 
 # --- the bundled schemas -------------------------------------------------------
@@ -223,71 +228,67 @@ def test_trailing_bytes():
 
 def test_registry_register_and_get(registry):
   client = codecs.SchemaRegistryClient(registry.url)
-  first = client.register("tickets-value", TICKET)
-  assert client.register("tickets-value", TICKET) == first  # same schema, same id
-  assert client.register("other-value", TICKET) == first  # ids are global
-  second = client.register("tickets-value", evolved(drop=("customer_id",)))
+  name = subject("tickets")
+  first = client.register(name, TICKET)
+  assert client.register(name, TICKET) == first  # same schema, same id
+  assert client.register(subject("other"), TICKET) == first  # ids are global
+  second = client.register(name, evolved(drop=("customer_id",)))
   assert second != first
   assert client.get(first) == schemas.parse(TICKET)
-  assert client.get(9999) is None
+  assert client.get(987654) is None
 
 
-def test_registry_rest_api(registry):
-
-  def get(path):
-    with urllib.request.urlopen(registry.url + path) as resp:
-      assert resp.headers["Content-Type"] == CONTENT_TYPE
-      return json.load(resp)
-
+def test_the_registry_refuses_an_incompatible_evolution(registry):
+  """Confluent's default (BACKWARD): a new required field without a default is refused."""
+  from confluent_kafka.schema_registry.error import SchemaRegistryError
   client = codecs.SchemaRegistryClient(registry.url)
-  v1 = client.register("orders-value", TICKET)
-  v2 = client.register("orders-value", evolved(drop=("channel",)))
-  assert "orders-value" in get("/subjects")
-  assert get("/subjects/orders-value/versions") == [1, 2]
-  latest = get("/subjects/orders-value/versions/latest")
-  assert (latest["subject"], latest["version"], latest["id"]) == ("orders-value", 2, v2)
-  assert get("/subjects/orders-value/versions/1")["id"] == v1
-  assert json.loads(get(f"/schemas/ids/{v1}")["schema"]) == TICKET
-  for path, expected in (
-      ("/schemas/ids/424242", {"error_code": 40403, "message": "Schema not found"}),
-      ("/subjects/nope/versions/latest", {"error_code": 40401, "message": "Subject not found"})):
-    with pytest.raises(urllib.error.HTTPError) as info:
-      urllib.request.urlopen(registry.url + path)
-    assert info.value.code == 404
-    assert info.value.headers["Content-Type"] == CONTENT_TYPE
-    assert json.load(info.value) == expected
-
-
-@pytest.mark.parametrize("schema_text", ["{not json", json.dumps({"type": "no.such.Type"})])
-def test_registry_rejects_invalid_schema(registry, schema_text):
-  req = urllib.request.Request(
-      registry.url + "/subjects/bad/versions", method="POST",
-      data=json.dumps({"schema": schema_text}).encode(),
-      headers={"Content-Type": CONTENT_TYPE})
-  with pytest.raises(urllib.error.HTTPError) as info:
-    urllib.request.urlopen(req)
-  assert info.value.code == 422
-  assert json.load(info.value)["error_code"] == 42201
+  name = subject("strict")
+  client.register(name, TICKET)
+  with pytest.raises(SchemaRegistryError) as info:
+    client.register(name, evolved(extra_fields=[{"name": "urgency", "type": "int"}]))
+  assert info.value.http_status_code == 409
 
 
 def test_unknown_schema_id_with_registry(registry):
   client = codecs.SchemaRegistryClient(registry.url)
-  known = client.register("t-value", TICKET)
+  known = client.register(subject("t"), TICKET)
   codec = codecs.ConfluentAvroCodec(TICKET, registry=client)
   body = codecs.AvroCodec(TICKET).encode(FULL)
   assert codec.decode(confluent(known, body)) == FULL
-  err = error_of(codec, confluent(known + 1000, body))
+  err = error_of(codec, confluent(known + 100000, body))
   assert err.error_type == "unknown_schema_id"
   assert registry.url in err.reason
 
 
 def test_registry_down_raises_instead_of_dead_lettering():
-  with LocalSchemaRegistry() as r:
-    url = r.url
-  codec = codecs.ConfluentAvroCodec(
-      TICKET, registry=codecs.SchemaRegistryClient(url, timeout=2))
-  with pytest.raises(urllib.error.URLError):
+  from confluent_kafka.schema_registry.error import SchemaRegistryError
+  from tierflow_local.broker import free_port
+  url = f"http://127.0.0.1:{free_port()}/apis/ccompat/v7"
+  codec = codecs.ConfluentAvroCodec(TICKET, registry=codecs.SchemaRegistryClient(url, timeout=2))
+  with pytest.raises((SchemaRegistryError, OSError, Exception)) as info:
     codec.decode(confluent(1, codecs.AvroCodec(TICKET).encode(FULL)))
+  assert not isinstance(info.value, codecs.DecodeError)  # not a dead letter: a retry
+
+
+def test_a_registry_behind_basic_auth(monkeypatch):
+  """Credentials go by reference (env:/file:), never in clear; wrong ones fail, not dead-letter."""
+  from tierflow_local.engines import ApicurioRegistry
+  with pytest.raises(ValueError, match="by reference"):
+    codecs.SchemaRegistryClient("http://x", auth="svc:hunter2")
+  with ApicurioRegistry(basic_auth=("svc", "s3cret-pw")) as secured:
+    monkeypatch.setenv("TF_REGISTRY_AUTH", "svc:s3cret-pw")
+    client = codecs.SchemaRegistryClient(secured.url, auth="env:TF_REGISTRY_AUTH")
+    writer_id = client.register("auth-value", TICKET)
+    codec = pickle.loads(pickle.dumps(codecs.make_codec(
+        "confluent-avro", TICKET, schema_registry_url=secured.url,
+        schema_registry_auth="env:TF_REGISTRY_AUTH")))
+    assert codec.decode(confluent(writer_id, codecs.AvroCodec(TICKET).encode(FULL))) == FULL
+    monkeypatch.setenv("TF_REGISTRY_AUTH", "svc:wrong")
+    stranger = codecs.ConfluentAvroCodec(TICKET, registry=codecs.SchemaRegistryClient(
+        secured.url, auth="env:TF_REGISTRY_AUTH"))
+    with pytest.raises(Exception) as info:
+      stranger.decode(confluent(writer_id, codecs.AvroCodec(TICKET).encode(FULL)))
+    assert not isinstance(info.value, codecs.DecodeError)
 
 
 def test_evolution_writer_with_extra_field(registry):
@@ -295,7 +296,7 @@ def test_evolution_writer_with_extra_field(registry):
                                  {"name": "tags", "type": {"type": "array", "items": "string"},
                                   "default": []}])
   client = codecs.SchemaRegistryClient(registry.url)
-  writer_id = client.register("evolve-value", writer)
+  writer_id = client.register(subject("evolve"), writer)
   value = confluent(writer_id, avro_bytes(writer, {**FULL, "priority": 3, "tags": ["a", "b"]}))
   codec = codecs.make_codec("confluent-avro", TICKET, schema_registry_url=registry.url)
   assert codec.decode(value) == FULL  # the extra fields are skipped
@@ -304,7 +305,7 @@ def test_evolution_writer_with_extra_field(registry):
 def test_evolution_writer_missing_optional_fields(registry):
   writer = evolved(drop=("channel", "customer_id"))
   client = codecs.SchemaRegistryClient(registry.url)
-  writer_id = client.register("evolve-value", writer)
+  writer_id = client.register(subject("evolve"), writer)
   value = confluent(writer_id, avro_bytes(writer, MINIMAL))
   codec = codecs.make_codec("confluent-avro", TICKET, schema_registry_url=registry.url)
   assert codec.decode(value) == {**MINIMAL, "channel": "email", "customer_id": None}
@@ -313,7 +314,7 @@ def test_evolution_writer_missing_optional_fields(registry):
 def test_evolution_writer_missing_required_field_fails(registry):
   writer = evolved(drop=("body",))
   client = codecs.SchemaRegistryClient(registry.url)
-  writer_id = client.register("evolve-value", writer)
+  writer_id = client.register(subject("evolve"), writer)
   value = confluent(writer_id, avro_bytes(writer, {k: v for k, v in FULL.items() if k != "body"}))
   codec = codecs.make_codec("confluent-avro", TICKET, schema_registry_url=registry.url)
   assert error_of(codec, value).error_type == "invalid_avro"
@@ -322,7 +323,7 @@ def test_evolution_writer_missing_required_field_fails(registry):
 def test_registry_codec_survives_pickling(registry):
   """Beam pickles DoFns with their codec; the registry client must come back working."""
   client = codecs.SchemaRegistryClient(registry.url)
-  writer_id = client.register("pickle-value", TICKET)
+  writer_id = client.register(subject("pickle"), TICKET)
   codec = pickle.loads(pickle.dumps(
       codecs.make_codec("confluent-avro", TICKET, schema_registry_url=registry.url)))
   assert codec.decode(confluent(writer_id, codecs.AvroCodec(TICKET).encode(FULL))) == FULL

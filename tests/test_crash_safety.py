@@ -27,6 +27,13 @@ from tierflow_local.standin_model import KeywordStandIn
 
 pytestmark = pytest.mark.slow  # whole runs killed and re-run, tens of seconds each
 
+
+@pytest.fixture(scope="module")
+def broker(tansu_broker):
+  """The embedded broker: what is killed here is tierflow, not Kafka (see test_kafka_gaps
+  for a broker restart on Apache Kafka)."""
+  return tansu_broker
+
 TIERFLOW = [sys.executable, "-m", "tierflow.cli"]
 T0_MS = 1_704_067_200_000
 PARTITIONS = 4

@@ -16,6 +16,13 @@ from kafka import KafkaConsumer, TopicPartition
 from tierflow.connectors.kafka_source import KafkaReadConfig, ReadKafkaBatches, resolve_ranges
 from tierflow_local.loader import publish
 
+
+@pytest.fixture(params=["tansu", "apache-kafka"])
+def broker(request):
+  """Every test here runs against the embedded broker and against Apache Kafka."""
+  from conftest import both_brokers
+  return both_brokers(request)
+
 T0_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 
 

@@ -11,7 +11,13 @@ import pytest
 from tierflow import cli, launcher, schemas
 from tierflow.connectors import codecs
 from tierflow_local.loader import publish
-from tierflow_local.schema_registry import LocalSchemaRegistry
+
+
+@pytest.fixture(params=["tansu", "apache-kafka"])
+def broker(request):
+  """Every test here runs against the embedded broker and against Apache Kafka."""
+  from conftest import both_brokers
+  return both_brokers(request)
 
 TICKET = schemas.load("ticket")
 T0_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
@@ -71,23 +77,24 @@ def assert_results_match(table, read_duckdb, output, topic, tickets):
 
 @pytest.mark.parametrize("fmt", ["json", "avro", "confluent-avro", "confluent-avro+registry"])
 def test_formats_decode_into_results(broker, topic, passthrough, output_dir, read_duckdb,
-                                     read_arrow, make_tickets, fmt):
+                                     read_arrow, make_tickets, fmt, request):
   name = topic(partitions=3)
   tickets = make_tickets(300, start_ms=T0_MS, step_ms=600_000)  # ~2 days, 3 dt partitions
   flags = ["--bounded", "--format", fmt.split("+")[0]]
   if fmt == "confluent-avro+registry":
-    with LocalSchemaRegistry() as registry:
-      client = codecs.SchemaRegistryClient(registry.url)
-      client.register("unrelated-value", schemas.load("document"))  # so the ids are not 1
-      # Half written with the bundled schema, half by a newer producer with an extra field.
-      publish(broker.bootstrap_servers, name, tickets[:150], fmt="confluent-avro",
-              schema_registry_url=registry.url)
-      extra = with_extra_field()
-      publish(broker.bootstrap_servers, name,
-              [{**t, "priority": i} for i, t in enumerate(tickets[150:])],
-              fmt="confluent-avro", schema=extra, schema_registry_url=registry.url)
-      assert client.register(f"{name}-value", extra) == 3
-      summary = passthrough(name, output_dir, *flags, "--schema-registry-url", registry.url)
+    registry = request.getfixturevalue("schema_registry")  # Apicurio, Confluent's API
+    client = codecs.SchemaRegistryClient(registry.url)
+    client.register(f"{name}-unrelated-value", schemas.load("document"))
+    # Half written with the bundled schema, half by a newer producer with an extra field.
+    publish(broker.bootstrap_servers, name, tickets[:150], fmt="confluent-avro",
+            schema_registry_url=registry.url)
+    extra = with_extra_field()
+    publish(broker.bootstrap_servers, name,
+            [{**t, "priority": i} for i, t in enumerate(tickets[150:])],
+            fmt="confluent-avro", schema=extra, schema_registry_url=registry.url)
+    ids = {client.register(f"{name}-value", TICKET), client.register(f"{name}-value", extra)}
+    assert len(ids) == 2  # two writer schemas, both resolved through the registry
+    summary = passthrough(name, output_dir, *flags, "--schema-registry-url", registry.url)
   else:
     publish(broker.bootstrap_servers, name, tickets, fmt=fmt.split("+")[0])
     summary = passthrough(name, output_dir, *flags)
@@ -129,40 +136,44 @@ def _bad_json_records(good):
   ]
 
 
-def _bad_avro_records(good, registry_client):
+def _bad_avro_records(good, registry_client, ticket_id, name):
   """(value, error_type) pairs for a Confluent Avro topic read with the registry."""
   avro = codecs.AvroCodec(TICKET)
   body = avro.encode(good[0])
   assert b"subject" in body
   no_body = json.loads(json.dumps(TICKET))
   no_body["fields"] = [f for f in no_body["fields"] if f["name"] != "body"]
-  no_body_id = registry_client.register("bad-writer-value", no_body)
+  no_body_id = registry_client.register(f"{name}-bad-writer-value", no_body)
+  t = ticket_id
   return [
-      (_wire(1, b"\xff\xfe\xfd\xfc garbage"), "invalid_avro"),
+      (_wire(t, b"\xff\xfe\xfd\xfc garbage"), "invalid_avro"),
       (_wire(424242, body), "unknown_schema_id"),
-      (_wire(1, body, magic=3), "invalid_wire_format"),
+      (_wire(t, body, magic=3), "invalid_wire_format"),
       (b"\x00\x00", "invalid_wire_format"),
-      (_wire(1, body.replace(b"subject", b"subj\xffct")), "invalid_utf8"),
-      (_wire(1, body + b"\x00\x00"), "invalid_avro"),
+      (_wire(t, body.replace(b"subject", b"subj\xffct")), "invalid_utf8"),
+      (_wire(t, body + b"\x00\x00"), "invalid_avro"),
       (_wire(no_body_id, codecs.AvroCodec(no_body).encode(
           {k: v for k, v in good[0].items() if k != "body"})), "invalid_avro"),
-      (_wire(1, avro.encode({**good[0], "body": "x" * 5000})), "oversized"),
+      (_wire(t, avro.encode({**good[0], "body": "x" * 5000})), "oversized"),
   ]
 
 
 @pytest.mark.parametrize("fmt", ["json", "confluent-avro"])
 def test_malformed_records_are_dead_lettered(broker, topic, produce, passthrough, output_dir,
-                                             read_duckdb, read_arrow, make_tickets, fmt):
+                                             read_duckdb, read_arrow, make_tickets, fmt,
+                                             schema_registry):
   name = topic(partitions=3)
   good = make_tickets(600, step_ms=60_000)
   limit = 2048
-  with LocalSchemaRegistry() as registry:
+  registry = schema_registry
+  if True:  # (one block for both formats)
     client = codecs.SchemaRegistryClient(registry.url)
     if fmt == "json":
       codec, bad = codecs.JsonCodec(TICKET), _bad_json_records(good)
     else:
-      assert client.register(f"{name}-value", TICKET) == 1
-      codec, bad = codecs.ConfluentAvroCodec(TICKET), _bad_avro_records(good, client)
+      ticket_id = client.register(f"{name}-value", TICKET)
+      codec = codecs.ConfluentAvroCodec(TICKET, schema_id=ticket_id)
+      bad = _bad_avro_records(good, client, ticket_id, name)
     records, expected_bad = [], {}
     for i, t in enumerate(good):
       records.append({"key": t["ticket_id"].encode(), "value": codec.encode(t),
@@ -211,7 +222,7 @@ def test_malformed_records_are_dead_lettered(broker, topic, produce, passthrough
 def test_record_over_the_default_limit(topic, produce, passthrough, output_dir, read_duckdb,
                                        make_tickets):
   """A value over 1 MiB (the default --max-record-bytes) is dead-lettered, truncated."""
-  name = topic()
+  name = topic(config={"max.message.bytes": 4 << 20})  # Apache Kafka's default is ~1 MB
   small = make_tickets(2)
   big = json.dumps({**small[0], "ticket_id": "big", "body": "y" * (3 << 19)}).encode()
   produce(name, [{"value": json.dumps(small[0]).encode()}, {"value": big},

@@ -106,13 +106,15 @@ class EmbeddedBroker:
     self.stop()
     raise RuntimeError(f"Tansu did not become ready in {self.startup_timeout}s: {last_error}")
 
-  def create_topic(self, name: str, partitions: int = 1) -> None:
-    """Creates a topic and waits until its metadata shows every partition."""
+  def create_topic(self, name: str, partitions: int = 1, config: dict | None = None) -> None:
+    """Creates a topic (with topic ``config`` settings) and waits until its metadata shows
+    every partition."""
     from kafka import KafkaAdminClient, KafkaConsumer
     from kafka.admin import NewTopic
     admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
     try:
-      admin.create_topics([NewTopic(name, partitions, 1)])
+      admin.create_topics([NewTopic(name, partitions, 1,
+                                    topic_configs={k: str(v) for k, v in (config or {}).items()})])
     finally:
       admin.close()
     consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers)

@@ -40,11 +40,13 @@ def _id_field(schema: Mapping[str, Any]) -> str:
 def publish(bootstrap_servers: str, topic: str, records: Iterable[Mapping[str, Any]], *,
             fmt: str = "json", schema: str | Mapping[str, Any] = "ticket",
             schema_registry_url: str | None = None, schema_id: int = 1,
+            schema_registry_auth: str | None = None,
             producer_config: Mapping[str, Any] | None = None) -> int:
   """Encodes and publishes records; returns how many were acknowledged."""
   from kafka import KafkaProducer
   avro = schemas.load(schema) if isinstance(schema, str) else dict(schema)
-  codec = make_codec(fmt, avro, schema_registry_url=schema_registry_url, schema_id=schema_id)
+  codec = make_codec(fmt, avro, schema_registry_url=schema_registry_url, schema_id=schema_id,
+                     schema_registry_auth=schema_registry_auth)
   if fmt == "confluent-avro" and schema_registry_url:
     codec.schema_id = codec.registry.register(f"{topic}-value", avro)
   key_field = _id_field(avro)

@@ -1,0 +1,269 @@
+"""The pipelines on real engines, against Apache Kafka.
+
+* Apache Flink, through Beam's Flink job server (Beam 2.62.0, Flink 1.19, embedded
+  ``[local]`` cluster, parallelism 2, LOOPBACK workers): passthrough, tickets and
+  documents, bounded. Every record exactly once in the results or dead letters, the
+  group's offsets at the end of the range (committed by a DoFn after the writes: Flink
+  batch has no bundle finalization), the budget and ledger right.
+* Beam's Prism runner, streaming: files appear while the stream runs, out-of-order and
+  old records land in their day, commits never pass durable output, and an idle
+  partition does not hold back the watermark of a user's windowed pipeline.
+"""
+
+import collections
+import json
+import os
+import threading
+import time
+
+import duckdb
+import pytest
+import yaml
+
+from tierflow import launcher
+from tierflow_local.engines import flink_job_server_jar, prism_binary
+from tierflow_local.loader import publish, sample_tickets
+from tierflow_local.provider_server import LocalProviderServer
+from tierflow_local.standin_model import KeywordStandIn
+
+pytestmark = pytest.mark.slow
+T0_MS = 1_704_067_200_000
+DAY_MS = 86_400_000
+
+
+def flink_flags():
+  return ["--runner", "FlinkRunner", f"--flink_job_server_jar={flink_job_server_jar()}",
+          "--flink_master=[local]", "--flink_version=1.19", "--environment_type=LOOPBACK",
+          "--parallelism=2"]
+
+
+def prism_flags():
+  return ["--runner", "PrismRunner", f"--prism_location={prism_binary()}"]
+
+
+_SEQ = iter(range(10_000))
+
+
+def new_topic(kafka, partitions, prefix="engines"):
+  name = f"{prefix}-{next(_SEQ)}-{os.getpid()}"
+  kafka.create_topic(name, partitions)
+  return name
+
+
+def produce(kafka, topic, records):
+  """records: (partition, value bytes, timestamp ms); returns {partition: end offset}."""
+  import logging
+  from confluent_kafka import Producer
+  p = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 5,
+                "logger": logging.getLogger("test.producer")})
+  ends = collections.Counter()
+  for partition, value, ts in records:
+    p.produce(topic, value, partition=partition, timestamp=ts)
+    ends[partition] += 1
+  p.flush()
+  return dict(ends)
+
+
+def stored(out, sub):
+  glob = f"{out}/{sub}/**/*.parquet"
+  if not any(f.endswith(".parquet") for _, _, fs in os.walk(f"{out}/{sub}") for f in fs):
+    return []
+  return duckdb.sql(f"SELECT * FROM read_parquet('{glob}', hive_partitioning=true, "
+                    "hive_types={'dt': VARCHAR})").fetchdf().to_dict("records")
+
+
+def ticket(i, ts=T0_MS):
+  return json.dumps({"ticket_id": f"T{i:06d}", "created_at": ts, "subject": f"s{i}",
+                     "body": f"body {i}"}).encode()
+
+
+@pytest.fixture
+def endpoints():
+  with LocalProviderServer(KeywordStandIn(), models=("small", "frontier")) as server:
+    yield server
+
+
+def model_config(tmp_path, endpoints, pipeline, budget=None):
+  from importlib import resources
+  config = yaml.safe_load(resources.files("tierflow").joinpath("data", f"{pipeline}.yaml")
+                          .read_text())
+  config["budget_usd"] = budget
+  config["models"]["small"].update(base_url=endpoints.openai_base_url, model="small",
+                                   api_key_env=None, price_as="gpt-5-nano", batch_size=4)
+  config["models"]["frontier"].update(provider="anthropic", model="frontier",
+                                      base_url=endpoints.anthropic_base_url, api_key_env=None,
+                                      price_as="claude-sonnet-4-6", batch_size=4)
+  path = tmp_path / f"{pipeline}.yaml"
+  path.write_text(yaml.safe_dump(config))
+  return str(path)
+
+
+# --- Flink --------------------------------------------------------------------------------
+
+
+def test_passthrough_on_flink_writes_every_record_once_and_commits(kafka_broker, tmp_path):
+  name = new_topic(kafka_broker, 4)
+  n = 20_000
+  ends = produce(kafka_broker, name, [(i % 4, b"not json" if i % 97 == 0 else ticket(i),
+                                       T0_MS + i) for i in range(n)])
+  out = str(tmp_path / "out")
+  summary = launcher.launch("passthrough", ["--bootstrap-servers", kafka_broker.bootstrap_servers,
+                                            "--topic", name, "--output", out,
+                                            "--rows-per-file", "2000", *flink_flags()])
+  assert summary.state == "DONE" and summary.exit_code == 0
+  results, dead = stored(out, "results"), stored(out, "dead_letter")
+  keys = collections.Counter((r["kafka_partition"], r["kafka_offset"]) for r in results + dead)
+  assert set(keys.values()) == {1}
+  assert set(keys) == {(p, o) for p, e in ends.items() for o in range(e)}
+  assert len(dead) == len([i for i in range(n) if i % 97 == 0])
+  assert {d["error_type"] for d in dead} == {"invalid_json"}
+  assert summary.committed_offsets == ends
+  assert (summary.rows_written, summary.dead_letters) == (len(results), len(dead))
+
+
+@pytest.mark.parametrize("pipeline", ["tickets", "documents"])
+def test_model_pipelines_on_flink_answer_every_record_within_the_budget(
+    pipeline, kafka_broker, endpoints, tmp_path):
+  name = new_topic(kafka_broker, 3, prefix=pipeline)
+  if pipeline == "tickets":
+    records = sample_tickets()[:90]
+  else:
+    records = [{"doc_id": f"D{i}", "created_at": T0_MS + i, "title": f"Match report {i}",
+                "text": "The team won the league match after a late goal." if i % 2 else
+                "The central bank raised interest rates; shares fell on the market."}
+               for i in range(60)]
+  publish(kafka_broker.bootstrap_servers, name, records,
+          schema="ticket" if pipeline == "tickets" else "document")
+  out = str(tmp_path / "out")
+  budget = 0.02
+  summary = launcher.launch(pipeline, [
+      "--bootstrap-servers", kafka_broker.bootstrap_servers, "--topic", name, "--output", out,
+      "--config", model_config(tmp_path, endpoints, pipeline, budget), "--rows-per-file", "16",
+      *flink_flags()])
+  assert summary.state == "DONE" and summary.exit_code == 0, summary.problems
+  rows = stored(out, "results")
+  assert len(rows) == len(records) == len({r["record_id"] for r in rows})
+  assert {r["status"] for r in rows} == {"ok"}
+  assert stored(out, "dead_letter") == []
+  stages = 3 if pipeline == "tickets" else 2
+  assert all(len(r["stages"]) == stages for r in rows)
+  for r in rows:  # the ledger adds up
+    assert r["cost_usd"] == pytest.approx(sum(s["cost_usd"] for s in r["stages"]))
+    assert r["cost_usd"] == pytest.approx(r["small_cost_usd"] + r["frontier_cost_usd"])
+  assert sum(r["frontier_cost_usd"] for r in rows) <= budget
+  assert sum(summary.committed_offsets.values()) == len(records)
+
+
+# --- Prism, streaming ------------------------------------------------------------------------
+
+
+def _visible(out):
+  return sorted(os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs
+                if f.endswith(".parquet") and not f.startswith("."))
+
+
+def test_streaming_on_prism_writes_files_while_running_and_commits_behind_them(
+    kafka_broker, tmp_path):
+  """Three partitions, one idle; records arrive for 10 s, some out of order and some days
+  old. Files appear during the run; at every moment the group's committed offset of a
+  partition is at most one past the highest offset already in its files."""
+  from confluent_kafka import Consumer, TopicPartition
+  import logging
+  from tierflow.connectors.kafka_client import committed as group_offsets
+  name = new_topic(kafka_broker, 3, prefix="stream")
+  out = str(tmp_path / "out")
+  group = f"tierflow.passthrough.{name}"
+  observations = []
+  sent = collections.Counter()
+
+  def produce_and_watch():
+    watcher = Consumer({"bootstrap.servers": kafka_broker.bootstrap_servers, "group.id": group,
+                        "logger": logging.getLogger("test.watch")})
+    try:
+      for second in range(10):
+        now = int(time.time() * 1000)
+        batch = []
+        for i in range(40):
+          ts = now - (i % 7) * 1000  # out of order within seconds
+          if i == 0:
+            ts = now - 3 * DAY_MS  # days late
+          batch.append((i % 2, ticket(second * 100 + i, ts), now))
+        for p, _, _ in batch:
+          sent[p] += 1
+        produce(kafka_broker, name, batch)
+        files = _visible(out)
+        durable = collections.defaultdict(lambda: -1)
+        for f in files:
+          if "/results/" in f:
+            _, part, _, last = os.path.basename(f)[:-len(".parquet")].rsplit("-", 3)
+            durable[int(part)] = max(durable[int(part)], int(last))
+        committed = {tp.partition: tp.offset for tp in group_offsets(
+            watcher, [TopicPartition(name, p) for p in range(3)])}
+        observations.append((second, len(files), dict(durable), committed))
+        time.sleep(1)
+    finally:
+      watcher.close()
+
+  side = threading.Thread(target=produce_and_watch)
+  side.start()
+  summary = launcher.launch("passthrough", [
+      "--bootstrap-servers", kafka_broker.bootstrap_servers, "--topic", name, "--output", out,
+      "--streaming", "--max-read-seconds", "14", "--flush-seconds", "2", *prism_flags()])
+  side.join()
+  assert summary.state == "DONE" and summary.exit_code == 0
+  assert [n for _, n, _, _ in observations][-1] > 0, observations  # files during the run
+  assert any(n > 0 for s, n, _, _ in observations if s <= 7), observations
+  for _, _, durable, committed in observations:
+    for p, offset in committed.items():
+      if offset >= 0:  # a commit never passes what is durable (the files hold offsets <= last)
+        assert offset <= durable.get(p, -1) + 1, (p, offset, durable)
+  rows = stored(out, "results")
+  assert len(rows) == sum(sent.values()) == len({r["record_id"] for r in rows})
+  # Old and out-of-order records land in the day of their event time; none is dropped.
+  days = collections.Counter(r["dt"] for r in rows)
+  assert len(days) >= 2 and sum(days.values()) == len(rows)
+  assert summary.committed_offsets[0] == sent[0] and summary.committed_offsets[1] == sent[1]
+  assert summary.committed_offsets[2] is None  # the idle partition had nothing to commit
+
+
+def test_an_idle_partition_does_not_hold_back_windows_on_prism(kafka_broker, tmp_path):
+  """A user's windowed pipeline over ReadKafkaBatches: partition 1 stays idle, yet the
+  2-second event-time windows of partition 0 fire while the stream runs."""
+  import apache_beam as beam
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from apache_beam.transforms.window import FixedWindows, TimestampedValue
+  from tierflow import transforms as tf
+  name = new_topic(kafka_broker, 2, prefix="idle")
+  marks = str(tmp_path / "fired")
+  os.makedirs(marks)
+
+  def feed():
+    for second in range(8):
+      now = int(time.time() * 1000)
+      produce(kafka_broker, name, [(0, ticket(second * 10 + i, now), now) for i in range(10)])
+      time.sleep(1)
+
+  def mark(kv, window=beam.DoFn.WindowParam):
+    with open(os.path.join(marks, f"{window.start.micros}"), "w") as f:
+      f.write(f"{time.time()} {len(kv[1])}")
+    return kv
+
+  started = time.time()
+  side = threading.Thread(target=feed)
+  side.start()
+  config = tf.KafkaReadConfig(kafka_broker.bootstrap_servers, name, bounded=False,
+                              max_read_seconds=12, flush_seconds=1,
+                              max_out_of_orderness_s=1, commit_offsets=False)
+  options = PipelineOptions(["--streaming", *prism_flags()])
+  with beam.Pipeline(options=options) as p:
+    _ = (p | tf.ReadKafkaBatches(config)
+         | beam.FlatMap(lambda b: [TimestampedValue(o, t / 1000.0)
+                                   for o, t in zip(b.offsets, b.timestamps)])
+         | beam.WindowInto(FixedWindows(2))
+         | beam.Map(lambda o: ("k", o)) | beam.GroupByKey() | beam.Map(mark))
+  side.join()
+  ended = time.time()
+  fired = [float(open(os.path.join(marks, f)).read().split()[0]) for f in os.listdir(marks)]
+  assert fired, "no window fired"
+  # Windows fired while the stream ran, not all at the end, although partition 1 was idle.
+  assert min(fired) < ended - 4, (started, sorted(fired), ended)
