@@ -213,6 +213,9 @@ class KafkaReadConfig:
       a partition is caught up, so idle partitions do not hold it back.
     stall_timeout_s: a bounded read that gets no data for this long fails
       (broker gone) instead of waiting forever.
+    allow_deleted_offsets: offsets the broker deleted (retention, DeleteRecords)
+      before they were read fail the read with ``OffsetsDeleted`` (default), or are
+      skipped and counted (``offsets_deleted``) when True.
   """
   bootstrap_servers: str
   topic: str
@@ -233,6 +236,7 @@ class KafkaReadConfig:
   resume_delay_s: float = 1.0
   max_read_seconds: Optional[float] = None
   stall_timeout_s: float = 120.0
+  allow_deleted_offsets: bool = False
 
   def __post_init__(self):
     if not self.bootstrap_servers:
@@ -263,6 +267,18 @@ class KafkaReadConfig:
       object.__setattr__(self, "commit_offsets", False)
     check_secret_settings(self.consumer_config)
     client_settings(self.consumer_config)  # unknown or reserved names fail here
+
+
+class OffsetsDeleted(RuntimeError):
+  """Offsets to be read were deleted by the broker first: their records are lost."""
+
+  def __init__(self, topic: str, partition: int, start: int, log_start: int):
+    super().__init__(
+        f"{topic}-{partition}: offsets [{start}, {log_start}) were deleted by the broker "
+        f"(retention or DeleteRecords) before they were read; the log now starts at "
+        f"{log_start}. Their records are lost to this run: --allow-deleted-offsets skips "
+        "them (counted in the run's summary)")
+    self.topic, self.partition, self.start, self.log_start = topic, partition, start, log_start
 
 
 def consumer(config: KafkaReadConfig, group: bool = False, **overrides):
@@ -390,7 +406,9 @@ def resolve_ranges(config: KafkaReadConfig) -> list[PartitionRange]:
         start = offset_for_time(c, config.topic, p, config.start_time_ms, hw)
       if start is None:
         start = group_offsets.get(p)
-      start = min(max(begin if start is None else start, begin), hw)
+      # A start below the log's start stays: those offsets were deleted, and the
+      # reader fails or skips them (allow_deleted_offsets), never silently.
+      start = min(begin if start is None else start, hw)
       if config.bounded:
         stop = _pick(config.end_offset, p)
         if stop is None and config.end_time_ms is not None:
@@ -489,6 +507,7 @@ class _ReadPartitionFn(beam.DoFn):
     self._gaps = Metrics.counter(METRICS_NAMESPACE, "offset_gaps")
     self._behind = Metrics.counter(METRICS_NAMESPACE, "records_behind_watermark")
     self._errors = Metrics.counter(METRICS_NAMESPACE, "fetch_errors")
+    self._deleted = Metrics.counter(METRICS_NAMESPACE, "offsets_deleted")
 
   def setup(self):
     self._consumers: dict = {}  # (topic, partition) -> [consumer, next offset it will return]
@@ -504,7 +523,8 @@ class _ReadPartitionFn(beam.DoFn):
     unassigned, so librdkafka holds no prefetched records for partitions not being read."""
     entry = self._consumers.get((topic, partition))
     if entry is None:
-      entry = self._consumers[(topic, partition)] = [consumer(self._config, **_READ_QUEUE), None]
+      entry = self._consumers[(topic, partition)] = [
+          consumer(self._config, **_READ_QUEUE, **{"auto.offset.reset": "error"}), None]
     entry[0].assign([_tp(topic, partition, offset)])
     entry[1] = offset
     return entry
@@ -530,6 +550,7 @@ class _ReadPartitionFn(beam.DoFn):
     idle = False  # streaming: caught up with nothing read in this call
     expired = False
     caught_up = False
+    deleted = 0  # offsets skipped because the broker deleted them (allow_deleted_offsets)
     while position < boundary:
       if element.read_until_ms and time.time() * 1000 >= element.read_until_ms:
         expired = True
@@ -543,6 +564,12 @@ class _ReadPartitionFn(beam.DoFn):
             caught_up = True
             # Past the last record there may only be gaps (e.g. a transaction marker).
             position = max(position, min(m.offset(), boundary))
+          elif error.code() == KafkaError._AUTO_OFFSET_RESET:
+            # The position is out of range: deleted below the log's start.
+            skipped_to = self._skip_deleted(c, topic, partition, position, boundary)
+            deleted += skipped_to - position
+            position = skipped_to
+            break
           else:
             self._errors.inc()
             _LOGGER.warning("%s-%d: fetch error %s", topic, partition, error.str())
@@ -585,7 +612,7 @@ class _ReadPartitionFn(beam.DoFn):
       if not tracker.try_claim(end - 1):  # the tail of the batch was gaps
         end = offsets[-1] + 1 if offsets else start
     if end > start:
-      self._emit_counts(offsets, values, end - start)
+      self._emit_counts(offsets, values, end - start, deleted)
       out = KafkaBatch(topic, partition, start, end, element.start,
                        offsets, stamps, keys, values, element.run_offsets)
       yield out if watermark is None else self._stamped(out, watermark, lag_ms)
@@ -598,13 +625,32 @@ class _ReadPartitionFn(beam.DoFn):
       _set_if_greater(watermark, Timestamp.now() - Duration(seconds=cfg.max_out_of_orderness_s))
     tracker.defer_remainder(Duration(seconds=cfg.resume_delay_s if idle else 0))
 
-  def _emit_counts(self, offsets, values, covered):
+  def _skip_deleted(self, c, topic: str, partition: int, position: int, boundary: int) -> int:
+    """Offsets from ``position`` were deleted: raises ``OffsetsDeleted``, or (allowed)
+    counts them and goes on at the log's start; returns the new position."""
+    log_start, _ = c.get_watermark_offsets(_tp(topic, partition), timeout=10)
+    if log_start <= position:  # not deleted after all (a truncated leader?): retry there
+      c.assign([_tp(topic, partition, position)])
+      return position
+    if not self._config.allow_deleted_offsets:
+      raise OffsetsDeleted(topic, partition, position, log_start)
+    skipped_to = min(log_start, boundary)
+    _LOGGER.warning("%s-%d: offsets [%d, %d) were deleted by the broker before they were "
+                    "read; skipped (--allow-deleted-offsets)", topic, partition, position,
+                    skipped_to)
+    if skipped_to < boundary:
+      c.assign([_tp(topic, partition, skipped_to)])
+    return skipped_to
+
+  def _emit_counts(self, offsets, values, covered, deleted):
     progress.add(read=len(offsets))
     self._batches.inc()
     self._records.inc(len(offsets))
     self._bytes.inc(sum(len(v) for v in values if v))
-    if covered > len(offsets):
-      self._gaps.inc(covered - len(offsets))
+    if deleted:
+      self._deleted.inc(deleted)
+    if covered > len(offsets) + deleted:
+      self._gaps.inc(covered - len(offsets) - deleted)
 
   def _stamped(self, batch: KafkaBatch, watermark, lag_ms: int):
     """The batch stamped at its earliest record time, never behind the watermark."""

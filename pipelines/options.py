@@ -135,6 +135,9 @@ class KafkaSourceOptions(PipelineOptions):
          help="extra Kafka client setting KEY=VALUE (repeatable), librdkafka or kafka-python "
               "names, e.g. security.protocol=SASL_SSL; secrets only by reference: "
               "sasl.password=env:VAR or =file:PATH (read on the worker)")
+    _add(parser, "allow-deleted-offsets", action="store_true", default=False,
+         help="skip offsets the broker deleted (retention) before they were read, counting "
+              "them in the summary, instead of failing the run")
     _add(parser, "max-record-bytes", type=int, default=1024 * 1024,
          help="records larger than this go to the dead-letter output")
     _add(parser, "max-read-seconds", type=float, default=None,
@@ -239,6 +242,7 @@ class SourceSinkConfig:
           flush_seconds=o.flush_seconds,
           max_out_of_orderness_s=k.max_out_of_orderness_seconds,
           max_read_seconds=k.max_read_seconds,
+          allow_deleted_offsets=k.allow_deleted_offsets,
       )
     except ValueError as e:
       raise ValueError(_flag_words(str(e))) from None

@@ -347,8 +347,10 @@ def test_flink_session_cluster_matches_beam_and_submit_script():
   assert deployment["kind"] == "FlinkDeployment"
   assert "job" not in deployment["spec"], "a session cluster has no job"
   version = deployment["spec"]["flinkVersion"].removeprefix("v").replace("_", ".")
-  assert version in FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS, (
-      f"Beam {_beam_pin()} publishes no Flink {version} runner")
+  pom = (FLINK / "jobserver" / "pom.xml").read_text()
+  assert f"<artifactId>beam-runners-flink-{version}</artifactId>" in pom, (
+      f"the baked job server is not Flink {version}'s runner")
+  assert version in FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS
   assert deployment["spec"]["image"] == f"flink:{version}"
   submit = (FLINK / "submit.sh").read_text()
   assert f'FLINK_VERSION="${{FLINK_VERSION:-${{TIERFLOW_FLINK_VERSION:-{version}}}}}"' in submit
@@ -356,7 +358,7 @@ def test_flink_session_cluster_matches_beam_and_submit_script():
   containers = deployment["spec"]["taskManager"]["podTemplate"]["spec"]["containers"]
   (pool,) = [c for c in containers if "--worker_pool" in c.get("args", [])]
   assert 50000 in [p["containerPort"] for p in pool["ports"]]
-  assert "--environment_config localhost:50000" in submit
+  assert '--environment_config "${WORKER_POOL:-localhost:50000}"' in submit
   assert "--environment_type EXTERNAL" in submit
 
 
@@ -443,7 +445,10 @@ def test_flink_submit_flags_are_accepted(tmp_path):
   commands = {}
   for mode in (["streaming"], ["backfill", "2026-11-20T00:00:00Z", "2026-11-21T00:00:00Z"]):
     args_file = tmp_path / f"{mode[0]}.args"
+    jar = tmp_path / "job-server.jar"
+    jar.write_bytes(b"")
     env = {**os.environ, "PYTHON": str(fake), "FAKE_ARGS": str(args_file),
+           "FLINK_JOB_SERVER_JAR": str(jar),
            "BOOTSTRAP_SERVERS": "kafka:9092", "TOPIC": "tickets",
            "OUTPUT": str(tmp_path / "out")}
     done = subprocess.run(["bash", str(FLINK / "submit.sh"), *mode], env=env,

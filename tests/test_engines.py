@@ -5,6 +5,10 @@
   documents, bounded. Every record exactly once in the results or dead letters, the
   group's offsets at the end of the range (committed by a DoFn after the writes: Flink
   batch has no bundle finalization), the budget and ledger right.
+* A Flink 1.19 session cluster (JobManager and TaskManager JVMs from PyPI's
+  apache-flink-libraries), submitted to by ``deploy/flink/submit.sh`` as in production:
+  the uber jar through Flink's REST API, Python workers from an external worker pool.
+  A time-range backfill, and a streaming job with checkpoints that commits behind its files.
 * Beam's Prism runner, streaming: files appear while the stream runs, out-of-order and
   old records land in their day, commits never pass durable output, and an idle
   partition does not hold back the watermark of a user's windowed pipeline.
@@ -13,6 +17,8 @@
 import collections
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -21,7 +27,8 @@ import pytest
 import yaml
 
 from tierflow import launcher
-from tierflow_local.engines import flink_job_server_jar, prism_binary
+from tierflow_local.broker import free_port
+from tierflow_local.engines import FlinkSessionCluster, flink_job_server_jar, prism_binary
 from tierflow_local.loader import publish, sample_tickets
 from tierflow_local.provider_server import LocalProviderServer
 from tierflow_local.standin_model import KeywordStandIn
@@ -152,6 +159,116 @@ def test_model_pipelines_on_flink_answer_every_record_within_the_budget(
     assert r["cost_usd"] == pytest.approx(r["small_cost_usd"] + r["frontier_cost_usd"])
   assert sum(r["frontier_cost_usd"] for r in rows) <= budget
   assert sum(summary.committed_offsets.values()) == len(records)
+
+
+# --- A Flink session cluster, submitted to by deploy/flink/submit.sh -----------------------
+
+SUBMIT_SH = os.path.join(os.path.dirname(__file__), os.pardir, "deploy", "flink", "submit.sh")
+
+
+@pytest.fixture(scope="module")
+def flink_cluster():
+  with FlinkSessionCluster() as cluster:
+    yield cluster
+
+
+@pytest.fixture
+def worker_pool():
+  """Beam's Python worker pool, as the TaskManager's sidecar runs it (boot --worker_pool)."""
+  port = free_port()
+  # The pool starts its workers as `python`: this interpreter first on PATH.
+  env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+  proc = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+                           f"--service_port={port}"], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 60
+  import socket
+  while time.monotonic() < deadline:
+    with socket.socket() as s:
+      if s.connect_ex(("127.0.0.1", port)) == 0:
+        break
+    time.sleep(0.2)
+  yield f"localhost:{port}"
+  proc.terminate()
+  proc.wait(timeout=30)
+
+
+def submit(flink, pool, kafka, topic, out, *mode, **env):
+  """deploy/flink/submit.sh as the Kubernetes submit Job runs it, against this cluster."""
+  environment = dict(os.environ, PYTHON=sys.executable, FLINK_MASTER=flink.rest_address,
+                     FLINK_JOB_SERVER_JAR=str(flink_job_server_jar()), WORKER_POOL=pool,
+                     BOOTSTRAP_SERVERS=kafka.bootstrap_servers, TOPIC=topic, OUTPUT=out,
+                     SDK_WORKER_PARALLELISM="1", **env)
+  return subprocess.run(["bash", SUBMIT_SH, *mode], env=environment, capture_output=True,
+                        text=True, timeout=600)
+
+
+@pytest.mark.parametrize("mode", ["uber-jar", "job-server"])
+def test_a_backfill_submitted_to_a_flink_session_cluster_reads_exactly_its_day(
+    mode, kafka_broker, flink_cluster, worker_pool, tmp_path):
+  name = new_topic(kafka_broker, 2, prefix="session")
+  records = [(i % 2, b"{oops" if i % 50 == 7 else ticket(i, T0_MS + (i // 300) * DAY_MS),
+              T0_MS + (i // 300) * DAY_MS + i) for i in range(900)]  # three days, 300 each
+  produce(kafka_broker, name, records)
+  out = str(tmp_path / "out")
+  jobs_before = {j["id"] for j in flink_cluster.jobs()}
+  day2 = T0_MS + DAY_MS
+  done = submit(flink_cluster, worker_pool, kafka_broker, name, out, "backfill", str(day2),
+                str(day2 + DAY_MS), SUBMIT_MODE=mode, ARTIFACTS_DIR=str(tmp_path / "staged"))
+  assert done.returncode == 0, done.stderr[-3000:]
+  print(done.stdout, done.stderr[-3000:])
+  results, dead = stored(out, "results"), stored(out, "dead_letter")
+  expected = {(p, o) for p in (0, 1) for o in range(450)
+              if day2 <= T0_MS + ((2 * o + p) // 300) * DAY_MS + 2 * o + p < day2 + DAY_MS}
+  keys = collections.Counter((r["kafka_partition"], r["kafka_offset"]) for r in results + dead)
+  assert set(keys.values()) == {1} and set(keys) == expected
+  assert len(dead) == sum(1 for i in range(300, 600) if i % 50 == 7)
+  new_jobs = [j for j in flink_cluster.jobs() if j["id"] not in jobs_before]
+  assert [j["status"] for j in new_jobs] == ["FINISHED"]  # it ran on the cluster
+
+
+def test_a_streaming_job_on_a_flink_session_cluster_commits_behind_its_files(
+    kafka_broker, flink_cluster, worker_pool, tmp_path):
+  from confluent_kafka import Consumer, TopicPartition
+  import logging
+  from tierflow.connectors.kafka_client import committed as group_offsets
+  name = new_topic(kafka_broker, 2, prefix="session-stream")
+  out = str(tmp_path / "out")
+  group = f"session-{name}"
+  jobs_before = {j["id"] for j in flink_cluster.jobs()}
+  done = submit(flink_cluster, worker_pool, kafka_broker, name, out, "streaming",
+                GROUP_ID=group, CHECKPOINT_MS="2000",
+                EXTRA_ARGS="--flush-seconds 1 --rows-per-file 100")
+  assert done.returncode == 0, done.stderr[-3000:]  # submitted; the job runs on the cluster
+  (job,) = [j for j in flink_cluster.jobs() if j["id"] not in jobs_before]
+  watcher = Consumer({"bootstrap.servers": kafka_broker.bootstrap_servers, "group.id": group,
+                      "logger": logging.getLogger("test.watch")})
+  sent = collections.Counter()
+  try:
+    for round_ in range(3):
+      now = int(time.time() * 1000)
+      batch = [(i % 2, ticket(round_ * 1000 + i, now), now) for i in range(150)]
+      produce(kafka_broker, name, batch)
+      sent.update(p for p, _, _ in batch)
+      deadline = time.monotonic() + 120
+      while time.monotonic() < deadline:
+        committed = {tp.partition: tp.offset for tp in group_offsets(
+            watcher, [TopicPartition(name, p) for p in range(2)])}
+        rows = stored(out, "results")  # read after the commits: a file never trails them
+        in_files = collections.Counter(r["kafka_partition"] for r in rows)
+        for p, offset in committed.items():  # never ahead of the files
+          assert offset < 0 or offset <= in_files[p], (committed, in_files)
+        if len(rows) == sum(sent.values()) and committed == dict(sent):
+          break
+        time.sleep(1)
+      else:
+        raise AssertionError(f"round {round_}: {len(rows)} rows of {sum(sent.values())}, "
+                             f"committed {committed}; job {flink_cluster.jobs()}")
+      assert len({r["record_id"] for r in rows}) == len(rows)
+    assert {j["id"]: j["status"] for j in flink_cluster.jobs()}[job["id"]] == "RUNNING"
+  finally:
+    watcher.close()
+    flink_cluster.cancel(job["id"])
 
 
 # --- Prism, streaming ------------------------------------------------------------------------

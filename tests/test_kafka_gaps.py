@@ -149,3 +149,86 @@ def test_a_broker_restart_mid_run_loses_nothing(kafka_broker, tmp_path):
     assert again.returncode == 0, again.stderr
   counts = collections.Counter(stored_offsets(out))
   assert len(counts) == n and set(counts.values()) == {1}
+
+
+def _delete_before(kafka, topic, partition, offset):
+  """DeleteRecords: what retention does, at a chosen offset."""
+  from confluent_kafka import TopicPartition
+  from confluent_kafka.admin import AdminClient
+  admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers,
+                       "logger": logging.getLogger("t")})
+  for future in admin.delete_records([TopicPartition(topic, partition, offset)]).values():
+    future.result(timeout=30)
+
+
+def _produce(kafka, topic, n):
+  from confluent_kafka import Producer
+  producer = Producer({"bootstrap.servers": kafka.bootstrap_servers,
+                       "logger": logging.getLogger("t")})
+  for i in range(n):
+    producer.produce(topic, value(i), partition=0)
+  producer.flush()
+
+
+@pytest.mark.parametrize("start", ["group", "explicit"])
+def test_offsets_deleted_before_they_were_read_fail_the_run_unless_allowed(
+    start, kafka_broker, tmp_path):
+  """Retention deleted offsets 0-39 while the group was at 10 (or the run asks for 0): the
+  run fails naming them; with --allow-deleted-offsets it reads 40-99 and reports 30 (or
+  40) offsets skipped. Never a silent jump."""
+  from confluent_kafka import Consumer, TopicPartition
+  topic = f"deleted-{start}"
+  kafka_broker.create_topic(topic, 1)
+  _produce(kafka_broker, topic, 100)
+  group = f"g-{topic}"
+  if start == "group":
+    c = Consumer({"bootstrap.servers": kafka_broker.bootstrap_servers, "group.id": group,
+                  "logger": logging.getLogger("t")})
+    c.commit(offsets=[TopicPartition(topic, 0, 10)], asynchronous=False)
+    c.close()
+    flags, lost = ["--group-id", group], 30
+  else:
+    flags, lost = ["--start-offset", "0", "--end-offset", "100"], 40
+  _delete_before(kafka_broker, topic, 0, 40)
+  out = str(tmp_path / "out")
+  with pytest.raises(Exception, match=rf"offsets \[{40 - lost}, 40\) were deleted by the broker"):
+    run(kafka_broker, topic, out, *flags)
+  assert not os.path.exists(f"{out}/results")
+  summary = run(kafka_broker, topic, out, *flags, "--allow-deleted-offsets")
+  assert summary.exit_code == 0 and summary.offsets_deleted == lost
+  assert any("deleted by the broker" in p for p in summary.problems)
+  assert stored_offsets(out) == [(0, o) for o in range(40, 100)]
+  if start == "group":
+    assert summary.committed_offsets == {0: 100}
+
+
+def test_offsets_deleted_between_resolving_and_reading_are_not_passed_as_gaps(
+    kafka_broker, tmp_path):
+  """The race the first run on a session cluster hit: the range is resolved, then
+  retention deletes its head before the reader gets there."""
+  import apache_beam as beam
+  from apache_beam.testing.test_pipeline import TestPipeline
+  from tierflow.connectors.kafka_source import KafkaReadConfig, _ReadPartitionFn, resolve_ranges
+  topic = "deleted-race"
+  kafka_broker.create_topic(topic, 1)
+  _produce(kafka_broker, topic, 100)
+  config = KafkaReadConfig(kafka_broker.bootstrap_servers, topic)
+  ranges = resolve_ranges(config)
+  assert [(r.start, r.stop) for r in ranges] == [(0, 100)]
+  _delete_before(kafka_broker, topic, 0, 60)
+
+  def read(cfg):
+    with TestPipeline() as p:
+      _ = (p | beam.Create(ranges) | beam.ParDo(_ReadPartitionFn(cfg))
+           | beam.Map(lambda b, seen=os.path.join(tmp_path, "seen"): open(seen, "a").write(
+               f"{b.start} {b.end} {len(b.offsets)}\n")))
+
+  with pytest.raises(Exception, match=r"offsets \[0, 60\) were deleted"):
+    read(config)
+  import dataclasses
+  if os.path.exists(tmp_path / "seen"):
+    os.remove(tmp_path / "seen")
+  read(dataclasses.replace(config, allow_deleted_offsets=True))
+  batches = [tuple(map(int, l.split())) for l in open(tmp_path / "seen")]
+  assert sorted(batches)[0][0] == 0 and max(b[1] for b in batches) == 100
+  assert sum(b[2] for b in batches) == 40  # 60..99 read; 0..59 skipped, not passed as gaps

@@ -61,6 +61,7 @@ class RunSummary:
   decode_dead_letters: int = -1
   records_failed: int = -1
   records_routed: int = -1
+  offsets_deleted: int = 0
   exit_code: int = EXIT_OK
   problems: tuple = ()
 
@@ -239,6 +240,9 @@ def judge(summary: RunSummary, max_failed: float, max_dead: Optional[float]) -> 
     problems.append(f"{summary.decode_dead_letters} of {summary.records_read} records were "
                     f"undecodable (limit {max_dead:.2%}, --max-dead-letter-fraction)")
     code = code or EXIT_DEAD_LETTERS
+  if summary.offsets_deleted > 0:
+    problems.append(f"{summary.offsets_deleted} offsets were deleted by the broker before "
+                    "they were read; skipped (--allow-deleted-offsets)")
   if summary.records_read < 0:
     problems.append("the runner reported no metrics: the run's limits were not checked")
   return dataclasses.replace(summary, exit_code=code, problems=tuple(problems))
@@ -266,6 +270,7 @@ def launch(name: str, argv: Sequence[str], *, wait: bool = True) -> RunSummary:
       decode_dead_letters=_counter(result, "records_dead_lettered", "tierflow.decode"),
       records_failed=_counter(result, "records_failed", "tierflow.routing"),
       records_routed=_counter(result, "records", "tierflow.routing"),
+      offsets_deleted=max(0, _counter(result, "offsets_deleted", "tierflow.kafka")),
   )
   return judge(summary, max_failed, max_dead)
 

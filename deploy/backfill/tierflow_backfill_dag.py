@@ -19,9 +19,11 @@ Configuration (Airflow Variables, with defaults below):
       --runner DataflowRunner --project P --region R --temp_location gs://B/tmp
           --sdk_container_image IMAGE --subnetwork regions/R/subnetworks/S
           --no_use_public_ips --experiments use_runner_v2
-      --runner FlinkRunner --flink_master tierflow-flink-rest:8081 --flink_version 1.20
-          --flink_submit_uber_jar --environment_type EXTERNAL
+      --runner FlinkRunner --flink_master tierflow-flink-rest:8081 --flink_version 1.19
+          --flink_submit_uber_jar --flink_job_server_jar JAR --environment_type EXTERNAL
           --environment_config localhost:50000
+      (JAR: Beam's Flink job server, as deploy/flink/Dockerfile bakes it; without it
+      Beam downloads its own for its version, which CI did not test)
     (empty: the local FnApiRunner on the Airflow worker, for small topics only).
 The Airflow worker needs tierflow installed (plus apache-beam[gcp] for
 Dataflow). To launch the Flex Template instead, call

@@ -3,7 +3,7 @@
     python deploy/flink/flink_run.py PIPELINE [--no-wait] [pipeline and Beam flags]
 
 Same arguments as ``tierflow run``. Why it exists: ``--checkpointing_interval``
-and the other checkpoint settings are options of Beam's *Java* Flink runner
+and the other checkpoint and bundle settings are options of Beam's *Java* Flink runner
 (``FlinkPipelineOptions``); Python's ``FlinkRunnerOptions`` does not declare
 them. Beam learns them at submission time from the job server, but tierflow's
 launcher rejects every flag no ``PipelineOptions`` class declares (so a typo
@@ -13,8 +13,9 @@ never silently changes a run), and it checks before any job server exists:
 ``PipelineOptions`` subclass, makes the launcher accept them, and Beam then
 sends them to the runner as ``beam:option:checkpointing_interval:v1``, the
 name the Java runner reads (the portable runner skips runner options that are
-already declared, so there is no conflict). Without checkpoints, a streaming
-job on Flink never finalizes bundles, so it never commits Kafka offsets.
+already declared, so there is no conflict). On a streaming job, checkpoints with
+``--finish_bundle_before_checkpointing`` are what flush the read's batches to the
+writes (and so to the offset commits that follow them).
 
 If tierflow's own options ever declare these flags, this file can go and
 ``submit.sh`` can call ``tierflow run`` directly.
@@ -45,6 +46,17 @@ class FlinkCheckpointOptions(PipelineOptions):
     parser.add_argument(
         "--min_pause_between_checkpoints", type=int, default=None,
         help="Minimum pause between checkpoints (ms).")
+    parser.add_argument(
+        "--finish_bundle_before_checkpointing", action="store_true", default=None,
+        help="Finish the open bundles before each checkpoint. submit.sh always passes it for "
+             "streaming: without it (Beam 2.62's runner, Flink 1.19) the streaming read's "
+             "output was never flushed to the writes (tests/test_engines.py).")
+    parser.add_argument(
+        "--max_bundle_time_mills", type=int, default=None,
+        help="Longest a bundle stays open (ms); Beam's default 1000 in streaming.")
+    parser.add_argument(
+        "--max_bundle_size", type=int, default=None,
+        help="Most elements in a bundle; Beam's default 1000 in streaming.")
 
 
 def main(argv=None) -> int:

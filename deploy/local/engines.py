@@ -131,6 +131,9 @@ class ApacheKafka:
         "share.coordinator.state.topic.replication.factor=1",
         "share.coordinator.state.topic.min.isr=1", "group.initial.rebalance.delay.ms=0",
         "auto.create.topics.enable=false", "log.cleaner.backoff.ms=500",
+        # Tests write records with 2024 timestamps: the default 7-day retention would
+        # delete them mid-suite (tests delete records on purpose with DeleteRecords).
+        "log.retention.ms=-1",
         "num.network.threads=2", "num.io.threads=2", "num.recovery.threads.per.data.dir=1",
         "background.threads=2", "broker.session.timeout.ms=3000",
         "broker.heartbeat.interval.ms=500", ""]))

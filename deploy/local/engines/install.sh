@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the real engines the tests run on, into ENGINES (default: .engines/ at the repo root):
-#   flink/      Beam's Flink job server (Beam 2.62.0, Flink 1.19; see flink-jobserver/pom.xml)
+#   flink/      Beam's Flink job server (Beam 2.62.0, Flink 1.19; see deploy/flink/jobserver/pom.xml)
 #   flink-dist/ Flink 1.19.3's jars for a session cluster (PyPI apache-flink-libraries sdist;
 #               Maven Central does not serve flink-dist)
 #   prism/      Beam's Prism runner, built from the Go module at the Python SDK's Beam version
@@ -20,11 +20,10 @@ say() { echo "engines: $*" >&2; }
 if [ ! -f "$ENGINES/flink/beam-flink-job-server.jar" ]; then
   say "Beam's Flink job server (Maven Central, ~150 MB)"
   BUILD="$ENGINES/flink.build"
-  rm -rf "$BUILD" && mkdir -p "$BUILD" && cp "$HERE/flink-jobserver/pom.xml" "$BUILD/"
+  rm -rf "$BUILD" && mkdir -p "$BUILD" && cp "$ROOT/deploy/flink/jobserver/pom.xml" "$BUILD/"
   "${MVN[@]}" -f "$BUILD/pom.xml" package
   rm -rf "$ENGINES/flink" && mkdir -p "$ENGINES/flink"
-  mv "$BUILD/target/lib" "$ENGINES/flink/lib"
-  mv "$BUILD"/target/beam-flink-job-server-*.jar "$ENGINES/flink/beam-flink-job-server.jar"
+  mv "$BUILD"/target/beam-flink-job-server-2*.jar "$ENGINES/flink/beam-flink-job-server.jar"
   rm -rf "$BUILD"
 fi
 
