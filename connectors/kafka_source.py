@@ -237,6 +237,11 @@ class KafkaReadConfig:
   max_read_seconds: Optional[float] = None
   stall_timeout_s: float = 120.0
   allow_deleted_offsets: bool = False
+  # A bounded read hands the rest of its range back to the runner after each batch (a
+  # checkpoint). FnApiRunner with several workers drops such deferred work
+  # (apache/beam#19842): there the launcher sets this False and a partition's range is
+  # read in one call, batch after batch.
+  checkpoint_between_batches: bool = True
 
   def __post_init__(self):
     if not self.bootstrap_servers:
@@ -437,7 +442,11 @@ class _ResolveRangesFn(beam.DoFn):
     self._config = config
 
   def process(self, unused_impulse) -> Iterator[PartitionRange]:
-    for r in resolve_ranges(self._config):
+    ranges = resolve_ranges(self._config)
+    if self._config.bounded:  # what the run must cover (the launcher checks it did)
+      Metrics.counter(METRICS_NAMESPACE, "offsets_in_range").inc(
+          sum(r.stop - r.start for r in ranges))
+    for r in ranges:
       _LOGGER.info("kafka read %s-%d offsets [%d, %s)", r.topic, r.partition, r.start,
                    r.stop if r.bounded else "unbounded")
       yield r
@@ -508,6 +517,7 @@ class _ReadPartitionFn(beam.DoFn):
     self._behind = Metrics.counter(METRICS_NAMESPACE, "records_behind_watermark")
     self._errors = Metrics.counter(METRICS_NAMESPACE, "fetch_errors")
     self._deleted = Metrics.counter(METRICS_NAMESPACE, "offsets_deleted")
+    self._covered = Metrics.counter(METRICS_NAMESPACE, "offsets_covered")
 
   def setup(self):
     self._consumers: dict = {}  # (topic, partition) -> [consumer, next offset it will return]
@@ -530,13 +540,24 @@ class _ReadPartitionFn(beam.DoFn):
     return entry
 
   def _read(self, element: PartitionRange, tracker, watermark):
+    start = tracker.current_restriction().start
+    while True:
+      start = yield from self._read_batch(element, tracker, watermark, start)
+      if start is None:
+        return
+      if self._config.checkpoint_between_batches or not element.bounded:
+        tracker.defer_remainder(Duration(seconds=0))
+        return
+
+  def _read_batch(self, element: PartitionRange, tracker, watermark, start: int):
+    """Reads and yields one batch from ``start``; returns where the next batch starts
+    when the rest of the range is to be read now, else None (done, split, or deferred)."""
     from confluent_kafka import KafkaError
     cfg = self._config
     topic, partition = element.topic, element.partition
     restriction = tracker.current_restriction()
-    start = restriction.start
     if start >= restriction.stop:
-      return
+      return None
     bounded = restriction.stop != UNBOUNDED
     boundary = min(restriction.stop, next_boundary(start, cfg.offsets_per_batch))
     entry = self._consumer_at(topic, partition, start)
@@ -618,12 +639,15 @@ class _ReadPartitionFn(beam.DoFn):
       yield out if watermark is None else self._stamped(out, watermark, lag_ms)
     if expired:
       tracker.try_claim(UNBOUNDED)  # ends the restriction: nothing more to read
-      return
+      return None
     if split or end >= restriction.stop:
-      return
+      return None
     if watermark is not None and idle and cfg.idle_advance:
       _set_if_greater(watermark, Timestamp.now() - Duration(seconds=cfg.max_out_of_orderness_s))
-    tracker.defer_remainder(Duration(seconds=cfg.resume_delay_s if idle else 0))
+    if idle:
+      tracker.defer_remainder(Duration(seconds=cfg.resume_delay_s))
+      return None
+    return end
 
   def _skip_deleted(self, c, topic: str, partition: int, position: int, boundary: int) -> int:
     """Offsets from ``position`` were deleted: raises ``OffsetsDeleted``, or (allowed)
@@ -644,6 +668,7 @@ class _ReadPartitionFn(beam.DoFn):
 
   def _emit_counts(self, offsets, values, covered, deleted):
     progress.add(read=len(offsets))
+    self._covered.inc(covered)
     self._batches.inc()
     self._records.inc(len(offsets))
     self._bytes.inc(sum(len(v) for v in values if v))

@@ -16,11 +16,13 @@ import logging
 import math
 import os
 import random
+import socket
 import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Optional
 
+from tierflow.connectors.circuit_breaker import CircuitBreaker, CircuitOpen
 from tierflow.prices import Usage
 
 if TYPE_CHECKING:
@@ -69,7 +71,19 @@ class ModelCallError(Exception):
 
 
 class RateLimiter:
-  """Requests- and tokens-per-minute limits over a sliding 60 s window (thread-safe)."""
+  """Requests- and tokens-per-minute limits over a sliding 60 s window (thread-safe).
+
+  The limits are this process's share (the pipeline divides the configured ones by the
+  worker count) and adapt to the provider: a 429 halves them (``throttled``), each
+  answered request raises them by one request (and its tokens) per minute (``answered``)
+  back up to the share: additive increase, multiplicative decrease.
+  """
+
+  min_factor = 1 / 16
+  # The window this side keeps: a little over the provider's 60 s, so a request sent just
+  # as its predecessor of a minute ago leaves the window here is not counted in the
+  # provider's window still (its clock starts when the request arrives, not when sent).
+  window_s = 61.0
 
   def __init__(self, rpm: Optional[int], tpm: Optional[int], clock=time.monotonic,
                sleep=time.sleep):
@@ -77,21 +91,41 @@ class RateLimiter:
     self._clock, self._sleep = clock, sleep
     self._events: deque = deque()  # (time, tokens)
     self._lock = threading.Lock()
+    self.factor = 1.0  # the adaptive share of the limits in force
+
+  def throttled(self) -> None:
+    """The provider answered 429: halve the limits in force."""
+    with self._lock:
+      self.factor = max(self.min_factor, self.factor / 2)
+
+  def answered(self) -> None:
+    """A request was answered: one more request per minute, up to the configured share."""
+    if self.rpm and self.factor < 1:
+      with self._lock:
+        self.factor = min(1.0, self.factor + 1 / self.rpm)
+
+  def _limits(self) -> tuple[int, int]:
+    rpm = max(1, int(self.rpm * self.factor)) if self.rpm else 0
+    tpm = max(1, int(self.tpm * self.factor)) if self.tpm else 0
+    return rpm, tpm
 
   def _wait_for(self, now: float, tokens: int) -> float:
-    while self._events and self._events[0][0] <= now - 60:
+    window = self.window_s
+    while self._events and self._events[0][0] <= now - window:
       self._events.popleft()
+    rpm, tpm = self._limits()
     wait = 0.0
-    if self.rpm and len(self._events) >= self.rpm:
-      wait = max(wait, self._events[len(self._events) - self.rpm][0] + 60 - now)
-    if self.tpm:
+    if rpm and len(self._events) >= rpm:
+      wait = max(wait, self._events[len(self._events) - rpm][0] + window - now)
+    if tpm:
+      tokens = min(tokens, tpm)
       used = sum(t for _, t in self._events)
-      if used + tokens > self.tpm and self._events:
+      if used + tokens > tpm and self._events:
         freed = 0
         for ts, t in self._events:
           freed += t
-          if used - freed + tokens <= self.tpm:
-            wait = max(wait, ts + 60 - now)
+          if used - freed + tokens <= tpm:
+            wait = max(wait, ts + window - now)
             break
     return wait
 
@@ -114,6 +148,7 @@ class RateLimiter:
 
 
 _LIMITERS: dict = {}
+_BREAKERS: dict = {}
 _LIMITERS_LOCK = threading.Lock()
 
 
@@ -125,6 +160,17 @@ def _limiter_for(cfg: "ModelConfig") -> RateLimiter:
     return _LIMITERS[key]
 
 
+def _breaker_for(cfg: "ModelConfig") -> Optional[CircuitBreaker]:
+  if not cfg.breaker_failures:
+    return None
+  key = (cfg.provider, cfg.base_url, cfg.model, cfg.breaker_failures, cfg.breaker_cooldown_s)
+  with _LIMITERS_LOCK:
+    if key not in _BREAKERS:
+      _BREAKERS[key] = CircuitBreaker(f"{cfg.provider}:{cfg.model}", cfg.breaker_failures,
+                                      cfg.breaker_cooldown_s)
+    return _BREAKERS[key]
+
+
 def _api_key(cfg: "ModelConfig") -> str:
   if cfg.api_key_env:
     key = os.environ.get(cfg.api_key_env)
@@ -133,6 +179,22 @@ def _api_key(cfg: "ModelConfig") -> str:
     return key
   # A local endpoint needs no key, but the SDKs insist on one.
   return "unused-local-key"
+
+
+def _provider_message(e) -> str:
+  """The provider's own one-line reason for a 4xx/5xx (``error.message`` in both APIs'
+  bodies), cut to 200 characters; it names the parameter, never the key."""
+  body = getattr(e, "body", None)  # the openai SDK has already unwrapped "error"
+  error = body.get("error", body) if isinstance(body, dict) else None
+  message = error.get("message") if isinstance(error, dict) else None
+  if not isinstance(message, str):
+    return ""
+  return " ".join(message.split())[:200]
+
+
+def _worker_header() -> dict:
+  """Which worker process sends (host/pid), for a proxy's or the endpoint's logs."""
+  return {"x-tierflow-worker": f"{socket.gethostname()}/{os.getpid()}"}
 
 
 _RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
@@ -170,18 +232,20 @@ class ModelClient:
   def __init__(self, cfg: "ModelConfig", sleep=time.sleep):
     self.cfg = cfg
     self.limiter = _limiter_for(cfg)
+    self.breaker = _breaker_for(cfg)
     self._sleep = sleep
     key = _api_key(cfg)
     if cfg.provider == "openai":
       import openai
       self._sdk = openai
       self._client = openai.OpenAI(api_key=key, base_url=cfg.base_url, max_retries=0,
-                                   timeout=cfg.timeout_s)
+                                   timeout=cfg.timeout_s, default_headers=_worker_header())
     else:
       import anthropic
       self._sdk = anthropic
       self._client = anthropic.Anthropic(api_key=key, base_url=cfg.base_url, max_retries=0,
-                                         timeout=cfg.timeout_s)
+                                         timeout=cfg.timeout_s,
+                                         default_headers=_worker_header())
     self.retries = 0  # retries made over this client's life (for metrics and tests)
 
   def _wait_before_retry(self, e: Exception, attempt: int) -> Optional[float]:
@@ -190,7 +254,9 @@ class ModelClient:
     if isinstance(e, (sdk.APITimeoutError, sdk.APIConnectionError)):
       pass
     elif isinstance(e, sdk.APIStatusError):
-      if e.status_code not in _RETRY_STATUSES:
+      headers = getattr(e.response, "headers", None)
+      should = (headers.get("x-should-retry") or "").lower() if headers is not None else ""
+      if should == "false" or (e.status_code not in _RETRY_STATUSES and should != "true"):
         return None
       asked = retry_after_seconds(getattr(e.response, "headers", None))
       if asked is not None:
@@ -204,24 +270,46 @@ class ModelClient:
 
   def complete(self, system: str, user: str, max_tokens: int, *,
                top_logprobs: Optional[int] = None) -> ModelReply:
-    """One chat completion; ``top_logprobs`` overrides the model's (0: chosen tokens only)."""
-    self.limiter.acquire(estimate_tokens(system) + estimate_tokens(user) + max_tokens)
+    """One chat completion; ``top_logprobs`` overrides the model's (0: chosen tokens only).
+
+    Every failed attempt counts towards the endpoint's circuit breaker; once it is open
+    the request stops retrying and fails with ``circuit_open``, as do requests after it.
+    """
+    breaker = self.breaker
+    if breaker is not None:
+      try:
+        breaker.before()
+      except CircuitOpen as e:
+        raise ModelCallError("circuit_open", str(e)) from None
+    tokens = estimate_tokens(system) + estimate_tokens(user) + max_tokens
     start = time.monotonic()
     attempt = 0
     top = self.cfg.top_logprobs if top_logprobs is None else top_logprobs
     while True:
+      self.limiter.acquire(tokens)  # every attempt is a request the provider counts
       try:
         if self.cfg.provider == "openai":
           reply = self._openai(system, user, max_tokens, top)
         else:
           reply = self._anthropic(system, user, max_tokens)
+        if breaker is not None:
+          breaker.succeeded()
+        self.limiter.answered()
         return dataclasses.replace(reply, latency_s=time.monotonic() - start)
       except ModelCallError:
         raise
       except Exception as e:  # noqa: BLE001 - mapped to a per-request failure
+        error = self._classify(e)
+        if error.kind == "rate_limit":
+          self.limiter.throttled()
         wait = self._wait_before_retry(e, attempt) if attempt < self.cfg.max_retries else None
+        if breaker is not None:
+          breaker.failed(error.kind, str(error)[len(error.kind) + 2:])
+          if wait is not None and breaker.is_open:
+            raise ModelCallError("circuit_open", f"{breaker.name}: circuit opened; "
+                                 f"last: {error}") from e
         if wait is None:
-          raise self._classify(e) from e
+          raise error from e
         attempt += 1
         self.retries += 1
         _LOGGER.info("%s: %s, retry %d in %.2fs", self, type(e).__name__, attempt, wait)
@@ -240,25 +328,58 @@ class ModelClient:
       return ModelCallError("auth", f"{status} {type(e).__name__}", status)
     if isinstance(e, sdk.APIStatusError):
       kind = "server_error" if (status or 0) >= 500 else "bad_request"
-      return ModelCallError(kind, f"HTTP {status}", status)
+      said = _provider_message(e)
+      return ModelCallError(kind, f"HTTP {status}" + (f" {said}" if said else ""), status)
     return ModelCallError("malformed", f"{type(e).__name__}: {str(e)[:200]}")
 
-  def _openai(self, system: str, user: str, max_tokens: int, top_logprobs: int) -> ModelReply:
-    kwargs = dict(model=self.cfg.model, temperature=self.cfg.temperature,
-                  messages=[{"role": "system", "content": system},
-                            {"role": "user", "content": user}])
-    # api.openai.com's newer models take max_completion_tokens; compatible
-    # servers (vLLM, llama.cpp, Ollama, Fireworks, Together) take max_tokens.
-    official = self.cfg.base_url is None or "api.openai.com" in self.cfg.base_url
-    kwargs["max_completion_tokens" if official else "max_tokens"] = max_tokens
-    if self.cfg.logprobs:
+  def request_openai(self, system: str, user: str, max_tokens: int,
+                     top_logprobs: int) -> dict:
+    """The Chat Completions request body, with only what the model takes
+    (``model_capabilities``): never decided by the base URL."""
+    cfg, caps = self.cfg, self.cfg.capabilities
+    kwargs = dict(model=cfg.model, messages=[{"role": "system", "content": system},
+                                             {"role": "user", "content": user}])
+    if caps.temperature:
+      kwargs["temperature"] = 0.0 if cfg.temperature is None else cfg.temperature
+    kwargs[caps.token_limit] = max_tokens + cfg.reasoning_allowance
+    if caps.reasons:
+      kwargs["reasoning_effort"] = cfg.effort
+    if cfg.uses_logprobs:
       kwargs["logprobs"] = True
       if top_logprobs:
         kwargs["top_logprobs"] = top_logprobs
+    return kwargs
+
+  def request_anthropic(self, system: str, user: str, max_tokens: int) -> dict:
+    """The Messages request body (the shared instructions marked for caching)."""
+    return dict(model=self.cfg.model, max_tokens=max_tokens,
+                system=[{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
+                messages=[{"role": "user", "content": user}])
+
+  def request_body(self, system: str, user: str, max_tokens: int, *,
+                   top_logprobs: Optional[int] = None) -> dict:
+    """The provider's request body for one prompt (what a batch line carries)."""
+    if self.cfg.provider == "openai":
+      top = self.cfg.top_logprobs if top_logprobs is None else top_logprobs
+      return self.request_openai(system, user, max_tokens, top)
+    return self.request_anthropic(system, user, max_tokens)
+
+  def reply_from_body(self, body: dict) -> ModelReply:
+    """A ``ModelReply`` from the provider's answer body (``ModelCallError`` if malformed)."""
+    if not isinstance(body, dict):
+      raise ModelCallError("malformed", "answer is not a JSON object")
+    if self.cfg.provider == "openai":
+      return self._openai_reply(body)
+    return self._anthropic_reply(body)
+
+  def _openai(self, system: str, user: str, max_tokens: int, top_logprobs: int) -> ModelReply:
+    kwargs = self.request_openai(system, user, max_tokens, top_logprobs)
     # The raw response, read as JSON: building the SDK's pydantic models for an answer
     # with logprobs cost more CPU than everything else about the request.
     raw = self._client.chat.completions.with_raw_response.create(**kwargs)
-    body = _json_body(raw)
+    return self._openai_reply(_json_body(raw))
+
+  def _openai_reply(self, body: dict) -> ModelReply:
     choices = body.get("choices") or []
     if not choices or not isinstance(choices[0], dict):
       raise ModelCallError("malformed", "answer has no choices")
@@ -275,17 +396,19 @@ class ModelClient:
     if not isinstance(u, dict):
       raise ModelCallError("malformed", "answer has no usage; refusing to guess its cost")
     cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    reasoning = (u.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
     usage = Usage(input_tokens=max(0, (u.get("prompt_tokens") or 0) - cached),
-                  output_tokens=u.get("completion_tokens") or 0, cache_read_tokens=cached)
+                  output_tokens=u.get("completion_tokens") or 0, cache_read_tokens=cached,
+                  reasoning_tokens=reasoning)
     return ModelReply(text, tokens, usage, body.get("model") or self.cfg.model,
                       choice.get("finish_reason") or "stop")
 
   def _anthropic(self, system: str, user: str, max_tokens: int) -> ModelReply:
     raw = self._client.messages.with_raw_response.create(
-        model=self.cfg.model, max_tokens=max_tokens,
-        system=[{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
-        messages=[{"role": "user", "content": user}])
-    body = _json_body(raw)
+        **self.request_anthropic(system, user, max_tokens))
+    return self._anthropic_reply(_json_body(raw))
+
+  def _anthropic_reply(self, body: dict) -> ModelReply:
     blocks = body.get("content")
     if not isinstance(blocks, list):
       raise ModelCallError("malformed", "answer has no content")
@@ -300,6 +423,11 @@ class ModelClient:
                   cache_write_tokens=u.get("cache_creation_input_tokens") or 0)
     return ModelReply(text, None, usage, body.get("model") or self.cfg.model,
                       body.get("stop_reason") or "end_turn")
+
+  @property
+  def sdk_client(self):
+    """The SDK client (``openai.OpenAI`` or ``anthropic.Anthropic``), for batch calls."""
+    return self._client
 
 
 def _json_body(raw) -> dict:

@@ -34,10 +34,17 @@ class TierOutcome:
   usage: Usage = Usage()
   cost_usd: float = 0.0
   retried_alone: bool = False
+  billing: str = "sync"  # or "batch": the provider's batch API, at its discount
 
   @property
   def ok(self) -> bool:
     return self.error is None
+
+  @property
+  def rejected(self) -> bool:
+    """The provider refused the request itself (4xx other than 429: a parameter the
+    model does not take, a bad key): a setup problem, not a hard record."""
+    return self.error is not None and self.error.startswith(("bad_request:", "auth:"))
 
 
 @dataclasses.dataclass
@@ -119,7 +126,7 @@ def ledger_row(routed: RoutedRecord, config, book: PriceBook,
     # What this stage would have cost on the frontier alone: its actual frontier cost
     # when it went there, else the small tier's tokens at frontier prices.
     frontier_only = frontier_cost if (frontier is not None and frontier.ok) \
-        else frontier_price.cost(su)
+        else frontier_price.cost(su, batch_api=bool(small and small.billing == "batch"))
     stage_cost = small_cost + frontier_cost
     totals["cost"] += stage_cost
     totals["small"] += small_cost
@@ -141,14 +148,18 @@ def ledger_row(routed: RoutedRecord, config, book: PriceBook,
         "small_input_tokens": su.input_tokens, "small_output_tokens": su.output_tokens,
         "small_cache_read_tokens": su.cache_read_tokens,
         "small_cache_write_tokens": su.cache_write_tokens,
+        "small_reasoning_tokens": su.reasoning_tokens,
         "small_cost_usd": small_cost,
+        "small_billing_mode": small.billing if small else None,
         "small_answer": kind.answer_text(small.value) if (small and small.ok) else None,
         "small_error": small.error if small else None,
         "frontier_model": frontier.model if frontier else None,
         "frontier_input_tokens": fu.input_tokens, "frontier_output_tokens": fu.output_tokens,
         "frontier_cache_read_tokens": fu.cache_read_tokens,
         "frontier_cache_write_tokens": fu.cache_write_tokens,
+        "frontier_reasoning_tokens": fu.reasoning_tokens,
         "frontier_cost_usd": frontier_cost,
+        "frontier_billing_mode": frontier.billing if frontier else None,
         "frontier_error": frontier.error if frontier else None,
         "cost_usd": stage_cost, "frontier_only_cost_usd": frontier_only,
     })

@@ -44,9 +44,20 @@ class ModelOptions(PipelineOptions):
               "--budget-period for streaming runs)")
     _add(parser, "budget-period", default="day", choices=("day", "hour", "none"),
          help="streaming runs: the budget applies per period of processing time (UTC)")
-    _add(parser, "workers-hint", type=int, default=1,
-         help="streaming runs: how many worker processes share the budget (each gets "
-              "budget / workers-hint per period)")
+    _add(parser, "batch-tiers", default=None,
+         help="tiers sent through the providers' batch APIs at their batch discount "
+              "(bounded runs): small, frontier, small,frontier or none; default: each "
+              "model's mode in the config")
+    _add(parser, "max-batch-wait", type=float, default=None,
+         help="seconds a provider batch may take before it is cancelled and its requests "
+              "go synchronously (or fail: batch_fallback); default: the config's (24 h)")
+    _add(parser, "batch-poll-seconds", type=float, default=None,
+         help="seconds between checks of a submitted batch (default: the config's, 30)")
+    _add(parser, "workers-hint", type=int, default=None,
+         help="how many worker processes share the models' rpm/tpm limits (each takes "
+              "limit / workers) and a streaming run's budget (each gets budget / workers "
+              "per period); default: --direct_num_workers (multi_processing), --parallelism "
+              "(Flink) or --max_num_workers/--num_workers (Dataflow), else 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +75,45 @@ class ModelPipelineConfig:
 
 # The option classes a model pipeline reads (the launcher rejects other tierflow flags).
 OPTIONS = (KafkaSourceOptions, ParquetSinkOptions, ModelOptions, RunLimitsOptions)
+
+
+def _with_batch_settings(run: RunConfig, m) -> RunConfig:
+  if m.batch_tiers is not None:
+    tiers = {t.strip() for t in m.batch_tiers.split(",") if t.strip()} - {"none"}
+    unknown = tiers - {"small", "frontier"}
+    if unknown:
+      raise ValueError(f"--batch-tiers: {sorted(unknown)} are not tiers (small, frontier, "
+                       "none)")
+    for tier in ("small", "frontier"):
+      run = run.with_model(tier, mode="batch" if tier in tiers else "sync")
+  for flag, name, value in (("--max-batch-wait", "batch_max_wait_s", m.max_batch_wait),
+                            ("--batch-poll-seconds", "batch_poll_s", m.batch_poll_seconds)):
+    if value is not None:
+      if value <= 0:
+        raise ValueError(f"{flag} must be positive")
+      for tier in ("small", "frontier"):
+        run = run.with_model(tier, **{name: value})
+  return run
+
+
+def workers_of(options: PipelineOptions, hint: Optional[int] = None) -> int:
+  """How many worker processes share the limits: ``hint`` if given, else what the runner's
+  own options say (on Dataflow, VMs: with several SDK processes per VM pass the hint)."""
+  if hint is not None:
+    if hint < 1:
+      raise ValueError("--workers-hint must be >= 1")
+    return hint
+  opts = options.get_all_options(retain_unknown_options=True)
+  if opts.get("direct_running_mode") == "multi_processing":
+    return max(1, int(opts.get("direct_num_workers") or 1))
+  for name in ("parallelism", "max_num_workers", "num_workers"):
+    try:
+      value = int(opts.get(name) or 0)
+    except (TypeError, ValueError):
+      continue
+    if value > 0:
+      return value
+  return 1
 
 
 def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelineConfig:
@@ -88,15 +138,21 @@ def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelin
     if m.budget_usd < 0:
       raise ValueError("--budget-usd must be >= 0")
     run = dataclasses.replace(run, budget_usd=m.budget_usd)
-  if m.workers_hint < 1:
-    raise ValueError("--workers-hint must be >= 1")
+  run = _with_batch_settings(run, m)
+  workers = workers_of(options, m.workers_hint)
+  run = run.with_limits_shared_by(workers)
   io = SourceSinkConfig.from_options(options, pipeline=pipeline, default_schema=run.schema,
                                      default_rows_per_file=MODEL_ROWS_PER_FILE)
   if io.schema.get("name") != schemas.load(run.schema).get("name"):
     raise ValueError(f"--schema {io.schema.get('name')} does not match the config's "
                      f"input schema {run.schema}")
+  batched = [t for t in ("small", "frontier") if getattr(run, t).mode == "batch"]
+  if batched and not io.source.bounded:
+    raise ValueError(f"batch mode ({', '.join(batched)} tier) is for bounded runs: a "
+                     "streaming run cannot wait hours for its answers; use --bounded, or "
+                     "--batch-tiers none")
   budget = Budget(run.budget_usd, None if m.budget_period == "none" else m.budget_period,
-                  m.workers_hint)
+                  workers)
   return ModelPipelineConfig(io, run, load_price_book(run.price_book), calibration_version,
                              budget)
 
@@ -105,7 +161,8 @@ def build_pipeline(p: beam.Pipeline, config: ModelPipelineConfig) -> None:
   """Adds the routed model pipeline to ``p``; no I/O happens until ``p`` runs."""
   read = ReadAndDecode(config.io)
   route = RouteBatches(config.run, config.price_book, input_row_schema=read.row_schema,
-                       budget=config.budget, calibration_version=config.calibration_version)
+                       budget=config.budget, calibration_version=config.calibration_version,
+                       batch_state_dir=f"{config.output}/_batches")
   _ = (p
        | "Read" >> read
        | "Route" >> route

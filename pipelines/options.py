@@ -177,6 +177,24 @@ class ParquetSinkOptions(PipelineOptions):
          help="streaming: a partition's file is cut after this long even if not full")
 
 
+def _drops_deferred_work(options: PipelineOptions) -> bool:
+  """FnApiRunner with several workers, which drops a splittable DoFn's deferred
+  remainder (apache/beam#19842): a bounded read checkpointing after each batch would
+  stop after its first batch per partition."""
+  opts = options.get_all_options(retain_unknown_options=True)
+  runner = opts.get("runner")
+  runner = runner if isinstance(runner, str) else type(runner).__name__ if runner else ""
+  if runner and runner.rsplit(".", 1)[-1] not in ("DirectRunner", "FnApiRunner",
+                                                  "SwitchingDirectRunner"):
+    return False
+  mode = opts.get("direct_running_mode") or "in_memory"
+  try:
+    workers = int(opts.get("direct_num_workers") or 1)
+  except (TypeError, ValueError):
+    workers = 1
+  return mode != "in_memory" and workers != 1
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceSinkConfig:
   """The typed configuration shared by every pipeline: Kafka in, Parquet out."""
@@ -243,6 +261,7 @@ class SourceSinkConfig:
           max_out_of_orderness_s=k.max_out_of_orderness_seconds,
           max_read_seconds=k.max_read_seconds,
           allow_deleted_offsets=k.allow_deleted_offsets,
+          checkpoint_between_batches=not _drops_deferred_work(options),
       )
     except ValueError as e:
       raise ValueError(_flag_words(str(e))) from None

@@ -77,7 +77,11 @@ def parse_reply(stage, reply: ModelReply, sources: Sequence[str]) -> list[Answer
   """One ``Answer`` per source record, in order; never raises on bad model output."""
   kind = _kind(stage)
   offsets = token_offsets(reply)
-  truncated = " (answer truncated at max tokens)" if reply.truncated else ""
+  truncated = ""
+  if reply.truncated:
+    reasoning = reply.usage.reasoning_tokens
+    truncated = (f" (answer truncated at the token limit, {reasoning} tokens of it spent "
+                 "reasoning)" if reasoning else " (answer truncated at max tokens)")
   if len(sources) == 1:
     return [kind.parse_single(reply, offsets, sources[0], truncated)]
   by_id: dict[str, list] = {}
@@ -122,4 +126,6 @@ def split_usage(usage: Usage, prompt_chars: Sequence[int], shared_prompt_chars: 
   outs = _largest_remainder(usage.output_tokens, out_w)
   reads = _largest_remainder(usage.cache_read_tokens, [1.0] * n)
   writes = _largest_remainder(usage.cache_write_tokens, [1.0] * n)
-  return [Usage(ins[i], outs[i], reads[i], writes[i]) for i in range(n)]
+  # Reasoning is part of the output: each record's share follows its output share.
+  reasoning = _largest_remainder(usage.reasoning_tokens, [float(o) for o in outs])
+  return [Usage(ins[i], outs[i], reads[i], writes[i], reasoning[i]) for i in range(n)]

@@ -51,7 +51,7 @@ from tierflow.pipelines.budget import Budget, BudgetPool, pool_for, strict_cost
 from tierflow.pipelines.ledger import (RoutedRecord, StageOutcome, TierOutcome, ledger_row,
                                        result_schema, row_json)
 from tierflow.pipelines.prompts import build_prompt, parse_reply, render_text, split_usage
-from tierflow.prices import PriceBook, Usage, load_price_book
+from tierflow.prices import PriceBook, load_price_book
 
 __all__ = ["RouteBatches", "RouteThroughTiers", "RoutedOutputs", "Router"]
 
@@ -70,10 +70,12 @@ class Router:
   once per worker); ``route(rows, pool)`` is thread-safe.
   """
 
-  def __init__(self, config: RunConfig, price_book: PriceBook):
+  def __init__(self, config: RunConfig, price_book: PriceBook,
+               batch_state_dir: Optional[str] = None):
     for model in (config.small, config.frontier):
       price_book.price(model.price_key)  # fail at construction, not on a worker
     self.config = config
+    self._batch_state_dir = batch_state_dir
     self._book = price_book
     self._models = {"small": config.small, "frontier": config.frontier}
     self._prices = {t: price_book.price(m.price_key) for t, m in self._models.items()}
@@ -102,7 +104,7 @@ class Router:
   # --- one request ------------------------------------------------------------------
   def _prompt(self, tier: str, stage: str, texts: Sequence[str]) -> tuple[str, str, int]:
     kind = self._kinds[stage]
-    system, user = build_prompt(kind, texts, verbalise=not self._models[tier].logprobs)
+    system, user = build_prompt(kind, texts, verbalise=not self._models[tier].uses_logprobs)
     max_tokens = kind.stage.output_tokens_per_record() * len(texts) + 16
     return system, user, max_tokens
 
@@ -110,6 +112,7 @@ class Router:
     """The strict cost bound of the frontier request for these texts (see ``budget``)."""
     system, user, max_tokens = self._prompt("frontier", stage, texts)
     size = len(system.encode("utf-8")) + len(user.encode("utf-8"))
+    max_tokens += self._models["frontier"].reasoning_allowance  # billed as output if used
     return strict_cost(size, 2, max_tokens, self._prices["frontier"])
 
   def _request(self, tier: str, stage: str, texts: Sequence[str]
@@ -123,22 +126,67 @@ class Router:
                                           top_logprobs=kind.alternatives)
     except ModelCallError as e:
       return [TierOutcome(tier, model.model, error=str(e)) for _ in texts], False
+    return self._outcomes(tier, stage, texts, reply, system, user, "sync"), True
+
+  def _outcomes(self, tier: str, stage: str, texts: Sequence[str], reply, system: str,
+                user: str, billing: str) -> list[TierOutcome]:
+    """One outcome per text from a reply, each with its share of the billed usage."""
+    kind = self._kinds[stage]
     answers = parse_reply(kind, reply, texts)
     framing = max(0, len(reply.text) - sum(a.answer_chars for a in answers))
     shared = len(system) + len(user) - sum(len(t) for t in texts)
     shares = split_usage(reply.usage, [len(t) for t in texts], shared,
                          [a.answer_chars for a in answers], framing)
     price = self._prices[tier]
-    return [TierOutcome(tier, reply.model or model.model, a.value, a.confidence, a.signal,
-                        tuple(a.notes), a.error, share, price.cost(share))
-            for a, share in zip(answers, shares)], True
+    name = reply.model or self._models[tier].model
+    return [TierOutcome(tier, name, a.value, a.confidence, a.signal, tuple(a.notes), a.error,
+                        share, price.cost(share, batch_api=billing == "batch"),
+                        billing=billing)
+            for a, share in zip(answers, shares)]
 
-  def _frontier_request(self, stage: str, texts: Sequence[str], pool: Optional[BudgetPool]
+  def _batched(self, tier: str, jobs: Sequence[tuple[str, Sequence[str]]],
+               key: Optional[str]) -> list[tuple[list[TierOutcome], bool]]:
+    """``_request`` for many (stage, texts) jobs at once, through the provider's batch
+    API; what the batch did not answer goes synchronously or fails (``batch_fallback``)."""
+    from tierflow.connectors.batch_api import ProviderBatch
+    model, client = self._models[tier], self._client(tier)
+    requests, prompts = [], []
+    for n, (stage, texts) in enumerate(jobs):
+      system, user, max_tokens = self._prompt(tier, stage, texts)
+      requests.append((f"{stage}-{n}", client.request_body(
+          system, user, max_tokens, top_logprobs=self._kinds[stage].alternatives)))
+      prompts.append((system, user))
+    state = (f"{self._batch_state_dir}/{key}.{tier}.json"
+             if self._batch_state_dir and key else None)
+    results = ProviderBatch(client, state, poll_s=model.batch_poll_s,
+                            max_wait_s=model.batch_max_wait_s).run(requests)
+    out: list = [None] * len(jobs)
+    fallbacks = {}
+    for n, ((cid, _), (stage, texts), (system, user)) in enumerate(zip(requests, jobs, prompts)):
+      result = results[cid]
+      if not isinstance(result, ModelCallError):
+        out[n] = (self._outcomes(tier, stage, texts, result, system, user, "batch"), True)
+      elif model.batch_fallback == "sync":
+        fallbacks[n] = (str(result), self._executors[tier].submit(
+            self._request, tier, stage, texts))
+      else:
+        out[n] = ([TierOutcome(tier, model.model, error=str(result), billing="batch")
+                   for _ in texts], False)
+    for n, (why, future) in fallbacks.items():
+      outcomes, answered = future.result()
+      for o in outcomes:
+        o.notes = (f"sent synchronously after the batch: {why[:120]}", *o.notes)
+      out[n] = (outcomes, answered)
+    return out
+
+  def _frontier_request(self, stage: str, texts: Sequence[str], pool: Optional[BudgetPool],
+                        first: Optional[tuple[list[TierOutcome], bool]] = None
                         ) -> tuple[list[TierOutcome], float]:
-    """(outcomes, cost of the packed request) of a frontier request; records that fail
-    inside a packed answer are retried alone, each retry reserving and settling its own
-    budget."""
-    outcomes, answered = self._request("frontier", stage, texts)
+    """(outcomes, cost of the packed request) of a frontier request (``first``: its
+    answer, already had from a batch); records that fail inside a packed answer are
+    retried alone, synchronously, each retry reserving and settling its own budget."""
+    outcomes, answered = first if first is not None else self._request(
+        "frontier", stage, texts)
     packed_cost = sum(o.cost_usd for o in outcomes)
     if len(texts) < 2 or not answered:
       return outcomes, packed_cost
@@ -167,18 +215,33 @@ class Router:
     return out, packed_cost
 
   # --- a list of records ----------------------------------------------------------
-  def route(self, rows: Sequence[Mapping[str, Any]], pool: Optional[BudgetPool] = None
-            ) -> list[RoutedRecord]:
-    """Routes ``rows``; ``pool`` caps frontier spend (None: no cap)."""
+  def route(self, rows: Sequence[Mapping[str, Any]], pool: Optional[BudgetPool] = None,
+            batch_key: Optional[str] = None) -> list[RoutedRecord]:
+    """Routes ``rows``; ``pool`` caps frontier spend (None: no cap). ``batch_key`` names
+    these rows (e.g. their offset range) for a batch-mode tier's state file."""
     texts = [render_text(self.config.text, r) for r in rows]
     outcomes = [{s.name: StageOutcome() for s in self.config.stages} for _ in rows]
     if rows:
-      self._small(texts, outcomes)
+      self._small(texts, outcomes, batch_key)
       self._decide(outcomes)
-      self._frontier(texts, outcomes, pool)
+      if self._models["frontier"].mode == "batch":
+        self._frontier_batched(texts, outcomes, pool, batch_key)
+      else:
+        self._frontier(texts, outcomes, pool)
     return [RoutedRecord(dict(r), o) for r, o in zip(rows, outcomes)]
 
-  def _small(self, texts: list[str], outcomes: list[dict]) -> None:
+  def _small(self, texts: list[str], outcomes: list[dict], batch_key: Optional[str] = None
+             ) -> None:
+    if self._models["small"].mode == "batch":
+      jobs, where = [], []
+      for stage in self.config.stages:
+        for pack in _packs(range(len(texts)), self._models["small"].batch_size):
+          jobs.append((stage.name, [texts[i] for i in pack]))
+          where.append((stage.name, pack))
+      for (name, pack), (results, _) in zip(where, self._batched("small", jobs, batch_key)):
+        for i, outcome in zip(pack, results):
+          outcomes[i][name].small = outcome
+      return
     ex = self._executors["small"]
     futures = []
     for stage in self.config.stages:
@@ -203,13 +266,7 @@ class Router:
 
   def _frontier(self, texts: list[str], outcomes: list[dict],
                 pool: Optional[BudgetPool]) -> None:
-    # Per stage, its escalations with the least trustworthy small answers first.
-    queues = {}
-    for stage in self.config.stages:
-      wanted = [i for i, rec in enumerate(outcomes) if rec[stage.name].reason]
-      wanted.sort(key=lambda i, s=stage.name: outcomes[i][s].priority())
-      if wanted:
-        queues[stage.name] = collections.deque(wanted)
+    queues = self._escalation_queues(outcomes)
     if not queues:
       return
     ex = self._executors["frontier"]
@@ -223,27 +280,12 @@ class Router:
       while queues and len(in_flight) < model.concurrency:
         stage = next_stage()
         queue = queues[stage]
-        pack = [queue[j] for j in range(min(model.batch_size, len(queue)))]
-        reserved = 0.0
-        if pool is not None:
-          reserved = self.reservation(stage, [texts[i] for i in pack])
-          if not pool.try_reserve(reserved):
-            pack = pack[:1]
-            reserved = self.reservation(stage, [texts[pack[0]]])
-            if not pool.try_reserve(reserved):
-              if in_flight:
-                break  # wait: settled requests give back what they did not spend
-              queue.popleft()
-              outcomes[pack[0]][stage].budget_skipped = True
-              if not queue:
-                del queues[stage]
-              continue
-        for _ in pack:
-          queue.popleft()
-        if not queue:
-          del queues[stage]
-        for i in pack:
-          outcomes[i][stage].approved = True
+        taken = self._reserve_pack(stage, queue, texts, pool)
+        if taken is None and in_flight:
+          break  # wait: settled requests give back what they did not spend
+        pack, reserved = self._take(queues, stage, outcomes, taken)
+        if not pack:
+          continue
         future = ex.submit(self._frontier_request, stage, [texts[i] for i in pack], pool)
         in_flight[future] = (stage, pack, reserved)
       if not in_flight:
@@ -257,6 +299,74 @@ class Router:
         if pool is not None:  # retries settled their own reservations
           pool.settle(reserved, packed_cost)
 
+  def _escalation_queues(self, outcomes: list[dict]) -> dict:
+    """Per stage, its escalations with the least trustworthy small answers first."""
+    queues = {}
+    for stage in self.config.stages:
+      wanted = [i for i, rec in enumerate(outcomes) if rec[stage.name].reason]
+      wanted.sort(key=lambda i, s=stage.name: outcomes[i][s].priority())
+      if wanted:
+        queues[stage.name] = collections.deque(wanted)
+    return queues
+
+  def _reserve_pack(self, stage: str, queue, texts: list[str], pool: Optional[BudgetPool]
+                    ) -> Optional[tuple[list[int], float]]:
+    """The next pack off the front of ``queue`` and the budget it reserved: a full pack
+    if the pool can reserve its strict cost, else its first record alone, else None."""
+    pack = [queue[j] for j in range(min(self._models["frontier"].batch_size, len(queue)))]
+    if pool is None:
+      return pack, 0.0
+    for candidate in (pack, pack[:1]):
+      reserved = self.reservation(stage, [texts[i] for i in candidate])
+      if pool.try_reserve(reserved):
+        return candidate, reserved
+    return None
+
+  @staticmethod
+  def _take(queues: dict, stage: str, outcomes: list[dict],
+            taken: Optional[tuple[list[int], float]]) -> tuple[list[int], float]:
+    """Takes a reserved pack off its queue and approves it; with nothing reserved, the
+    first record is skipped for the budget. Returns (approved pack, reserved)."""
+    queue = queues[stage]
+    if taken is None:
+      outcomes[queue.popleft()][stage].budget_skipped = True
+      pack, reserved = [], 0.0
+    else:
+      pack, reserved = taken
+      for i in pack:
+        queue.popleft()
+        outcomes[i][stage].approved = True
+    if not queue:
+      del queues[stage]
+    return pack, reserved
+
+  def _frontier_batched(self, texts: list[str], outcomes: list[dict],
+                          pool: Optional[BudgetPool], batch_key: Optional[str]) -> None:
+    """The frontier tier through the batch API: packs are approved up front (each
+    reserving its strict cost, least trustworthy answers first, interleaved over stages),
+    submitted as one batch, and settled with what they were billed."""
+    queues = self._escalation_queues(outcomes)
+    jobs, approved = [], []
+    while queues:
+      stage = min(queues, key=lambda s: outcomes[queues[s][0]][s].priority())
+      queue = queues[stage]
+      pack, reserved = self._take(queues, stage, outcomes,
+                                  self._reserve_pack(stage, queue, texts, pool))
+      if not pack:
+        continue
+      jobs.append((stage, [texts[i] for i in pack]))
+      approved.append((stage, pack, reserved))
+    if not jobs:
+      return
+    answers = self._batched("frontier", jobs, batch_key)
+    for (stage, pack, reserved), first in zip(approved, answers):
+      results, packed_cost = self._frontier_request(
+          stage, [texts[i] for i in pack], pool, first=first)
+      for i, outcome in zip(pack, results):
+        outcomes[i][stage].frontier = outcome
+      if pool is not None:
+        pool.settle(reserved, packed_cost)
+
 
 class _Counters:
   """Beam metrics for routed records (updated on the bundle's thread)."""
@@ -269,6 +379,8 @@ class _Counters:
         c("records_failed"), c("records_retried_alone")
     self.micro_usd, self.frontier_micro_usd = c("cost_micro_usd"), c("frontier_cost_micro_usd")
     self.route_millis = c("route_millis")  # time spent routing (the model stage's span)
+    # stage answers whose request the provider refused (4xx other than 429)
+    self.rejected = {"small": c("small_rejected"), "frontier": c("frontier_rejected")}
 
   def count(self, routed: list[RoutedRecord], rows: list[dict]) -> None:
     self.records.inc(len(routed))
@@ -283,6 +395,10 @@ class _Counters:
       self.approved.inc(sum(st.approved for st in sts))
       self.skipped.inc(sum(st.budget_skipped for st in sts))
       self.retried.inc(sum(1 for st in sts if st.frontier and st.frontier.retried_alone))
+      for tier, counter in self.rejected.items():
+        n = sum(1 for st in sts if getattr(st, tier) is not None and getattr(st, tier).rejected)
+        if n:
+          counter.inc(n)
       if row["status"] != "ok":
         self.failed.inc()
       self.micro_usd.inc(int(round(row["cost_usd"] * 1e6)))
@@ -301,7 +417,9 @@ def _crashed(row: Mapping[str, Any], config: RunConfig, reason: str) -> RoutedRe
 
 class _RouteBatchFn(beam.DoFn):
   def __init__(self, config: RunConfig, book: PriceBook, budget: Budget, run_id: str,
-               result_avro: dict, calibration_version: Optional[str]):
+               result_avro: dict, calibration_version: Optional[str],
+               batch_state_dir: Optional[str] = None):
+    self._batch_state_dir = batch_state_dir
     self._config = config
     self._book = book
     self._budget = budget
@@ -310,7 +428,7 @@ class _RouteBatchFn(beam.DoFn):
     self._calibration = calibration_version
 
   def setup(self):
-    self._router = Router(self._config, self._book).open()
+    self._router = Router(self._config, self._book, self._batch_state_dir).open()
     self._arrow = schemas.to_arrow(self._result_avro)
     self._pool = pool_for(self._run_id, self._budget) if self._budget.capped else None
     self._counters = _Counters()
@@ -328,7 +446,8 @@ class _RouteBatchFn(beam.DoFn):
     rows = batch.rows.to_pylist()
     started = time.monotonic()
     try:
-      routed = self._router.route(rows, self._pool)
+      routed = self._router.route(rows, self._pool,
+                                  batch_key=f"{ref.topic}/{ref.partition}/{ref.start}-{ref.end}")
     except Exception as e:  # noqa: BLE001 - see _crashed
       _LOGGER.exception("routing batch %s failed; its records are written as failed", ref.name)
       routed = [_crashed(r, self._config, f"routing crashed: {type(e).__name__}: {e}")
@@ -361,12 +480,20 @@ class RouteBatches(beam.PTransform):
     input_row_schema: Avro schema of the incoming rows (``DecodeBatches.row_schema``).
     budget: the frontier spend cap (see ``tierflow.pipelines.budget``).
     calibration_version: written on every row.
+    batch_state_dir: where a batch-mode tier keeps its submitted batch ids (any Beam
+      filesystem; one small file per offset batch and tier), so a re-run of a killed
+      run polls them instead of paying twice. Required when a tier is in batch mode.
   """
 
   def __init__(self, config: RunConfig, price_book: Optional[PriceBook] = None, *,
                input_row_schema: Mapping[str, Any], budget: Budget = Budget(),
-               calibration_version: Optional[str] = None):
+               calibration_version: Optional[str] = None,
+               batch_state_dir: Optional[str] = None):
     super().__init__()
+    if batch_state_dir is None and "batch" in (config.small.mode, config.frontier.mode):
+      raise ValueError("a tier in batch mode needs batch_state_dir (where batch ids are "
+                       "kept, so a re-run never pays twice)")
+    self._batch_state_dir = batch_state_dir
     self._book = price_book or load_price_book(config.price_book)
     Router(config, self._book)  # validates prices now
     self._config = config
@@ -382,7 +509,7 @@ class RouteBatches(beam.PTransform):
   def expand(self, batches):
     return batches | "Route" >> beam.ParDo(_RouteBatchFn(
         self._config, self._book, self._budget, self._run_id, self._result_avro,
-        self._calibration))
+        self._calibration, self._batch_state_dir))
 
 
 # --- dict rows: a library user's path --------------------------------------------------

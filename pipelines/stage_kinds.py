@@ -294,8 +294,9 @@ class Extract(StageKind):
     return ("Extract these fields from the record; use null when a field is not stated:\n"
             + self._field_lines(),
             f"Answer with one JSON object with exactly these keys"
-            f"{' plus confidence' if verbalise else ''}.",
-            '{"id": "<id>", "fields": {<the keys above>}}')
+            f"{' plus confidence (0..1, how sure you are)' if verbalise else ''}.",
+            '{"id": "<id>", "fields": {<the keys above>}'
+            + (', "confidence": <0..1, how sure you are>}' if verbalise else '}'))
 
   def parse_single(self, reply, offsets, source, truncated) -> Answer:
     # Extractions may come wrapped in prose: take the first JSON object anywhere.
@@ -360,8 +361,11 @@ class Extract(StageKind):
       per_field[name] = g * (p if p is not None else 1.0)
     conf = min(per_field.values()) if per_field else 0.0
     signal = "logprob" if offsets is not None else "checks"
-    if signal == "checks" and verbalised(fields) is not None:
-      conf = min(conf, verbalised(fields))
+    said = verbalised(fields)
+    if said is None and isinstance(obj, Mapping) and obj is not fields:
+      said = verbalised(obj)  # packed: {"id", "fields", "confidence"}
+    if signal == "checks" and said is not None:
+      conf = min(conf, said)
     return Answer({"fields": values, "field_confidence": per_field}, conf, signal,
                   tuple(notes), answer_chars=b - a)
 

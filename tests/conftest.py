@@ -219,3 +219,13 @@ def pytest_collection_modifyitems(config, items):
     if needs or params.get("broker") == "apache-kafka" or item.path.name in (
         "test_engines.py", "test_kafka_gaps.py"):
       item.add_marker("engines")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_circuit_breakers():
+  """Circuit breakers live per endpoint and process; a test's dead endpoint must not
+  leave an open circuit for a later test whose server got the same port."""
+  yield
+  from tierflow.connectors import llm_clients
+  with llm_clients._LIMITERS_LOCK:
+    llm_clients._BREAKERS.clear()

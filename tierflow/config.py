@@ -70,22 +70,46 @@ class FieldSpec(_Strict):
 class ModelConfig(_Strict):
   """One model endpoint and how to call it.
 
+  What a request may carry follows the model (``connectors/model_capabilities``): a
+  setting the model does not take is an error here, before any request.
+
   Attributes:
     provider: ``openai`` (Chat Completions, any compatible base_url) or ``anthropic``.
     model: model name sent to the endpoint.
+    behaves_as: the model whose request rules apply, when ``model`` is a deployment or
+      gateway alias (an Azure deployment of gpt-5-nano, say). Default: ``model``.
     base_url: endpoint; None = the provider's default.
     api_key_env: environment variable holding the key (read on the worker).
     price_as: price-book entry to cost calls with (default: ``model``); for a
       self-hosted or stand-in model, the model it stands in for.
     batch_size: records packed into one request.
     concurrency: requests in flight at once per worker.
-    rpm / tpm: client-side requests / tokens per minute limits per process.
+    rpm / tpm: requests / tokens per minute for the whole run: each worker process takes
+      its share (``--workers-hint``) and halves it on a 429, growing back as requests pass.
     max_retries: retries of a failed request (they honour ``retry-after``).
-    logprobs: ask for token logprobs (OpenAI-compatible endpoints only).
+    logprobs: ask for token logprobs; default: where the model returns them. Without
+      them the stages ask the model to state its confidence (``verbalised``).
+    temperature: default 0 where the model takes a temperature; models that take only
+      their default (GPT-5 family, o-series, Claude) get none.
+    reasoning_effort: for reasoning models; default their cheapest (``minimal`` on
+      gpt-5/-mini/-nano, ``none`` on gpt-5.1+, ``low`` on o-series).
+    reasoning_tokens: tokens allowed for reasoning on top of the answer (reasoning
+      counts against the token limit and is billed as output); default by effort.
+    breaker_failures: failed requests in a row (connection, timeout, 5xx, 401/403, 400)
+      after which the endpoint's circuit opens and requests fail at once; 0: never.
+    breaker_cooldown_s: how long an open circuit waits before letting one request try.
+    mode: ``sync`` (a request per pack, answered at once) or ``batch`` (bounded runs: the
+      tier's requests for an offset batch go to the provider's batch API, billed at the
+      price book's ``batch_discount``, answered within 24 h).
+    batch_poll_s / batch_max_wait_s: how often a batch is checked, and how long it may
+      take before it is cancelled (``--max-batch-wait``).
+    batch_fallback: requests a batch did not answer (expired, cancelled, past the wait,
+      a request error) are sent synchronously (``sync``) or fail their records (``fail``).
     stand_in: a label saying this endpoint is a stand-in, shown in summaries.
   """
   provider: Literal["openai", "anthropic"]
   model: str
+  behaves_as: Optional[str] = None
   base_url: Optional[str] = None
   api_key_env: Optional[str] = None
   price_as: Optional[str] = None
@@ -95,22 +119,67 @@ class ModelConfig(_Strict):
   tpm: Optional[int] = Field(None, ge=1)
   timeout_s: float = Field(60.0, gt=0)
   max_retries: int = Field(4, ge=0)
-  logprobs: bool = True
+  logprobs: Optional[bool] = None
   top_logprobs: int = Field(10, ge=0, le=20)
-  temperature: float = 0.0
+  temperature: Optional[float] = Field(None, ge=0, le=2)
+  reasoning_effort: Optional[str] = None
+  reasoning_tokens: Optional[int] = Field(None, ge=0)
+  breaker_failures: int = Field(5, ge=0)
+  breaker_cooldown_s: float = Field(30.0, gt=0)
+  mode: Literal["sync", "batch"] = "sync"
+  batch_poll_s: float = Field(30.0, gt=0)
+  batch_max_wait_s: float = Field(86_400.0, gt=0)
+  batch_fallback: Literal["sync", "fail"] = "sync"
   stand_in: Optional[str] = None
 
-  @model_validator(mode="before")
-  @classmethod
-  def _no_logprobs_on_anthropic(cls, data):
-    if isinstance(data, dict) and data.get("provider") == "anthropic":
-      data = {**data, "logprobs": False}  # the Messages API has none
-    return data
-
-  @field_validator("base_url", "api_key_env", "price_as", mode="before")
+  @field_validator("base_url", "api_key_env", "price_as", "behaves_as", "reasoning_effort",
+                   mode="before")
   @classmethod
   def _empty_is_none(cls, value):
     return None if value == "" else value
+
+  @model_validator(mode="after")
+  def _what_the_model_takes(self):
+    caps = self.capabilities
+    who = f"{self.model} ({caps.family})"
+    if self.logprobs and not caps.logprobs:
+      raise ValueError(f"{who} returns no logprobs: drop logprobs (confidence is then "
+                       "verbalised) or use a model that has them")
+    if self.temperature is not None and not caps.temperature and self.temperature != 1:
+      raise ValueError(f"{who} takes only its default temperature: drop temperature")
+    if self.reasoning_effort is not None:
+      if not caps.reasons:
+        raise ValueError(f"{who} does not reason: drop reasoning_effort")
+      if self.reasoning_effort not in caps.reasoning_efforts:
+        raise ValueError(f"{who} takes reasoning_effort "
+                         f"{', '.join(caps.reasoning_efforts)}, not {self.reasoning_effort!r}")
+    if self.reasoning_tokens is not None and not caps.reasons:
+      raise ValueError(f"{who} does not reason: drop reasoning_tokens")
+    return self
+
+  @property
+  def capabilities(self):
+    from tierflow.connectors.model_capabilities import capabilities
+    return capabilities(self.provider, self.behaves_as or self.model)
+
+  @property
+  def uses_logprobs(self) -> bool:
+    return self.capabilities.logprobs if self.logprobs is None else self.logprobs
+
+  @property
+  def effort(self) -> Optional[str]:
+    """The reasoning effort requests carry (None for a model that does not reason)."""
+    return self.reasoning_effort or self.capabilities.cheapest_effort
+
+  @property
+  def reasoning_allowance(self) -> int:
+    """Tokens added to each request's limit for reasoning."""
+    from tierflow.connectors.model_capabilities import REASONING_ALLOWANCE
+    if not self.capabilities.reasons:
+      return 0
+    if self.reasoning_tokens is not None:
+      return self.reasoning_tokens
+    return REASONING_ALLOWANCE.get(self.effort, 4096)
 
   @property
   def price_key(self) -> str:
@@ -196,6 +265,17 @@ class RunConfig:
       raise ValueError(f"tier must be small or frontier, not {tier!r}")
     model = ModelConfig(**{**getattr(self, tier).model_dump(), **changes})
     return dataclasses.replace(self, **{tier: model})
+
+  def with_limits_shared_by(self, workers: int) -> "RunConfig":
+    """A copy whose models' ``rpm``/``tpm`` are one worker's share of ``workers``, so
+    all workers together stay under the limits of a shared key."""
+    if workers <= 1:
+      return self
+    share = lambda v: None if v is None else max(1, v // workers)  # noqa: E731
+    changed = {tier: getattr(self, tier).model_copy(update={
+        "rpm": share(getattr(self, tier).rpm), "tpm": share(getattr(self, tier).tpm)})
+        for tier in ("small", "frontier")}
+    return dataclasses.replace(self, **changed)
 
   def with_thresholds(self, thresholds: Mapping[str, float]) -> "RunConfig":
     stages = tuple(s.model_copy(update={"threshold": float(thresholds[s.name])})

@@ -10,10 +10,13 @@ and runs it. Without ``--runner`` it runs locally on Beam's FnApiRunner.
 Exit codes (``RunSummary.exit_code``, what ``tierflow run`` returns):
 
 * 0: the run finished within its limits;
-* 1: the run failed (an error while running; nothing past it was committed);
+* 1: the run failed (an error while running, or a bounded run that did not cover its
+  whole range; nothing past it was committed);
 * 2: rejected before reading (bad flags or config, unreachable brokers, missing
   topic, unwritable output);
-* 3: more records failed in the model stages than ``--max-failed-fraction``;
+* 3: more records failed in the model stages than ``--max-failed-fraction``, or a
+  provider refused requests (4xx other than 429): records still escalated or failed as
+  configured, but the setup is wrong;
 * 4: more records were dead-lettered as undecodable than
   ``--max-dead-letter-fraction``.
 """
@@ -62,6 +65,9 @@ class RunSummary:
   records_failed: int = -1
   records_routed: int = -1
   offsets_deleted: int = 0
+  rejected: tuple = (0, 0)  # (small, frontier) stage answers the provider refused
+  offsets_in_range: int = -1  # a bounded run: the offsets its range holds (-1: unknown)
+  offsets_covered: int = -1  # the offsets its batches covered (records, gaps, deleted)
   exit_code: int = EXIT_OK
   problems: tuple = ()
 
@@ -240,6 +246,18 @@ def judge(summary: RunSummary, max_failed: float, max_dead: Optional[float]) -> 
     problems.append(f"{summary.decode_dead_letters} of {summary.records_read} records were "
                     f"undecodable (limit {max_dead:.2%}, --max-dead-letter-fraction)")
     code = code or EXIT_DEAD_LETTERS
+  if 0 <= summary.offsets_covered < summary.offsets_in_range:
+    problems.append(f"the run covered {summary.offsets_covered} of the "
+                    f"{summary.offsets_in_range} offsets of its range: the runner dropped "
+                    "part of the read; offsets past what was written were not committed, "
+                    "so a re-run reads them")
+    code = EXIT_FAILED
+  for tier, n in zip(("small", "frontier"), summary.rejected):
+    if n > 0:
+      problems.append(f"{n} {tier}-tier stage answers were refused by the provider (HTTP 4xx "
+                      "other than 429: a parameter the model does not take, a bad key); see "
+                      f"{tier}_error in the results")
+      code = code or EXIT_MODEL_FAILURES
   if summary.offsets_deleted > 0:
     problems.append(f"{summary.offsets_deleted} offsets were deleted by the broker before "
                     "they were read; skipped (--allow-deleted-offsets)")
@@ -271,6 +289,10 @@ def launch(name: str, argv: Sequence[str], *, wait: bool = True) -> RunSummary:
       records_failed=_counter(result, "records_failed", "tierflow.routing"),
       records_routed=_counter(result, "records", "tierflow.routing"),
       offsets_deleted=max(0, _counter(result, "offsets_deleted", "tierflow.kafka")),
+      rejected=tuple(max(0, _counter(result, f"{tier}_rejected", "tierflow.routing"))
+                     for tier in ("small", "frontier")),
+      offsets_in_range=_counter(result, "offsets_in_range", "tierflow.kafka"),
+      offsets_covered=_counter(result, "offsets_covered", "tierflow.kafka"),
   )
   return judge(summary, max_failed, max_dead)
 

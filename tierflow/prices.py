@@ -19,17 +19,20 @@ class Usage:
 
   ``input_tokens`` excludes cache reads and writes (Anthropic's convention;
   OpenAI's ``prompt_tokens`` include ``cached_tokens``, which clients subtract).
+  ``reasoning_tokens`` are part of ``output_tokens`` (billed as output), shown apart.
   """
   input_tokens: int = 0
   output_tokens: int = 0
   cache_read_tokens: int = 0
   cache_write_tokens: int = 0
+  reasoning_tokens: int = 0
 
   def __add__(self, other: "Usage") -> "Usage":
     return Usage(self.input_tokens + other.input_tokens,
                  self.output_tokens + other.output_tokens,
                  self.cache_read_tokens + other.cache_read_tokens,
-                 self.cache_write_tokens + other.cache_write_tokens)
+                 self.cache_write_tokens + other.cache_write_tokens,
+                 self.reasoning_tokens + other.reasoning_tokens)
 
   @property
   def prompt_tokens(self) -> int:

@@ -13,6 +13,8 @@
 # so a backfill does not move the streaming job's position. Re-running the
 # same range with the same OUTPUT and rows_per_file rewrites the same file
 # names (replacing them), so a failed night can simply be run again.
+# BATCH_TIERS=small,frontier sends those tiers through the providers' batch APIs at
+# half price (the job then waits for the batches, up to 24 h; model pipelines only).
 # WAIT=true (default) polls until the job finishes and exits non-zero unless it
 # succeeded, so a scheduler sees the outcome.
 #
@@ -45,6 +47,7 @@ JOB_ID="$(gcloud dataflow flex-template run "${JOB}" \
       "kafka_consumer_config=${KAFKA_CONSUMER_CONFIG:-}" \
       "config=${CONFIG:-}" \
       "calibration=${CALIBRATION:-}" \
+      "batch_tiers=${BATCH_TIERS:-}" \
       "sdk_container_image=${IMAGE}")" \
   --format 'value(job.id)')"
 echo "submitted ${JOB} (${JOB_ID}): ${TOPIC} [${START}, ${END}) -> ${OUTPUT}"

@@ -40,6 +40,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, Union
 from urllib.parse import urlsplit
 
+from tierflow_local.batch_endpoints import BatchEndpoints
+from tierflow_local.provider_rules import ModelRules, RequestRejected, rules_for
+
 __all__ = [
   "ANTHROPIC",
   "Completion",
@@ -745,9 +748,9 @@ def _openai_logprobs(tokens: list[TokenLogprob], k: int) -> dict[str, Any]:
   return {"content": content, "refusal": None}
 
 
-def _openai_body(
-    request: ProviderRequest, result: _Result, cached: int, empty: bool) -> dict[str, Any]:
-  completion_tokens = len(result.tokens)
+def _openai_body(request: ProviderRequest, result: _Result, cached: int, empty: bool,
+                 reasoning: int = 0) -> dict[str, Any]:
+  completion_tokens = len(result.tokens) + reasoning
   choice = {
     "index": 0,
     "message": {"role": "assistant", "content": result.text, "refusal": None,
@@ -767,7 +770,7 @@ def _openai_body(
       "completion_tokens": completion_tokens,
       "total_tokens": request.prompt_tokens + completion_tokens,
       "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-      "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+      "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
                                     "accepted_prediction_tokens": 0,
                                     "rejected_prediction_tokens": 0},
     },
@@ -879,6 +882,10 @@ class LocalProviderServer:
   automatically (approximates OpenAI's >= 1024-token prefix caching).
   anthropic_cache_min_tokens: below this, `cache_control` prefixes are not cached.
   clock: monotonic time source for rate windows and cache TTLs (tests pass a fake one).
+  emulate: model names whose requests must follow that real model's rules
+  (`provider_rules`: a GPT-5 request with a temperature gets the 400 api.openai.com
+  gives, and its reasoning tokens eat into max_completion_tokens); "*" (the default) =
+  every model the rules know; () = none.
   """
 
   def __init__(
@@ -898,6 +905,7 @@ class LocalProviderServer:
       anthropic_cache_min_tokens: int = 0,
       cache_ttl_seconds: float = DEFAULT_CACHE_TTL,
       max_logged_requests: int = 1000,
+      emulate: Sequence[str] = ("*",),
       clock: Callable[[], float] = time.monotonic):
     self.responder: Responder = responder or EchoResponder()
     self.host = host
@@ -907,9 +915,11 @@ class LocalProviderServer:
     self.anthropic_api_key = anthropic_api_key
     self.latency_seconds = latency_seconds
     self.faults = FaultSet(faults)
+    self.batches = BatchEndpoints(self._answer_batched)
     self.openai_cache_min_tokens = openai_cache_min_tokens
     self.anthropic_cache_min_tokens = anthropic_cache_min_tokens
     self.cache_ttl_seconds = cache_ttl_seconds
+    self.emulate = tuple(emulate)
     self._requested_port = port
     self._clock = clock
     self._lock = threading.Lock()
@@ -1059,7 +1069,29 @@ class LocalProviderServer:
     if method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")):
       self._authenticate(flavour, incoming.headers)
       return self._models(flavour, path)
+    if path.startswith(("/v1/files", "/v1/batches", "/v1/messages/batches")):
+      self._authenticate(flavour, incoming.headers)
+      try:
+        routed = self.batches.route(method, path, incoming.headers, incoming.body, self.url)
+      except KeyError as e:
+        raise _ApiError(404, str(e.args[0]), code="not_found") from None
+      except (ValueError, TypeError, json.JSONDecodeError) as e:
+        raise _ApiError(400, str(e), code="invalid_request") from None
+      if routed is not None:
+        status, payload, kind = routed
+        if kind == "bytes":
+          return _Outgoing(status, payload, {"content-type": "application/binary"})
+        return _json_out(status, payload)
     raise _ApiError(404, f"Invalid URL ({method} {path})", code="unknown_url")
+
+  def _answer_batched(self, flavour: str, body: dict, headers: dict) -> tuple[int, Any]:
+    """One request of a batch, through the synchronous path (rules, responder, usage,
+    faults) but not the rate limits: (status, JSON payload)."""
+    path = "/v1/chat/completions" if flavour == OPENAI else "/v1/messages"
+    out = self._handle(_Incoming("POST", path, {**headers, "x-local-batch": "1",
+                                                "content-type": "application/json"},
+                                 json.dumps(body).encode()))
+    return out.status, json.loads(out.body or b"{}")
 
   def _finish_record(self, record: RequestRecord, status: int) -> None:
     record.status = status
@@ -1109,13 +1141,21 @@ class LocalProviderServer:
     record.body = body
     record.model = body.get("model") if isinstance(body.get("model"), str) else None
     self._authenticate(flavour, incoming.headers)
+    rules = self._rules(record.model)
+    if rules is not None:
+      try:
+        rules.check(body)
+      except RequestRejected as e:
+        raise _ApiError(400, e.message, param=e.param, code=e.code) from None
     parsed = (_parse_openai if flavour == OPENAI else _parse_anthropic)(body)
     request = parsed.request
     if self.strict_models and request.model not in self.models:
       raise _ApiError(404, f"The model '{request.model}' does not exist",
                       param="model", code="model_not_found")
-    self._sleep(self.latency_seconds)
-    entry = self._admit(flavour, request)
+    batched = "x-local-batch" in incoming.headers  # batches have their own limits
+    if not batched:
+      self._sleep(self.latency_seconds)
+    entry = None if batched else self._admit(flavour, request)
     fault = self.faults.take(flavour, path, request.model)
     record.fault = fault.kind if fault else None
     if fault and fault.kind in _ERROR_FAULTS:
@@ -1123,19 +1163,34 @@ class LocalProviderServer:
     if fault and fault.kind == "timeout":
       self._sleep(fault.seconds)
     truncate = bool(fault and fault.kind == "truncated")
-    result = _finish(request, self._respond(request), truncate)
-    self._charge(entry, len(result.tokens))
+    reasoning = rules.reasoning_tokens(body) if rules is not None else 0
+    limit = rules.token_limit(body) if rules is not None else None
+    if reasoning and limit is not None and reasoning >= limit:
+      reasoning = limit  # the whole allowance went on reasoning: an empty answer
+      result = _Result("", [], "max_tokens")
+    else:
+      if reasoning and limit is not None:
+        request = dataclasses.replace(request, max_tokens=limit - reasoning)
+      result = _finish(request, self._respond(request), truncate)
+    self._charge(entry, len(result.tokens) + reasoning)
     if fault and fault.kind == "malformed":
       return _Outgoing(200, _MALFORMED_BODY, {"content-type": "application/json"})
     empty = bool(fault and fault.kind == "empty_choices")
     hit = self._cache_hit(flavour, parsed.cache)
     if flavour == OPENAI:
       cached = parsed.cache.tokens if hit and parsed.cache else 0
-      return _json_out(200, _openai_body(request, result, cached, empty))
+      return _json_out(200, _openai_body(request, result, cached, empty, reasoning))
     created = parsed.cache.tokens if parsed.cache and hit is False else 0
     read = parsed.cache.tokens if parsed.cache and hit else 0
     long_ttl = bool(parsed.cache and parsed.cache.long_ttl)
     return _json_out(200, _anthropic_body(request, result, created, read, long_ttl, empty))
+
+  def _rules(self, model: str | None) -> ModelRules | None:
+    if model is None or not self.emulate:
+      return None
+    if "*" in self.emulate or model in self.emulate:
+      return rules_for(model)
+    return None
 
   def _respond(self, request: ProviderRequest) -> Completion:
     completion = self.responder(request)
@@ -1386,6 +1441,13 @@ def _parser() -> argparse.ArgumentParser:
                       metavar="MODEL=N", help="requests per minute for a model ('*' = all)")
   parser.add_argument("--tpm", action="append", default=[], type=_model_number,
                       metavar="MODEL=N", help="tokens per minute for a model ('*' = all)")
+  parser.add_argument("--emulate", action="append", default=None, metavar="MODEL",
+                      help="requests for MODEL must follow that real model's rules, e.g. "
+                           "gpt-5-nano (no temperature or logprobs, max_completion_tokens, "
+                           "reasoning tokens) or claude-sonnet-4-6; default '*': every model "
+                           "it knows (repeatable)")
+  parser.add_argument("--no-emulate", action="store_true",
+                      help="accept any request shape for every model")
   parser.add_argument("--log-level", default="INFO")
   return parser
 
@@ -1407,7 +1469,8 @@ def _server_from_args(
     KeywordStandIn(),
     host=args.host, port=args.port, models=args.models or DEFAULT_MODELS,
     openai_api_key=key, anthropic_api_key=key, latency_seconds=args.latency,
-    rate_limits=limits, faults=args.fault)
+    rate_limits=limits, faults=args.fault,
+    emulate=() if args.no_emulate else (args.emulate or ("*",)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

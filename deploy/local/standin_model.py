@@ -114,19 +114,29 @@ class KeywordStandIn:
     records = self._records(user)
     labels_m = _LABELS_RE.search(system + "\n")
     packed = len(records) > 1
+    # Asked to state its confidence (a model without logprobs): it says the label's
+    # keyword-margin probability, or the share of fields it found.
+    verbalise = '"confidence"' in user or "plus confidence" in user
     pieces: list[tuple[str, Optional[list]]] = []  # (text, top alternatives at its start)
     for i, (rid, text) in enumerate(records):
       if labels_m:
         labels = [l.strip() for l in labels_m.group(1).split(",")]
         label, ranked = self.classify(labels, text)
+        said = f', "confidence": {math.exp(ranked[0][1]):.2f}' if verbalise else ""
         if packed:
-          pieces += [(f'{{"id": "{rid}", "label": "', None), (label, ranked), ('"}\n', None)]
+          pieces += [(f'{{"id": "{rid}", "label": "', None), (label, ranked),
+                     (f'"{said}}}\n', None)]
+        elif verbalise:
+          pieces += [('{"label": "', None), (label, ranked), (f'"{said}}}', None)]
         else:
           pieces.append((label, ranked))
       elif _FIELD_RE.search(system):
         fields = _FIELD_RE.findall(system)
         values = self.extract(fields, text)
-        obj = {"id": rid, "fields": values} if packed else values
+        obj = {"id": rid, "fields": values} if packed else dict(values)
+        if verbalise:
+          found = sum(v is not None for v in values.values()) / max(1, len(values))
+          obj["confidence"] = round(found, 2)
         pieces.append((json.dumps(obj, ensure_ascii=False) + ("\n" if packed else ""), None))
       else:
         words = int((_WORDS_RE.search(system) or [None, 40])[1])

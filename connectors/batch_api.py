@@ -1,0 +1,225 @@
+"""Provider batch APIs: OpenAI's Batch API and Anthropic's Message Batches.
+
+Both bill half the synchronous price for work finished within 24 h: a nightly backfill.
+``ProviderBatch.run(requests)`` submits ``(custom_id, request body)`` pairs as one batch,
+polls until it ends (or ``max_wait_s`` passes: then it is cancelled), and returns a reply
+or a ``ModelCallError`` per custom id. Request bodies are the synchronous ones
+(``ModelClient.request_body``), answers are read by the same parser.
+
+A state file (on any Beam filesystem: local, ``gs://``, ``s3://``) records the batch id
+right after submission, keyed by a hash of the requests, so a run killed while the batch
+was processing, re-run, polls that batch instead of submitting and paying twice. (Killed
+between the provider accepting the batch and the state file being written — one HTTP
+round trip — the batch is submitted again.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Callable, Optional, Sequence, Union
+
+from tierflow.connectors.llm_clients import ModelCallError, ModelClient, ModelReply
+
+__all__ = ["ProviderBatch", "BatchResult"]
+
+_LOGGER = logging.getLogger(__name__)
+
+BatchResult = Union[ModelReply, ModelCallError]
+
+_OPENAI_ENDED = frozenset({"completed", "expired", "cancelled", "failed"})
+
+
+def _kind_of(status: Optional[int]) -> str:
+  if status == 429:
+    return "rate_limit"
+  if status in (401, 403):
+    return "auth"
+  return "server_error" if (status or 500) >= 500 else "bad_request"
+
+
+class ProviderBatch:
+  """One batch of requests to one model endpoint.
+
+  Args:
+    client: the tier's ``ModelClient`` (its SDK client, config and answer parser).
+    state_path: where the batch id is kept (None: not kept; a kill loses the batch).
+    poll_s: seconds between status checks.
+    max_wait_s: give up (cancel) after this long; the requests fail with
+      ``batch_deadline``.
+  """
+
+  def __init__(self, client: ModelClient, state_path: Optional[str] = None, *,
+               poll_s: float = 30.0, max_wait_s: float = 86_400.0,
+               sleep: Callable[[float], None] = time.sleep,
+               clock: Callable[[], float] = time.monotonic):
+    self._client = client
+    self._sdk = client.sdk_client
+    self._openai = client.cfg.provider == "openai"
+    self._state_path = state_path
+    self._poll_s, self._max_wait_s = poll_s, max_wait_s
+    self._sleep, self._clock = sleep, clock
+    self.batch_id: Optional[str] = None
+    self.resumed = False
+
+  # -- the one call ----------------------------------------------------------------------
+  def run(self, requests: Sequence[tuple[str, dict]]) -> dict[str, BatchResult]:
+    if not requests:
+      return {}
+    digest = hashlib.sha256(json.dumps(list(requests), sort_keys=True).encode()).hexdigest()
+    state = self._load_state()
+    if state and state.get("requests_sha256") == digest and state.get("batch_id"):
+      self.batch_id, self.resumed = state["batch_id"], True
+      _LOGGER.info("resuming %s batch %s (%d requests)", self._client, self.batch_id,
+                   len(requests))
+    else:
+      if state:
+        _LOGGER.warning("%s holds a batch for other requests (the config changed?); "
+                        "submitting anew", self._state_path)
+      try:
+        self.batch_id = self._submit(requests, digest)
+      except Exception as e:  # noqa: BLE001 - every request fails with the reason
+        error = ModelCallError("batch_failed", f"submitting the batch failed: "
+                               f"{type(e).__name__}: {str(e)[:200]}")
+        return {cid: error for cid, _ in requests}
+      self._save_state({"provider": self._client.cfg.provider,
+                        "model": self._client.cfg.model, "batch_id": self.batch_id,
+                        "requests": len(requests), "requests_sha256": digest,
+                        "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    status = self._wait()
+    if status == "deadline":
+      self._cancel()
+      error = ModelCallError("batch_deadline", f"batch {self.batch_id} not done within "
+                             f"{self._max_wait_s:.0f}s (--max-batch-wait); cancelled")
+      return {cid: error for cid, _ in requests}
+    results = self._results()
+    missing = ModelCallError(f"batch_{status}" if status in ("expired", "cancelled", "failed")
+                             else "batch_failed", f"batch {self.batch_id} {status}: no answer")
+    return {cid: results.get(cid, missing) for cid, _ in requests}
+
+  # -- state -----------------------------------------------------------------------------
+  def _load_state(self) -> Optional[dict]:
+    if not self._state_path:
+      return None
+    from apache_beam.io.filesystems import FileSystems
+    if not FileSystems.exists(self._state_path):
+      return None
+    with FileSystems.open(self._state_path) as f:
+      try:
+        return json.loads(f.read())
+      except ValueError:
+        return None
+
+  def _save_state(self, state: dict) -> None:
+    if not self._state_path:
+      return
+    from apache_beam.io.filesystems import FileSystems
+    tmp = f"{self._state_path}.tmp-{time.time_ns()}"
+    parent = self._state_path.rsplit("/", 1)[0]
+    if not FileSystems.exists(parent):
+      FileSystems.mkdirs(parent)
+    with FileSystems.create(tmp) as f:
+      f.write(json.dumps(state, indent=1).encode())
+    if FileSystems.exists(self._state_path):
+      FileSystems.delete([self._state_path])
+    FileSystems.rename([tmp], [self._state_path])
+
+  # -- provider calls --------------------------------------------------------------------
+  def _submit(self, requests: Sequence[tuple[str, dict]], digest: str) -> str:
+    if self._openai:
+      lines = "".join(json.dumps({"custom_id": cid, "method": "POST",
+                                  "url": "/v1/chat/completions", "body": body}) + "\n"
+                      for cid, body in requests)
+      file = self._sdk.files.create(file=("tierflow-batch.jsonl", lines.encode()),
+                                    purpose="batch")
+      batch = self._sdk.batches.create(input_file_id=file.id,
+                                       endpoint="/v1/chat/completions",
+                                       completion_window="24h",
+                                       metadata={"tierflow_requests": digest[:32]})
+    else:
+      batch = self._sdk.messages.batches.create(
+          requests=[{"custom_id": cid, "params": body} for cid, body in requests])
+    _LOGGER.info("submitted %s batch %s (%d requests)", self._client, batch.id, len(requests))
+    return batch.id
+
+  def _status(self) -> str:
+    if self._openai:
+      status = self._sdk.batches.retrieve(self.batch_id).status
+      return status if status in _OPENAI_ENDED else "running"
+    return "ended" if self._sdk.messages.batches.retrieve(
+        self.batch_id).processing_status == "ended" else "running"
+
+  def _wait(self) -> str:
+    deadline = self._clock() + self._max_wait_s
+    while True:
+      try:
+        status = self._status()
+      except Exception as e:  # noqa: BLE001 - a status check failing is not the batch failing
+        _LOGGER.warning("checking batch %s failed (%s); trying again", self.batch_id, e)
+        status = "running"
+      if status != "running":
+        return status
+      if self._clock() >= deadline:
+        return "deadline"
+      self._sleep(min(self._poll_s, max(0.0, deadline - self._clock())))
+
+  def _cancel(self) -> None:
+    try:
+      if self._openai:
+        self._sdk.batches.cancel(self.batch_id)
+      else:
+        self._sdk.messages.batches.cancel(self.batch_id)
+    except Exception as e:  # noqa: BLE001 - best effort; the deadline stands
+      _LOGGER.warning("cancelling batch %s failed: %s", self.batch_id, e)
+
+  def _results(self) -> dict[str, BatchResult]:
+    return self._openai_results() if self._openai else self._anthropic_results()
+
+  def _reply(self, body) -> BatchResult:
+    try:
+      return self._client.reply_from_body(body)
+    except ModelCallError as e:
+      return e
+
+  def _openai_results(self) -> dict[str, BatchResult]:
+    batch = self._sdk.batches.retrieve(self.batch_id)
+    out: dict[str, BatchResult] = {}
+    for file_id in (batch.output_file_id, batch.error_file_id):
+      if not file_id:
+        continue
+      for line in self._sdk.files.content(file_id).content.decode().splitlines():
+        if not line.strip():
+          continue
+        item = json.loads(line)
+        response, error = item.get("response") or {}, item.get("error") or {}
+        status = response.get("status_code")
+        if status == 200:
+          out[item["custom_id"]] = self._reply(response.get("body"))
+        elif error.get("code") == "batch_expired":
+          out[item["custom_id"]] = ModelCallError("batch_expired", error.get("message", ""))
+        else:
+          body = response.get("body") or {}
+          message = ((body.get("error") or {}).get("message") if isinstance(body, dict)
+                     else None) or error.get("message") or ""
+          out[item["custom_id"]] = ModelCallError(_kind_of(status),
+                                                  f"HTTP {status} {message[:200]}", status)
+    return out
+
+  def _anthropic_results(self) -> dict[str, BatchResult]:
+    out: dict[str, BatchResult] = {}
+    for entry in self._sdk.messages.batches.results(self.batch_id):
+      result = entry.result
+      if result.type == "succeeded":
+        out[entry.custom_id] = self._reply(result.message.model_dump(mode="json"))
+      elif result.type == "errored":
+        error = getattr(result.error, "error", None)
+        kind = getattr(error, "type", "api_error")
+        out[entry.custom_id] = ModelCallError(
+            "bad_request" if kind == "invalid_request_error" else "server_error",
+            f"{kind}: {getattr(error, 'message', '')[:200]}")
+      else:  # expired, canceled
+        out[entry.custom_id] = ModelCallError(f"batch_{result.type}",
+                                              f"batch {self.batch_id}: request {result.type}")
+    return out

@@ -1,0 +1,183 @@
+"""Backfills through the providers' batch APIs: half price, the same answers, never paid twice.
+
+The local endpoints implement OpenAI's Batch API (files + batches) and Anthropic's Message
+Batches, answered after ``complete_seconds``; the real SDKs drive them over HTTP.
+"""
+
+import copy
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tierflow import launcher
+from tierflow_local.loader import publish, sample_tickets
+from tierflow_local.provider_server import LocalProviderServer
+from tierflow_local.standin_model import KeywordStandIn
+
+ROOT = pathlib.Path(__file__).parents[1]
+CONFIG = yaml.safe_load((ROOT / "tierflow/data/tickets.yaml").read_text())
+KEY = "sk-batch-test-DO-NOT-LEAK"
+
+
+@pytest.fixture
+def server(monkeypatch):
+  monkeypatch.setenv("TIERFLOW_BATCH_TEST_KEY", KEY)
+  with LocalProviderServer(KeywordStandIn(), models=("small", "frontier"),
+                           openai_api_key=KEY, anthropic_api_key=KEY) as s:
+    s.batches.complete_seconds = 0.3
+    yield s
+
+
+def _config(tmp_path, server, **small):
+  config = copy.deepcopy(CONFIG)
+  config["budget_usd"] = None
+  config["models"]["small"].update(
+      base_url=server.openai_base_url, model="small", api_key_env="TIERFLOW_BATCH_TEST_KEY",
+      price_as="gpt-5-nano", batch_size=4, concurrency=2, max_retries=1, **small)
+  config["models"]["frontier"].update(
+      provider="anthropic", base_url=server.anthropic_base_url, model="frontier",
+      api_key_env="TIERFLOW_BATCH_TEST_KEY", price_as="claude-sonnet-4-6", batch_size=2,
+      max_retries=1)
+  path = tmp_path / f"tickets-{len(list(tmp_path.iterdir()))}.yaml"
+  path.write_text(yaml.safe_dump(config))
+  return str(path)
+
+
+def _argv(broker, name, out, config, *extra):
+  return ["--bootstrap-servers", broker.bootstrap_servers, "--topic", name, "--output", out,
+          "--config", config, "--rows-per-file", "20", "--batch-poll-seconds", "0.1", *extra]
+
+
+def _stages(read_duckdb, out):
+  return read_duckdb(f"{out}/results", """
+      SELECT r.ticket_id, s.* FROM (SELECT ticket_id, unnest(stages) AS s FROM t) r
+      ORDER BY ticket_id, s.stage""")
+
+
+def _posts(server, path):
+  return [r for r in server.requests if r.method == "POST" and r.path == path]
+
+
+def test_batch_run_gives_the_same_answers_at_half_the_price(broker, topic, server, tmp_path,
+                                                            read_duckdb):
+  name = topic(partitions=2)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:40])
+  config = _config(tmp_path, server)
+  sync_out, batch_out = str(tmp_path / "sync"), str(tmp_path / "batch")
+  sync = launcher.launch("tickets", _argv(broker, name, sync_out, config,
+                                          "--commit-offsets", "never"))
+  server.reset_stats()
+  batch = launcher.launch("tickets", _argv(broker, name, batch_out, config,
+                                           "--commit-offsets", "never",
+                                           "--batch-tiers", "small,frontier"))
+  assert sync.exit_code == batch.exit_code == 0 and batch.rows_written == 40
+  # Nothing went synchronously: one small batch and one frontier batch per offset batch.
+  answered = _posts(server, "/v1/chat/completions") + _posts(server, "/v1/messages")
+  assert answered and all("x-local-batch" in r.headers for r in answered)
+  offset_batches = batch.metrics["tierflow.kafka.batches_read"]
+  assert len(_posts(server, "/v1/batches")) == offset_batches
+  assert 1 <= len(_posts(server, "/v1/messages/batches")) <= offset_batches
+  a, b = _stages(read_duckdb, sync_out), _stages(read_duckdb, batch_out)
+  assert [(r["ticket_id"], r["stage"], r["small_answer"], r["final_tier"]) for r in a] == \
+         [(r["ticket_id"], r["stage"], r["small_answer"], r["final_tier"]) for r in b]
+  assert {r["small_billing_mode"] for r in b} == {"batch"}
+  assert {r["frontier_billing_mode"] for r in b if r["escalated"]} == {"batch"}
+  assert {r["small_billing_mode"] for r in a} == {"sync"}
+  cost = lambda rows: sum(r["cost_usd"] for r in rows)  # noqa: E731
+  # The price book's 50% discount; cache reads and writes fall a little differently when
+  # a batch's requests are answered back to back.
+  assert 0.45 * cost(a) <= cost(b) <= 0.5 * cost(a)
+  assert list((pathlib.Path(batch_out) / "_batches").rglob("*.json")), "no state kept"
+
+
+def test_failed_and_expired_batch_requests_fall_back_or_fail(broker, topic, server, tmp_path,
+                                                             read_duckdb):
+  name = topic(partitions=1)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:12])
+  server.batches.fail_every = 3
+  out = str(tmp_path / "partial")
+  summary = launcher.launch("tickets", _argv(broker, name, out, _config(tmp_path, server),
+                                             "--commit-offsets", "never",
+                                             "--batch-tiers", "small"))
+  assert summary.exit_code == 0 and summary.rows_written == 12
+  rows = _stages(read_duckdb, out)
+  modes = {r["small_billing_mode"] for r in rows}
+  assert modes == {"batch", "sync"}, "every third request failed in the batch"
+  assert all(r["small_error"] is None for r in rows)
+
+  server.batches.fail_every, server.batches.expire = None, True
+  out = str(tmp_path / "expired")
+  summary = launcher.launch("tickets", _argv(
+      broker, name, out, _config(tmp_path, server, batch_fallback="fail"),
+      "--commit-offsets", "never", "--batch-tiers", "small"))
+  rows = _stages(read_duckdb, out)
+  assert {r["small_billing_mode"] for r in rows} == {"batch"}
+  assert all(r["small_error"].startswith("batch_expired") for r in rows)
+  assert all(r["small_cost_usd"] == 0 for r in rows)  # an expired request is not billed
+  # batch_fallback: fail fails the small tier; the records escalated and were answered.
+  assert {r["final_tier"] for r in rows} == {"frontier"}
+  assert summary.rows_written == 12 and summary.records_failed == 0
+
+
+def test_streaming_refuses_batch_mode(broker, topic, server, tmp_path):
+  name = topic(partitions=1)
+  with pytest.raises(ValueError, match="batch mode .* is for bounded runs"):
+    launcher.build("tickets", _argv(broker, name, str(tmp_path / "o"),
+                                    _config(tmp_path, server), "--streaming",
+                                    "--batch-tiers", "small"))
+
+
+@pytest.mark.slow
+def test_kill_while_polling_then_rerun_submits_nothing_twice(broker, topic, server, tmp_path,
+                                                             read_duckdb):
+  name = topic(partitions=2)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:40])
+  out = str(tmp_path / "out")
+  config = _config(tmp_path, server)
+  argv = [sys.executable, "-m", "tierflow.cli", "run", "tickets",
+          *_argv(broker, name, out, config, "--batch-tiers", "small,frontier")]
+  env = {**os.environ, "TIERFLOW_BATCH_TEST_KEY": KEY}
+  server.batches.complete_seconds = 3600  # nothing ends while the first run lives
+  proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+      # The runner routes one offset batch at a time: the first one's small batch is
+      # submitted and polled; the second is not reached before the kill.
+      if list(pathlib.Path(out).glob("_batches/**/*.small.json")):
+        break
+      assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+      time.sleep(0.05)
+    else:
+      raise AssertionError("the run never submitted its batches")
+    time.sleep(0.5)  # polling
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  submitted = [b for b in server.batches.created if b.startswith("batch_")]
+  assert len(submitted) == 1
+  assert not list(pathlib.Path(out).glob("results/**/*.parquet")), "killed before any write"
+
+  server.batches.complete_seconds = 0.2
+  rerun_started = time.time()
+  rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  # The endpoint's log: two batch submissions in both runs together, and the killed
+  # run's batch was polled by the re-run.
+  assert len(_posts(server, "/v1/batches")) == 2
+  assert any(r.method == "GET" and r.path == f"/v1/batches/{submitted[0]}"
+             and r.received_at > rerun_started for r in server.requests)
+  # Two offset batches, two small batches in all: the killed one was resumed.
+  assert len([b for b in server.batches.created if b.startswith("batch_")]) == 2
+  rows = read_duckdb(f"{out}/results")
+  assert sorted(r["ticket_id"] for r in rows) == sorted(
+      t["ticket_id"] for t in sample_tickets()[:40])
+  assert KEY not in rerun.stderr
