@@ -269,7 +269,8 @@ class ModelClient:
     return f"ModelClient({self.cfg.provider}:{self.cfg.model})"
 
   def complete(self, system: str, user: str, max_tokens: int, *,
-               top_logprobs: Optional[int] = None) -> ModelReply:
+               top_logprobs: Optional[int] = None,
+               answer_schema: Optional[dict] = None) -> ModelReply:
     """One chat completion; ``top_logprobs`` overrides the model's (0: chosen tokens only).
 
     Every failed attempt counts towards the endpoint's circuit breaker; once it is open
@@ -289,7 +290,7 @@ class ModelClient:
       self.limiter.acquire(tokens)  # every attempt is a request the provider counts
       try:
         if self.cfg.provider == "openai":
-          reply = self._openai(system, user, max_tokens, top)
+          reply = self._openai(system, user, max_tokens, top, answer_schema)
         else:
           reply = self._anthropic(system, user, max_tokens)
         if breaker is not None:
@@ -333,7 +334,7 @@ class ModelClient:
     return ModelCallError("malformed", f"{type(e).__name__}: {str(e)[:200]}")
 
   def request_openai(self, system: str, user: str, max_tokens: int,
-                     top_logprobs: int) -> dict:
+                     top_logprobs: int, answer_schema: Optional[dict] = None) -> dict:
     """The Chat Completions request body, with only what the model takes
     (``model_capabilities``): never decided by the base URL."""
     cfg, caps = self.cfg, self.cfg.capabilities
@@ -348,6 +349,9 @@ class ModelClient:
       kwargs["logprobs"] = True
       if top_logprobs:
         kwargs["top_logprobs"] = top_logprobs
+    if answer_schema is not None and cfg.uses_structured_output:
+      kwargs["response_format"] = {"type": "json_schema", "json_schema": {
+          "name": "answer", "schema": answer_schema, "strict": True}}
     return kwargs
 
   def request_anthropic(self, system: str, user: str, max_tokens: int) -> dict:
@@ -357,11 +361,12 @@ class ModelClient:
                 messages=[{"role": "user", "content": user}])
 
   def request_body(self, system: str, user: str, max_tokens: int, *,
-                   top_logprobs: Optional[int] = None) -> dict:
+                   top_logprobs: Optional[int] = None,
+                   answer_schema: Optional[dict] = None) -> dict:
     """The provider's request body for one prompt (what a batch line carries)."""
     if self.cfg.provider == "openai":
       top = self.cfg.top_logprobs if top_logprobs is None else top_logprobs
-      return self.request_openai(system, user, max_tokens, top)
+      return self.request_openai(system, user, max_tokens, top, answer_schema)
     return self.request_anthropic(system, user, max_tokens)
 
   def reply_from_body(self, body: dict) -> ModelReply:
@@ -372,8 +377,9 @@ class ModelClient:
       return self._openai_reply(body)
     return self._anthropic_reply(body)
 
-  def _openai(self, system: str, user: str, max_tokens: int, top_logprobs: int) -> ModelReply:
-    kwargs = self.request_openai(system, user, max_tokens, top_logprobs)
+  def _openai(self, system: str, user: str, max_tokens: int, top_logprobs: int,
+              answer_schema: Optional[dict] = None) -> ModelReply:
+    kwargs = self.request_openai(system, user, max_tokens, top_logprobs, answer_schema)
     # The raw response, read as JSON: building the SDK's pydantic models for an answer
     # with logprobs cost more CPU than everything else about the request.
     raw = self._client.chat.completions.with_raw_response.create(**kwargs)

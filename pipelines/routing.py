@@ -123,10 +123,18 @@ class Router:
     system, user, max_tokens = self._prompt(tier, stage, texts)
     try:
       reply = self._client(tier).complete(system, user, max_tokens,
-                                          top_logprobs=kind.alternatives)
+                                          top_logprobs=kind.alternatives,
+                                          answer_schema=self._schema(tier, stage, texts))
     except ModelCallError as e:
       return [TierOutcome(tier, model.model, error=str(e)) for _ in texts], False
     return self._outcomes(tier, stage, texts, reply, system, user, "sync"), True
+
+  def _schema(self, tier: str, stage: str, texts: Sequence[str]) -> Optional[dict]:
+    """The answer's JSON schema for structured output: single-record requests only (a
+    packed answer is one JSON line per record, which one schema cannot say)."""
+    if len(texts) != 1:
+      return None
+    return self._kinds[stage].answer_schema(not self._models[tier].uses_logprobs)
 
   def _outcomes(self, tier: str, stage: str, texts: Sequence[str], reply, system: str,
                 user: str, billing: str) -> list[TierOutcome]:
@@ -154,7 +162,8 @@ class Router:
     for n, (stage, texts) in enumerate(jobs):
       system, user, max_tokens = self._prompt(tier, stage, texts)
       requests.append((f"{stage}-{n}", client.request_body(
-          system, user, max_tokens, top_logprobs=self._kinds[stage].alternatives)))
+          system, user, max_tokens, top_logprobs=self._kinds[stage].alternatives,
+          answer_schema=self._schema(tier, stage, texts))))
       prompts.append((system, user))
     state = (f"{self._batch_state_dir}/{key}.{tier}.json"
              if self._batch_state_dir and key else None)

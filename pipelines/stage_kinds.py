@@ -77,6 +77,12 @@ class StageKind:
     """(task description, single-record answer format, packed answer format)."""
     raise NotImplementedError
 
+  def answer_schema(self, verbalise: bool) -> Optional[dict]:
+    """The JSON schema of a single record's answer, for endpoints with structured output
+    (``response_format: json_schema``; llama.cpp and vLLM turn it into a grammar), or
+    None where the answer is free text or read bare."""
+    return None
+
   # --- reading answers -----------------------------------------------------------
   def parse(self, obj: Any, span: tuple[int, int], reply: ModelReply, offsets,
             source: str, bare: bool) -> Answer:
@@ -278,6 +284,21 @@ class Extract(StageKind):
 
   def output_tokens_per_record(self) -> int:
     return 24 + 24 * len(self.stage.fields)
+
+  _JSON_TYPES = {"string": "string", "number": "number", "integer": "integer",
+                 "boolean": "boolean"}
+
+  def answer_schema(self, verbalise: bool) -> Optional[dict]:
+    props = {}
+    for name, spec in self.stage.fields.items():
+      prop: dict = {"type": [self._JSON_TYPES[spec.type], "null"]}
+      if spec.enum:
+        prop["enum"] = [*spec.enum, None]
+      props[name] = prop
+    if verbalise:
+      props["confidence"] = {"type": "number"}
+    return {"type": "object", "properties": props, "required": list(props),
+            "additionalProperties": False}
 
   def _field_lines(self) -> str:
     lines = []

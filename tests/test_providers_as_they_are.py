@@ -252,3 +252,27 @@ def test_dead_endpoints_end_a_run_in_seconds(broker, topic, output_dir, tmp_path
   assert summary.exit_code == launcher.EXIT_MODEL_FAILURES
   assert summary.records_failed == 200 and summary.rows_written == 200
   assert took < 30, f"{took:.0f} s against dead endpoints"  # was 569 s for 200 records
+
+
+def test_single_record_extraction_is_constrained_to_the_fields_schema():
+  from tierflow.config import RunConfig
+  from tierflow.pipelines.routing import Router
+  from tierflow.prices import load_price_book
+  config = copy.deepcopy(BUNDLED)
+  config["models"]["small"].update(model="SmolLM2-135M-Instruct", price_as="gpt-5-nano",
+                                   api_key_env="")
+  config["models"]["frontier"].update(model="claude-sonnet-4-6", api_key_env="")
+  run = RunConfig.from_dict(config)
+  router = Router(run, load_price_book(run.price_book))
+  schema = router._schema("small", "extract", ["one record"])
+  extract = next(s for s in run.stages if s.name == "extract")
+  assert set(schema["properties"]) == set(extract.fields) and schema["required"]
+  assert schema["additionalProperties"] is False
+  assert router._schema("small", "extract", ["a", "b"]) is None  # packed: JSON lines
+  assert router._schema("small", "classify", ["one"]) is None  # read bare, with logprobs
+  body = ModelClient(run.small).request_openai("s", "u", 50, 0, schema)
+  assert body["response_format"]["json_schema"]["schema"] == schema
+  off = run.with_model("small", structured_output=False).small
+  assert "response_format" not in ModelClient(off).request_openai("s", "u", 50, 0, schema)
+  with pytest.raises(ValidationError, match="structured output"):
+    ModelConfig(provider="anthropic", model="claude-sonnet-4-6", structured_output=True)

@@ -180,8 +180,9 @@ def cmd_demo(args, rest) -> int:
   print("\nPrices: small tier priced as fireworks/llama-v3p1-8b-instruct, frontier as "
         "claude-sonnet-4-6 (price book 2026-11-22). The frontier answers come from a rule-based "
         "stand-in, so nothing here measures model quality.")
-  print(f"\nquery it:  duckdb -c \"SELECT label, escalated, round(cost_usd, 6) FROM read_parquet("
-        f"'{output}/results/**/*.parquet', hive_partitioning=true) LIMIT 10\"")
+  sql = ("SELECT label, escalated, round(cost_usd, 6) AS cost_usd FROM read_parquet("
+         f"'{output}/results/**/*.parquet', hive_partitioning=true) LIMIT 10")
+  print(f'\nquery it:  {sys.executable} -c "import duckdb; duckdb.sql(\\"{sql}\\").show()"')
   return 0 if summary.rows_written == n else 1
 
 

@@ -98,6 +98,9 @@ class ModelConfig(_Strict):
     breaker_failures: failed requests in a row (connection, timeout, 5xx, 401/403, 400)
       after which the endpoint's circuit opens and requests fail at once; 0: never.
     breaker_cooldown_s: how long an open circuit waits before letting one request try.
+    structured_output: constrain single-record extraction answers to the fields' JSON
+      schema (``response_format: json_schema``); default: where the model has it (OpenAI
+      models and OpenAI-compatible servers, not Claude).
     mode: ``sync`` (a request per pack, answered at once) or ``batch`` (bounded runs: the
       tier's requests for an offset batch go to the provider's batch API, billed at the
       price book's ``batch_discount``, answered within 24 h).
@@ -126,6 +129,7 @@ class ModelConfig(_Strict):
   reasoning_tokens: Optional[int] = Field(None, ge=0)
   breaker_failures: int = Field(5, ge=0)
   breaker_cooldown_s: float = Field(30.0, gt=0)
+  structured_output: Optional[bool] = None
   mode: Literal["sync", "batch"] = "sync"
   batch_poll_s: float = Field(30.0, gt=0)
   batch_max_wait_s: float = Field(86_400.0, gt=0)
@@ -153,6 +157,9 @@ class ModelConfig(_Strict):
       if self.reasoning_effort not in caps.reasoning_efforts:
         raise ValueError(f"{who} takes reasoning_effort "
                          f"{', '.join(caps.reasoning_efforts)}, not {self.reasoning_effort!r}")
+    if self.structured_output and not caps.structured_output:
+      raise ValueError(f"{who} has no JSON-schema structured output here: drop "
+                       "structured_output")
     if self.reasoning_tokens is not None and not caps.reasons:
       raise ValueError(f"{who} does not reason: drop reasoning_tokens")
     return self
@@ -165,6 +172,12 @@ class ModelConfig(_Strict):
   @property
   def uses_logprobs(self) -> bool:
     return self.capabilities.logprobs if self.logprobs is None else self.logprobs
+
+  @property
+  def uses_structured_output(self) -> bool:
+    if self.structured_output is None:
+      return self.capabilities.structured_output == "json_schema"
+    return self.structured_output
 
   @property
   def effort(self) -> Optional[str]:
