@@ -294,7 +294,7 @@ def test_pngs_and_self_contained_html(run):
 
 def test_notes_state_estimates(run):
   notes = " ".join(run["json"]["notes"])
-  for phrase in ("frontier-only quality is not observable", "PARTLY ESTIMATED",
+  for phrase in ("frontier-only quality is unknown", "PARTLY ESTIMATED",
                  "assumed right", "duplicate rows dropped", "have no label"):
     assert phrase in notes
   assert run["json"]["mode"] == "cost_and_quality"

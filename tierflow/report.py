@@ -407,9 +407,9 @@ def _quality_notes(scores: Mapping[str, StageScores], run: RunData) -> list[str]
       "correct = the final answer equals the reference after trimming whitespace and "
       "case-folding (extract: every scored field equal; numbers to 9 decimals); a missing "
       "answer (failed stage) counts as wrong",
-      "frontier-only quality is not observable from one run: "
       "'escalated_record_frontier_accuracy' is the frontier tier's accuracy on the escalated "
-      "records only (harder than average), used as its estimate",
+      "records only (harder than average): not frontier-only quality, which only a "
+      "frontier-only run measures (--frontier-only)",
       "error_non_escalated is the realised error of the final (small) answers on records whose "
       "stage did not ask for escalation (confidence >= threshold): the calibration target",
   ]
@@ -449,7 +449,8 @@ def _quality_notes(scores: Mapping[str, StageScores], run: RunData) -> list[str]
 def build_report(output_dir: str, labels: Optional[str] = None,
                  label_fields: Optional[LabelFields] = None, out_dir: Optional[str] = None,
                  *, id_field: Optional[str] = None, resamples: int = 1000, seed: int = 0,
-                 charts: bool = True) -> dict:
+                 charts: bool = True, frontier_only: Optional[str] = None,
+                 calibration: Optional[str] = None) -> dict:
   """Builds the report dict and, with ``out_dir``, writes JSON, HTML and PNGs there.
 
   Args:
@@ -463,6 +464,11 @@ def build_report(output_dir: str, labels: Optional[str] = None,
     id_field: the id column shared by results and labels (default: ticket_id,
       doc_id or record_id, whichever exists in both).
     resamples, seed: the bootstrap.
+    frontier_only: the output directory of a frontier-only run over the same records
+      (every stage escalated, e.g. thresholds of 1.1): its measured quality and frontier
+      cost are the frontier-only baseline. Without it frontier-only quality is unknown.
+    calibration: the calibration file the run used: its alpha, delta, n and whether it
+      certified each stage go in the report, with a banner for a stage it did not.
   """
   run = read_run(output_dir, (*ID_FIELDS, id_field) if id_field else ID_FIELDS)
   notes = [
@@ -509,8 +515,22 @@ def build_report(output_dir: str, labels: Optional[str] = None,
   else:
     notes.append("cost-only report: no labels given, so no quality, oracle or AIQ; the "
                  "threshold curve shows cost only")
+  measured = {}
+  if frontier_only:
+    measured = _measured_frontier_only(frontier_only, run, labels, id_field, scores)
+    report["inputs"]["frontier_only"] = os.path.abspath(frontier_only)
+    report["cost"].update(measured.pop("_run", {}))
+    notes.append("frontier only: measured by the frontier-only run "
+                 f"({os.path.abspath(frontier_only)}): its final answers' accuracy and its "
+                 "frontier tier's billed cost, over the records both runs hold")
+  elif scores:
+    notes.append("frontier-only quality is unknown: no frontier-only run was given "
+                 "(--frontier-only DIR); the frontier tier's accuracy on the escalated "
+                 "records is shown as that, not as frontier-only quality")
   report["mode"] = "cost_and_quality" if scores else "cost_only"
-  report["stages"] = _stages_json(run, scores)
+  report["stages"] = _stages_json(run, scores, measured)
+  report["calibration"] = _calibration_json(calibration) if calibration else None
+  report["banners"] = _banners(report)
   report["quality"] = _run_quality(scores) if scores else None
   for name, st in report["stages"].items():
     if st["oracle"] is not None and st["threshold_curve"]["aiq"] is None:
@@ -528,8 +548,10 @@ def build_report(output_dir: str, labels: Optional[str] = None,
   return report
 
 
-def _stages_json(run: RunData, scores: Mapping[str, StageScores]) -> dict:
+def _stages_json(run: RunData, scores: Mapping[str, StageScores],
+                 measured: Optional[Mapping[str, dict]] = None) -> dict:
   out = {}
+  measured = measured or {}
   for s in run.stages:
     sc = scores.get(s.name)
     entry = {"kind": s.kind, "threshold": mode(s.col("threshold")[s.present]),
@@ -552,9 +574,83 @@ def _stages_json(run: RunData, scores: Mapping[str, StageScores]) -> dict:
         entry["frontier_only_point"] = {
             "cost_per_1k": _per_1k(float(np.nansum(s.col("frontier_only_cost_usd")[lab])),
                                    lab.sum()),
-            "accuracy_estimate": entry["quality"]["escalated_record_frontier_accuracy"]}
+            "accuracy": None, "source": "unknown (no frontier-only run given)"}
+    if s.name in measured:
+      entry["frontier_only_point"] = measured[s.name]
+      if entry["quality"] is not None:
+        entry["quality"]["frontier_only_accuracy"] = measured[s.name]["accuracy"]
     entry["threshold_curve"] = _curve_json(_threshold_curve(s, sc), routed)
     out[s.name] = entry
+  return out
+
+
+def _measured_frontier_only(path: str, run: RunData, labels: Optional[str],
+                            id_field: Optional[str], scores: Mapping[str, StageScores]
+                            ) -> dict:
+  """Per stage, the frontier-only point measured by a frontier-only run: accuracy of its
+  final answers on the labelled records both runs hold, and its frontier tier's billed cost
+  per 1k of them; ``_run``: the run-level measured frontier-only cost."""
+  fo = read_run(path, (*ID_FIELDS, id_field) if id_field else ID_FIELDS)
+  shared = set(fo.records["record_id"]) & set(run.records["record_id"])
+  if not shared:
+    raise ValueError(f"--frontier-only {path}: no record in common with the routed run")
+  keep = np.array([r in shared for r in fo.records["record_id"]])
+  out: dict = {}
+  by_name = {s.name: s for s in fo.stages}
+  total = 0.0
+  for s in fo.stages:
+    total += float(np.nansum(s.col("frontier_cost_usd")[keep & s.present]))
+  out["_run"] = {"frontier_only_measured_usd": total,
+                 "frontier_only_measured_per_1k": _per_1k(total, int(keep.sum())),
+                 "frontier_only_measured_records": int(keep.sum())}
+  if labels and scores:
+    label_rows = read_labels(labels)
+    idf = pick_id_field(fo, label_rows, id_field)
+    refs, _ = reference_rows(fo, label_rows, idf)
+    for name, sc in scores.items():
+      stage = by_name.get(name)
+      if stage is None:
+        continue
+      fsc = score_stage(stage, fo, refs, sc.fields)
+      lab = fsc.labelled & keep
+      on_frontier = lab & (stage.col("final_tier") == "frontier")
+      out[name] = {
+          "cost_per_1k": _per_1k(float(np.nansum(stage.col("frontier_cost_usd")[lab])),
+                                 int(lab.sum())),
+          "accuracy": _ratio(np.nansum(fsc.final[lab]), lab.sum()),
+          "labelled_records": int(lab.sum()),
+          "answered_by_frontier": _ratio(on_frontier.sum(), lab.sum()),
+          "source": f"measured ({path})"}
+  return out
+
+
+def _calibration_json(path: str) -> dict:
+  from tierflow.calibration import Calibration
+  cal = Calibration.load(path)
+  return {"file": path, "created_at": cal.created_at, "data_hash": cal.data_hash,
+          "stages": {name: {"alpha": sc.alpha, "delta": sc.delta, "n": sc.n,
+                            "certified": sc.certified, "threshold": sc.threshold,
+                            "reason": sc.reason, "min_n_to_certify": sc.min_n_to_certify}
+                     for name, sc in cal.stages.items()}}
+
+
+def _banners(report: dict) -> list[str]:
+  """Warnings a reader must not miss, in plain words."""
+  out = []
+  cal = report.get("calibration")
+  for name, c in ((cal or {}).get("stages") or {}).items():
+    if not c["certified"]:
+      need = c.get("min_n_to_certify")
+      out.append(f"Stage {name}: calibration did not certify error <= {c['alpha']:.1%} "
+                 f"(confidence {1 - c['delta']:.0%}) on {c['n']} labelled records, so the run "
+                 f"escalated every {name} answer"
+                 + (f"; about {need} labelled records would be needed at the observed error "
+                    "rate." if need and need > 0 else "."))
+  for name, st in report["stages"].items():
+    rate = st["escalation"].get("escalation_rate")
+    if rate is not None and rate >= 1:
+      out.append(f"Stage {name}: every record was escalated, so this run cost more than "
+                 "frontier-only would have (the small tier ran too).")
   return out
 
 

@@ -6,7 +6,8 @@ number, with notes naming each estimate), a self-contained ``report.html``, and
 three PNGs. Without labels the report is cost-only.
 
     tierflow report OUTPUT_DIR [--labels FILE] [--label-field STAGE=COL[,COL]]
-                               [--id-field COL] [--out DIR]
+                               [--id-field COL] [--out DIR] [--frontier-only DIR]
+                               [--calibration FILE]
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="label column(s) of a stage (repeatable)")
   parser.add_argument("--id-field", help="id column shared by results and labels")
   parser.add_argument("--out", help="report directory (default: OUTPUT_DIR/report)")
+  parser.add_argument("--frontier-only", metavar="DIR",
+                      help="output of a frontier-only run over the same records: the measured "
+                           "frontier-only baseline (else its quality is unknown)")
+  parser.add_argument("--calibration", metavar="FILE",
+                      help="the calibration file the run used: alpha, delta, n and whether "
+                           "each stage was certified, with a banner where not")
   parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
   parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
@@ -51,7 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
   out = args.out or os.path.join(args.output_dir, "report")
   report = build_report(args.output_dir, args.labels, parse_label_fields(args.label_field),
-                        out, id_field=args.id_field, resamples=args.resamples, seed=args.seed)
+                        out, id_field=args.id_field, resamples=args.resamples, seed=args.seed,
+                        frontier_only=args.frontier_only, calibration=args.calibration)
+  for banner in report["banners"]:
+    print(f"WARNING: {banner}")
   c = report["cost"]
   print(f"records {report['run']['records']}  routed {_fmt(c['routed_per_1k'], 'usd')}/1k  "
         f"frontier-only {_fmt(c['frontier_only_per_1k'], 'usd')}/1k  "

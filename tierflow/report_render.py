@@ -78,8 +78,8 @@ def _plot_quality_curve(ax, stage: dict) -> None:
       (curve.get("chosen_point"), "D", "#1F3B5C", "chosen threshold {t}", "accuracy"),
       (curve.get("routed_point"), "*", _COLORS["routed"], "routed (this run)", "accuracy"),
       (stage.get("small_only_point"), "o", _COLORS["small"], "small only", "accuracy"),
-      (stage.get("frontier_only_point"), "s", _COLORS["frontier"], "frontier only (est.)",
-       "accuracy_estimate"),
+      (stage.get("frontier_only_point"), "s", _COLORS["frontier"], "frontier only (measured)",
+       "accuracy"),
       (stage["oracle"] and {"cost_per_1k": stage["oracle"]["cost_per_1k"],
                             "accuracy": stage["oracle"]["accuracy"]},
        "^", _COLORS["oracle"], "oracle cascade", "accuracy"),
@@ -268,6 +268,7 @@ font-size:13px}th,td{padding:.3rem .7rem;border-bottom:1px solid #eef0f2;text-al
 th:first-child,td:first-child{text-align:left}th{background:#f6f7f9}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eef0f2}
 figcaption{color:#5b6673;font-size:.85rem}li{margin:.2rem 0}.est{color:#a05a00}
+.banner{background:#fdecea;border:1px solid #d93025;color:#7a1c14;padding:.6rem .8rem;margin:.5rem 0;border-radius:4px;font-weight:600}
 """
 
 
@@ -303,7 +304,9 @@ def _cards(report: dict) -> str:
   items = [
       ("routed cost / 1k records", _fmt(c["routed_per_1k"], "usd") +
        _ci(report, "routed_cost_per_1k", "usd")),
-      ("frontier only / 1k (est.)", _fmt(c["frontier_only_per_1k"], "usd")),
+      (("frontier only / 1k (measured)", _fmt(c["frontier_only_measured_per_1k"], "usd"))
+       if c.get("frontier_only_measured_per_1k") is not None else
+       ("frontier only / 1k (est.)", _fmt(c["frontier_only_per_1k"], "usd"))),
       ("small only / 1k", _fmt(c["small_only_per_1k"], "usd")),
       ("savings vs frontier only", _fmt(c["savings_pct"], "pct") + _ci(report, "savings_pct",
                                                                         "pct")),
@@ -350,8 +353,10 @@ def _quality_tables(report: dict) -> str:
                  _fmt(q["routed_accuracy"], "rate") + _ci(report, f"stages.{n}.routed_accuracy",
                                                           "rate"),
                  _fmt(q["small_only_accuracy"], "rate"),
-                 f'<span class="est">{_fmt(q["escalated_record_frontier_accuracy"], "rate")}'
-                 f' (n={q["escalated_records_with_frontier_answer"]})</span>',
+                 (_fmt(q["frontier_only_accuracy"], "rate") + " (measured)"
+                  if q.get("frontier_only_accuracy") is not None else "unknown"),
+                 f'{_fmt(q["escalated_record_frontier_accuracy"], "rate")}'
+                 f' (n={q["escalated_records_with_frontier_answer"]})',
                  _fmt(q["error_non_escalated"], "rate") +
                  _ci(report, f"stages.{n}.error_non_escalated", "rate"),
                  _fmt(q["coverage"], "rate"), _fmt(curve["aiq"])])
@@ -364,8 +369,8 @@ def _quality_tables(report: dict) -> str:
   if not rows:
     return ""
   out = "<h2>Quality (labelled records)</h2>" + _table(
-      ["stage", "labelled", "routed accuracy [95% CI]", "small only",
-       "frontier on escalated records (est. of frontier only)",
+      ["stage", "labelled", "routed accuracy [95% CI]", "small only", "frontier only",
+       "frontier on the escalated records",
        "error on non-escalated [95% CI]", "coverage", "AIQ"], rows)
   if oracle_rows:
     out += "<h2>Oracle cascade</h2>" + _table(
@@ -388,6 +393,16 @@ def render_html(report: dict, images: Mapping[str, str]) -> str:
                 f'<figcaption>{html.escape(captions.get(name, name))} '
                 f'(<a href="{name}">{name}</a>)</figcaption></figure>')
   notes = "".join(f"<li>{html.escape(n)}</li>" for n in report["notes"])
+  banners = "".join(f'<div class="banner">{html.escape(b)}</div>'
+                    for b in report.get("banners") or [])
+  cal = report.get("calibration")
+  cal_line = ""
+  if cal:
+    g = lambda v: "?" if v is None else f"{v:.3g}"  # noqa: E731
+    cal_line = "<br>calibration " + html.escape("; ".join(
+        f"{n}: alpha {g(c['alpha'])}, delta {g(c['delta'])}, n {c['n']}, "
+        f"{'certified' if c['certified'] else 'NOT certified'}, threshold {g(c['threshold'])}"
+        for n, c in cal["stages"].items()))
   mode = ("cost and quality" if report["mode"] == "cost_and_quality"
           else "cost only (no labels)")
   return f"""<!doctype html>
@@ -397,7 +412,8 @@ def render_html(report: dict, images: Mapping[str, str]) -> str:
 <div class="sub">{html.escape(_title_suffix(report))}<br>
 {r['records']} records · dt {_fmt(r['dt_min'])} … {_fmt(r['dt_max'])} ·
 calibration {html.escape(', '.join(r['calibration_versions']) or 'none')} · {mode} ·
-generated {html.escape(report['generated_at'])}</div>
+generated {html.escape(report['generated_at'])}{cal_line}</div>
+{banners}
 {_cards(report)}
 {''.join(figs)}
 {_stage_tables(report)}
