@@ -60,8 +60,13 @@ def build_prompt(stage, texts: Sequence[str], *, verbalise: bool = False) -> tup
   """(system, user) messages for a stage (its ``StageConfig`` or kind) over record texts."""
   kind = _kind(stage)
   task, single_format, packed_format = kind.task(verbalise)
-  system = "\n\n".join(p for p in (kind.stage.instructions.strip(), task, _NOT_INSTRUCTIONS)
-                       if p)
+  examples = ""
+  if kind.stage.examples:
+    examples = "Examples, each a record's text and its correct answer:\n" + "\n".join(
+        json.dumps({"text": e.text, "answer": e.answer}, ensure_ascii=False)
+        for e in kind.stage.examples)
+  system = "\n\n".join(p for p in (kind.stage.instructions.strip(), task, examples,
+                                    _NOT_INSTRUCTIONS) if p)
   if len(texts) == 1:
     user = f"Record:\n{json.dumps(texts[0], ensure_ascii=False)}\n\n{single_format}"
   else:

@@ -77,6 +77,10 @@ class StageKind:
     """(task description, single-record answer format, packed answer format)."""
     raise NotImplementedError
 
+  def example_problem(self, answer: Any) -> Optional[str]:
+    """What is wrong with a configured example's answer, or None."""
+    return None
+
   def answer_schema(self, verbalise: bool) -> Optional[dict]:
     """The JSON schema of a single record's answer, for endpoints with structured output
     (``response_format: json_schema``; llama.cpp and vLLM turn it into a grammar), or
@@ -198,6 +202,11 @@ class Classify(StageKind):
   def _is_answer_object(self, obj: Mapping) -> bool:
     return "label" in obj
 
+  def example_problem(self, answer: Any) -> Optional[str]:
+    if answer not in self.stage.labels:
+      return f"answer {answer!r} is not one of the labels"
+    return None
+
   def _check_label(self, label: Any) -> tuple[Optional[str], Optional[str]]:
     if not isinstance(label, str):
       return None, f"label is {type(label).__name__}, not a string"
@@ -287,6 +296,12 @@ class Extract(StageKind):
 
   _JSON_TYPES = {"string": "string", "number": "number", "integer": "integer",
                  "boolean": "boolean"}
+
+  def example_problem(self, answer: Any) -> Optional[str]:
+    if not isinstance(answer, Mapping):
+      return "answer must be a mapping of field values"
+    extra = sorted(set(answer) - set(self.stage.fields))
+    return f"answer has fields the stage does not: {extra}" if extra else None
 
   def answer_schema(self, verbalise: bool) -> Optional[dict]:
     props = {}
@@ -436,6 +451,13 @@ class Summarise(StageKind):
     return (f"Summarise the record in one sentence of at most {self.stage.max_words} words.",
             "Answer with the summary only.",
             '{"id": "<id>", "summary": "<summary>"}')
+
+  def example_problem(self, answer: Any) -> Optional[str]:
+    if not isinstance(answer, str) or not answer.strip():
+      return "answer must be the summary text"
+    if len(answer.split()) > self.stage.max_words:
+      return f"answer is over max_words ({self.stage.max_words})"
+    return None
 
   def _is_answer_object(self, obj: Mapping) -> bool:
     # A summary that quotes JSON from the record is still a summary.

@@ -276,3 +276,50 @@ def test_single_record_extraction_is_constrained_to_the_fields_schema():
   assert "response_format" not in ModelClient(off).request_openai("s", "u", 50, 0, schema)
   with pytest.raises(ValidationError, match="structured output"):
     ModelConfig(provider="anthropic", model="claude-sonnet-4-6", structured_output=True)
+
+
+def _examples(n: int) -> list[dict]:
+  """Worked classify examples from tickets the runs here do not read (index 200 on)."""
+  import json
+  labels = {}
+  with open(ROOT / "deploy/local/data/sample_tickets_labels.jsonl") as f:
+    for line in f:
+      row = json.loads(line)
+      labels[row["ticket_id"]] = row["category"]
+  return [{"text": f"{t['subject']}\n\n{t['body']}", "answer": labels[t["ticket_id"]]}
+          for t in sample_tickets()[200:200 + n]]
+
+
+@pytest.mark.parametrize("examples, cached", [(0, False), (16, True)])
+def test_prompt_caching_engages_only_past_the_providers_minimum(
+    broker, topic, output_dir, tmp_path, read_duckdb, examples, cached):
+  """The emulated providers cache from 1,024 tokens, as the real ones: the bundled short
+  instructions are not cached; with few-shot examples the shared prefix is, and the
+  ledger bills its reads at the cache-read price."""
+  with LocalProviderServer(KeywordStandIn(), models=(SMALL, FRONTIER), emulate=("*",)) as s:
+    path = _config(tmp_path, s)
+    config = yaml.safe_load(pathlib.Path(path).read_text())
+    for stage in config["stages"]:
+      if stage["name"] == "classify":
+        stage["examples"] = _examples(examples)
+        stage["threshold"] = 0.99  # escalate most: the frontier's cache is exercised too
+    pathlib.Path(path).write_text(yaml.safe_dump(config))
+    summary = _run(broker, topic, output_dir, path, n=24)
+  assert summary.exit_code == 0
+  stages = read_duckdb(f"{output_dir}/results", "SELECT s.* FROM (SELECT unnest(stages) AS s "
+                                                "FROM t) WHERE s.stage = 'classify'")
+  small_reads = sum(s["small_cache_read_tokens"] for s in stages)
+  frontier_reads = sum(s["frontier_cache_read_tokens"] for s in stages)
+  frontier_writes = sum(s["frontier_cache_write_tokens"] for s in stages)
+  if cached:
+    assert small_reads > 0 and frontier_reads > 0 and frontier_writes > 0
+  else:
+    assert small_reads == frontier_reads == frontier_writes == 0
+
+
+def test_an_example_must_be_a_valid_answer():
+  from tierflow.config import RunConfig
+  config = copy.deepcopy(BUNDLED)
+  config["stages"][0]["examples"] = [{"text": "refund please", "answer": "refunds"}]
+  with pytest.raises(ValueError, match="example 1: answer 'refunds' is not one of the labels"):
+    RunConfig.from_dict(config)

@@ -11,6 +11,8 @@ builds wrongly must fail here as it would there, not agree with the same mistake
   gpt-5, ``none`` on gpt-5.1+). Reasoning tokens are spent first, count against
   ``max_completion_tokens`` and are billed as output: with too small an allowance the
   answer comes back empty with ``finish_reason: "length"``.
+* Prompt caching: prefixes shorter than the model's minimum are not cached (OpenAI and
+  Claude Sonnet/Opus 1,024 tokens, Claude Haiku 2,048), whatever ``cache_control`` says.
 * Claude models: no logprobs and no other field the Messages API does not know
   ("Extra inputs are not permitted"); ``max_tokens`` required; ``temperature`` in [0, 1]
   up to the 4.6 generation, and from Opus 4.7 on (Opus 4.8/5, Sonnet 5, Fable) any
@@ -50,6 +52,9 @@ class ModelRules:
   reasoning: Mapping[str, int] = dataclasses.field(default_factory=dict)
   default_effort: Optional[str] = None
   sampling: bool = True  # takes temperature/top_p/top_k (Anthropic)
+  # The shortest prefix the provider caches: OpenAI's automatic caching and Claude
+  # Sonnet/Opus from 1,024 tokens, Haiku from 2,048; shorter prefixes are not cached.
+  cache_min_tokens: int = 1024
 
   def check(self, body: Mapping[str, Any]) -> None:
     if self.provider == "openai":
@@ -124,6 +129,8 @@ _FAMILIES: tuple[tuple[re.Pattern, ModelRules], ...] = (
      ModelRules("gpt-5.2+", "openai", {**_GPT51, "xhigh": 16384}, "none")),
     (re.compile(r"claude-(opus-4-[7-9]|opus-[5-9]|sonnet-[5-9]|fable|mythos)"),
      ModelRules("claude (sampling removed)", "anthropic", sampling=False)),
+    (re.compile(r"claude-(.*-)?haiku"), ModelRules("claude haiku", "anthropic",
+                                                   cache_min_tokens=2048)),
     (re.compile(r"claude-"), ModelRules("claude", "anthropic")),
 )
 

@@ -1176,7 +1176,7 @@ class LocalProviderServer:
     if fault and fault.kind == "malformed":
       return _Outgoing(200, _MALFORMED_BODY, {"content-type": "application/json"})
     empty = bool(fault and fault.kind == "empty_choices")
-    hit = self._cache_hit(flavour, parsed.cache)
+    hit = self._cache_hit(flavour, parsed.cache, rules)
     if flavour == OPENAI:
       cached = parsed.cache.tokens if hit and parsed.cache else 0
       return _json_out(200, _openai_body(request, result, cached, empty, reasoning))
@@ -1204,9 +1204,13 @@ class LocalProviderServer:
 
   # -- caching --------------------------------------------------------------
 
-  def _cache_hit(self, flavour: str, candidate: _CacheCandidate | None) -> bool | None:
-    """True: prefix read from cache; False: written now; None: not cacheable."""
+  def _cache_hit(self, flavour: str, candidate: _CacheCandidate | None,
+                 rules: ModelRules | None = None) -> bool | None:
+    """True: prefix read from cache; False: written now; None: not cacheable. An
+    emulated model caches from its real minimum (``provider_rules``)."""
     minimum = self.openai_cache_min_tokens if flavour == OPENAI else self.anthropic_cache_min_tokens
+    if rules is not None:
+      minimum = rules.cache_min_tokens
     if candidate is None or candidate.tokens == 0 or candidate.tokens < minimum:
       return None
     now = self._clock()
