@@ -94,7 +94,11 @@ class ProviderBatch:
       error = ModelCallError("batch_deadline", f"batch {self.batch_id} not done within "
                              f"{self._max_wait_s:.0f}s (--max-batch-wait); cancelled")
       return {cid: error for cid, _ in requests}
-    results = self._results()
+    try:
+      results = self._results()
+    except Exception as e:  # noqa: BLE001 - e.g. the output files are gone: fall back
+      _LOGGER.warning("reading the results of batch %s failed: %s", self.batch_id, e)
+      results, status = {}, f"unreadable ({type(e).__name__})"
     missing = ModelCallError(f"batch_{status}" if status in ("expired", "cancelled", "failed")
                              else "batch_failed", f"batch {self.batch_id} {status}: no answer")
     return {cid: results.get(cid, missing) for cid, _ in requests}

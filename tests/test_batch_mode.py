@@ -181,3 +181,24 @@ def test_kill_while_polling_then_rerun_submits_nothing_twice(broker, topic, serv
   assert sorted(r["ticket_id"] for r in rows) == sorted(
       t["ticket_id"] for t in sample_tickets()[:40])
   assert KEY not in rerun.stderr
+
+
+def test_unreadable_results_fall_back_to_sync(broker, topic, server, tmp_path, read_duckdb,
+                                              monkeypatch):
+  """A batch whose output can no longer be read (files deleted at the provider) is not a
+  crash: its requests go synchronously."""
+  from tierflow.connectors import batch_api
+
+  def gone(self):
+    raise RuntimeError("No such File object")
+  monkeypatch.setattr(batch_api.ProviderBatch, "_results", gone)
+  name = topic(partitions=1)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:8])
+  out = str(tmp_path / "gone")
+  summary = launcher.launch("tickets", _argv(broker, name, out, _config(tmp_path, server),
+                                             "--commit-offsets", "never",
+                                             "--batch-tiers", "small"))
+  assert summary.exit_code == 0 and summary.rows_written == 8
+  rows = _stages(read_duckdb, out)
+  assert {r["small_billing_mode"] for r in rows} == {"sync"}
+  assert all(r["small_error"] is None for r in rows)
