@@ -21,7 +21,9 @@ import logging
 import time
 from typing import Callable, Optional, Sequence, Union
 
-from tierflow.connectors.llm_clients import ModelCallError, ModelClient, ModelReply
+from tierflow.connectors.llm_clients import (ModelCallError, ModelClient, ModelReply,
+                                             kind_of_status)
+from tierflow.files import read_text, rename_over
 
 __all__ = ["ProviderBatch", "BatchResult"]
 
@@ -30,14 +32,6 @@ _LOGGER = logging.getLogger(__name__)
 BatchResult = Union[ModelReply, ModelCallError]
 
 _OPENAI_ENDED = frozenset({"completed", "expired", "cancelled", "failed"})
-
-
-def _kind_of(status: Optional[int]) -> str:
-  if status == 429:
-    return "rate_limit"
-  if status in (401, 403):
-    return "auth"
-  return "server_error" if (status or 500) >= 500 else "bad_request"
 
 
 class ProviderBatch:
@@ -105,18 +99,16 @@ class ProviderBatch:
 
   # -- state -----------------------------------------------------------------------------
   def _load_state(self) -> Optional[dict]:
-    if not self._state_path:
-      return None
     from apache_beam.io.filesystems import FileSystems
-    if not FileSystems.exists(self._state_path):
+    if not self._state_path or not FileSystems.exists(self._state_path):
       return None
-    with FileSystems.open(self._state_path) as f:
-      try:
-        return json.loads(f.read())
-      except ValueError:
-        return None
+    try:
+      return json.loads(read_text(self._state_path))
+    except ValueError:
+      return None
 
   def _save_state(self, state: dict) -> None:
+    """Written beside its final name, then renamed over it: never half a file."""
     if not self._state_path:
       return
     from apache_beam.io.filesystems import FileSystems
@@ -126,9 +118,7 @@ class ProviderBatch:
       FileSystems.mkdirs(parent)
     with FileSystems.create(tmp) as f:
       f.write(json.dumps(state, indent=1).encode())
-    if FileSystems.exists(self._state_path):
-      FileSystems.delete([self._state_path])
-    FileSystems.rename([tmp], [self._state_path])
+    rename_over(tmp, self._state_path)
 
   # -- provider calls --------------------------------------------------------------------
   def _submit(self, requests: Sequence[tuple[str, dict]], digest: str) -> str:
@@ -207,7 +197,7 @@ class ProviderBatch:
           body = response.get("body") or {}
           message = ((body.get("error") or {}).get("message") if isinstance(body, dict)
                      else None) or error.get("message") or ""
-          out[item["custom_id"]] = ModelCallError(_kind_of(status),
+          out[item["custom_id"]] = ModelCallError(kind_of_status(status),
                                                   f"HTTP {status} {message[:200]}", status)
     return out
 

@@ -1,7 +1,7 @@
 """A circuit breaker per model endpoint, so a dead or refusing endpoint ends a run fast.
 
-After ``failures`` requests in a row have failed (after their retries) with an error
-that says the endpoint, not the record, is the problem — connection refused, timeouts,
+After ``failures`` attempts in a row have failed (retries count: the client reports
+each failed attempt) with an error that says the endpoint, not the record, is the problem — connection refused, timeouts,
 5xx, a bad key, or 400s for a request shape the model does not take — the breaker
 opens: requests fail at once, each with the last error, instead of every record
 spending its retries (a 200-record run against two dead endpoints used to take 569 s
@@ -44,7 +44,6 @@ class CircuitBreaker:
     self._opened_at: Optional[float] = None
     self._probing = False
     self._last_error = ""
-    self.times_opened = 0
 
   @property
   def is_open(self) -> bool:
@@ -60,7 +59,7 @@ class CircuitBreaker:
       if not self._probing and self._clock() - self._opened_at >= self.cooldown_s:
         self._probing = True
         return
-      raise CircuitOpen(f"{self.name}: circuit open after {self.failures} failed requests "
+      raise CircuitOpen(f"{self.name}: circuit open after {self.failures} failed attempts "
                         f"in a row; last: {self._last_error[:200]}")
 
   def succeeded(self) -> None:
@@ -68,7 +67,7 @@ class CircuitBreaker:
       self._streak, self._opened_at, self._probing = 0, None, False
 
   def failed(self, kind: str, message: str) -> None:
-    """Record a request's final failure (``kind`` as in ``ModelCallError``)."""
+    """Record a failed attempt (``kind`` as in ``ModelCallError``)."""
     with self._lock:
       if kind not in TRIPPING_KINDS:  # the endpoint answered (a 429, a garbled body)
         if self._probing:  # not a healthy answer either: another cooldown
@@ -79,4 +78,3 @@ class CircuitBreaker:
       if self._probing or (self._opened_at is None and self._streak >= self.failures):
         self._opened_at = self._clock()
         self._probing = False
-        self.times_opened += 1

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
   from tierflow.config import ModelConfig
 
 __all__ = ["TokenInfo", "ModelReply", "ModelCallError", "ModelClient", "RateLimiter",
-           "estimate_tokens"]
+           "estimate_tokens", "kind_of_status"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class ModelCallError(Exception):
   def __init__(self, kind: str, message: str, status: Optional[int] = None):
     super().__init__(f"{kind}: {message}")
     self.kind = kind
+    self.message = message
     self.status = status
 
 
@@ -152,23 +153,25 @@ _BREAKERS: dict = {}
 _LIMITERS_LOCK = threading.Lock()
 
 
-def _limiter_for(cfg: "ModelConfig") -> RateLimiter:
-  key = (cfg.provider, cfg.base_url, cfg.model, cfg.rpm, cfg.tpm)
+def _per_process(registry: dict, key: tuple, make):
+  """The registry's object for an endpoint's settings, made once per process."""
   with _LIMITERS_LOCK:
-    if key not in _LIMITERS:
-      _LIMITERS[key] = RateLimiter(cfg.rpm, cfg.tpm)
-    return _LIMITERS[key]
+    if key not in registry:
+      registry[key] = make()
+    return registry[key]
+
+
+def _limiter_for(cfg: "ModelConfig") -> RateLimiter:
+  return _per_process(_LIMITERS, (cfg.provider, cfg.base_url, cfg.model, cfg.rpm, cfg.tpm),
+                      lambda: RateLimiter(cfg.rpm, cfg.tpm))
 
 
 def _breaker_for(cfg: "ModelConfig") -> Optional[CircuitBreaker]:
   if not cfg.breaker_failures:
     return None
   key = (cfg.provider, cfg.base_url, cfg.model, cfg.breaker_failures, cfg.breaker_cooldown_s)
-  with _LIMITERS_LOCK:
-    if key not in _BREAKERS:
-      _BREAKERS[key] = CircuitBreaker(f"{cfg.provider}:{cfg.model}", cfg.breaker_failures,
-                                      cfg.breaker_cooldown_s)
-    return _BREAKERS[key]
+  return _per_process(_BREAKERS, key, lambda: CircuitBreaker(
+      f"{cfg.provider}:{cfg.model}", cfg.breaker_failures, cfg.breaker_cooldown_s))
 
 
 def _api_key(cfg: "ModelConfig") -> str:
@@ -179,6 +182,15 @@ def _api_key(cfg: "ModelConfig") -> str:
     return key
   # A local endpoint needs no key, but the SDKs insist on one.
   return "unused-local-key"
+
+
+def kind_of_status(status: Optional[int]) -> str:
+  """The ``ModelCallError`` kind of a failed HTTP status (synchronous or in a batch)."""
+  if status == 429:
+    return "rate_limit"
+  if status in (401, 403):
+    return "auth"
+  return "server_error" if (status or 500) >= 500 else "bad_request"
 
 
 def _provider_message(e) -> str:
@@ -258,7 +270,7 @@ class ModelClient:
       should = (headers.get("x-should-retry") or "").lower() if headers is not None else ""
       if should == "false" or (e.status_code not in _RETRY_STATUSES and should != "true"):
         return None
-      asked = retry_after_seconds(getattr(e.response, "headers", None))
+      asked = retry_after_seconds(headers)
       if asked is not None:
         return min(asked, self.max_retry_wait_s)
     else:
@@ -283,16 +295,14 @@ class ModelClient:
       except CircuitOpen as e:
         raise ModelCallError("circuit_open", str(e)) from None
     tokens = estimate_tokens(system) + estimate_tokens(user) + max_tokens
+    body = self.request_body(system, user, max_tokens, top_logprobs=top_logprobs,
+                             answer_schema=answer_schema)
     start = time.monotonic()
     attempt = 0
-    top = self.cfg.top_logprobs if top_logprobs is None else top_logprobs
     while True:
       self.limiter.acquire(tokens)  # every attempt is a request the provider counts
       try:
-        if self.cfg.provider == "openai":
-          reply = self._openai(system, user, max_tokens, top, answer_schema)
-        else:
-          reply = self._anthropic(system, user, max_tokens)
+        reply = self.reply_from_body(_json_body(self._post(body)))
         if breaker is not None:
           breaker.succeeded()
         self.limiter.answered()
@@ -305,7 +315,7 @@ class ModelClient:
           self.limiter.throttled()
         wait = self._wait_before_retry(e, attempt) if attempt < self.cfg.max_retries else None
         if breaker is not None:
-          breaker.failed(error.kind, str(error)[len(error.kind) + 2:])
+          breaker.failed(error.kind, error.message)
           if wait is not None and breaker.is_open:
             raise ModelCallError("circuit_open", f"{breaker.name}: circuit opened; "
                                  f"last: {error}") from e
@@ -323,12 +333,12 @@ class ModelClient:
       return ModelCallError("timeout", f"no answer within {self.cfg.timeout_s}s")
     if isinstance(e, sdk.APIConnectionError):
       return ModelCallError("connection", type(e).__name__)
-    if isinstance(e, sdk.RateLimitError):
-      return ModelCallError("rate_limit", "429 after retries", status)
-    if isinstance(e, (sdk.AuthenticationError, sdk.PermissionDeniedError)):
-      return ModelCallError("auth", f"{status} {type(e).__name__}", status)
     if isinstance(e, sdk.APIStatusError):
-      kind = "server_error" if (status or 0) >= 500 else "bad_request"
+      kind = kind_of_status(status)
+      if kind == "rate_limit":
+        return ModelCallError(kind, "429 after retries", status)
+      if kind == "auth":
+        return ModelCallError(kind, f"{status} {type(e).__name__}", status)
       said = _provider_message(e)
       return ModelCallError(kind, f"HTTP {status}" + (f" {said}" if said else ""), status)
     return ModelCallError("malformed", f"{type(e).__name__}: {str(e)[:200]}")
@@ -377,13 +387,13 @@ class ModelClient:
       return self._openai_reply(body)
     return self._anthropic_reply(body)
 
-  def _openai(self, system: str, user: str, max_tokens: int, top_logprobs: int,
-              answer_schema: Optional[dict] = None) -> ModelReply:
-    kwargs = self.request_openai(system, user, max_tokens, top_logprobs, answer_schema)
-    # The raw response, read as JSON: building the SDK's pydantic models for an answer
-    # with logprobs cost more CPU than everything else about the request.
-    raw = self._client.chat.completions.with_raw_response.create(**kwargs)
-    return self._openai_reply(_json_body(raw))
+  def _post(self, body: dict):
+    """Sends a request body; the raw response, read as JSON by the caller: building the
+    SDK's pydantic models for an answer with logprobs cost more CPU than everything else
+    about the request."""
+    if self.cfg.provider == "openai":
+      return self._client.chat.completions.with_raw_response.create(**body)
+    return self._client.messages.with_raw_response.create(**body)
 
   def _openai_reply(self, body: dict) -> ModelReply:
     choices = body.get("choices") or []
@@ -408,11 +418,6 @@ class ModelClient:
                   reasoning_tokens=reasoning)
     return ModelReply(text, tokens, usage, body.get("model") or self.cfg.model,
                       choice.get("finish_reason") or "stop")
-
-  def _anthropic(self, system: str, user: str, max_tokens: int) -> ModelReply:
-    raw = self._client.messages.with_raw_response.create(
-        **self.request_anthropic(system, user, max_tokens))
-    return self._anthropic_reply(_json_body(raw))
 
   def _anthropic_reply(self, body: dict) -> ModelReply:
     blocks = body.get("content")

@@ -19,6 +19,7 @@ and JSON-schema constrained output.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Optional
 
@@ -104,6 +105,7 @@ _ANTHROPIC_UNKNOWN = Capabilities("anthropic (unknown model)", logprobs=False,
                                   structured_output=None, known=False)
 
 
+@functools.lru_cache(maxsize=256)  # asked on every request; a pure function of two names
 def capabilities(provider: str, model: str) -> Capabilities:
   """The request rules for ``model`` at ``provider`` (by name, case-insensitive; a
   ``vendor/`` prefix such as ``openai/gpt-5-nano`` on a gateway is ignored)."""

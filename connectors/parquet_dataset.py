@@ -57,6 +57,7 @@ from apache_beam.transforms.display import DisplayDataItem
 
 from tierflow import progress, schemas
 from tierflow.connectors.decode import DEAD_LETTER_SCHEMA, BatchRef, DecodedBatch
+from tierflow.files import rename_over
 
 __all__ = [
     "COMPRESSIONS",
@@ -108,18 +109,6 @@ def file_schema(avro_schema: Mapping[str, Any], partition_field: str = "dt") -> 
   return pa.schema([f for f in full if f.name != partition_field], metadata=metadata)
 
 
-def _rename_over(source: str, destination: str) -> None:
-  """Renames source to destination, replacing destination if it exists."""
-  try:
-    FileSystems.rename([source], [destination])
-  except BeamIOError:
-    # Filesystems whose rename refuses to overwrite (e.g. HDFS).
-    if not FileSystems.exists(destination):
-      raise
-    FileSystems.delete([destination])
-    FileSystems.rename([source], [destination])
-
-
 def _delete_quietly(paths: list[str]) -> None:
   for path in paths:
     try:
@@ -147,7 +136,7 @@ def write_file(directory: str, name: str, table: pa.Table, compression: str = "z
   try:
     with FileSystems.create(temp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
       pq.write_table(table, f, compression=compression)
-    _rename_over(temp, path)
+    rename_over(temp, path)
   except BaseException:
     _delete_quietly([temp])
     raise

@@ -19,7 +19,8 @@ from tierflow import schemas
 from tierflow.config import RunConfig, load_config
 from tierflow.pipelines.budget import Budget
 from tierflow.pipelines.options import (KafkaSourceOptions, ParquetSinkOptions,
-                                        RunLimitsOptions, SourceSinkConfig, _add, _Unprefixed)
+                                        RunLimitsOptions, SourceSinkConfig, _add, _Unprefixed,
+                                        direct_workers)
 from tierflow.pipelines.routing import RouteBatches
 from tierflow.pipelines.transforms import ReadAndDecode, WriteAndCommit
 from tierflow.prices import PriceBook, load_price_book
@@ -103,9 +104,10 @@ def workers_of(options: PipelineOptions, hint: Optional[int] = None) -> int:
     if hint < 1:
       raise ValueError("--workers-hint must be >= 1")
     return hint
+  mode, direct = direct_workers(options)
+  if mode == "multi_processing":
+    return max(1, direct)
   opts = options.get_all_options(retain_unknown_options=True)
-  if opts.get("direct_running_mode") == "multi_processing":
-    return max(1, int(opts.get("direct_num_workers") or 1))
   for name in ("parallelism", "max_num_workers", "num_workers"):
     try:
       value = int(opts.get(name) or 0)

@@ -177,22 +177,28 @@ class ParquetSinkOptions(PipelineOptions):
          help="streaming: a partition's file is cut after this long even if not full")
 
 
-def _drops_deferred_work(options: PipelineOptions) -> bool:
-  """FnApiRunner with several workers, which drops a splittable DoFn's deferred
-  remainder (apache/beam#19842): a bounded read checkpointing after each batch would
-  stop after its first batch per partition."""
+def direct_workers(options: PipelineOptions) -> tuple[str, int]:
+  """FnApiRunner's ``direct_running_mode`` and ``direct_num_workers``; ("", 1) on any
+  other runner."""
   opts = options.get_all_options(retain_unknown_options=True)
   runner = opts.get("runner")
   runner = runner if isinstance(runner, str) else type(runner).__name__ if runner else ""
   if runner and runner.rsplit(".", 1)[-1] not in ("DirectRunner", "FnApiRunner",
                                                   "SwitchingDirectRunner"):
-    return False
-  mode = opts.get("direct_running_mode") or "in_memory"
+    return "", 1
   try:
     workers = int(opts.get("direct_num_workers") or 1)
   except (TypeError, ValueError):
     workers = 1
-  return mode != "in_memory" and workers != 1
+  return opts.get("direct_running_mode") or "in_memory", workers
+
+
+def _drops_deferred_work(options: PipelineOptions) -> bool:
+  """FnApiRunner with several workers, which drops a splittable DoFn's deferred
+  remainder (apache/beam#19842): a bounded read checkpointing after each batch would
+  stop after its first batch per partition."""
+  mode, workers = direct_workers(options)
+  return mode not in ("", "in_memory") and workers != 1
 
 
 @dataclasses.dataclass(frozen=True)

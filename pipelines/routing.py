@@ -241,24 +241,20 @@ class Router:
 
   def _small(self, texts: list[str], outcomes: list[dict], batch_key: Optional[str] = None
              ) -> None:
+    """Every stage's packs on the small tier, at once: one provider batch (``mode:
+    batch``) or concurrent requests."""
+    where = [(stage.name, pack) for stage in self.config.stages
+             for pack in _packs(range(len(texts)), self._models["small"].batch_size)]
+    jobs = [(name, [texts[i] for i in pack]) for name, pack in where]
     if self._models["small"].mode == "batch":
-      jobs, where = [], []
-      for stage in self.config.stages:
-        for pack in _packs(range(len(texts)), self._models["small"].batch_size):
-          jobs.append((stage.name, [texts[i] for i in pack]))
-          where.append((stage.name, pack))
-      for (name, pack), (results, _) in zip(where, self._batched("small", jobs, batch_key)):
-        for i, outcome in zip(pack, results):
-          outcomes[i][name].small = outcome
-      return
-    ex = self._executors["small"]
-    futures = []
-    for stage in self.config.stages:
-      for pack in _packs(range(len(texts)), self._models["small"].batch_size):
-        futures.append((stage.name, pack, ex.submit(
-            self._request, "small", stage.name, [texts[i] for i in pack])))
-    for name, pack, future in futures:
-      for i, outcome in zip(pack, future.result()[0]):
+      answers = self._batched("small", jobs, batch_key)
+    else:
+      ex = self._executors["small"]
+      futures = [ex.submit(self._request, "small", name, pack_texts)
+                 for name, pack_texts in jobs]
+      answers = [future.result() for future in futures]
+    for (name, pack), (results, _) in zip(where, answers):
+      for i, outcome in zip(pack, results):
         outcomes[i][name].small = outcome
 
   def _decide(self, outcomes: list[dict]) -> None:
@@ -282,12 +278,9 @@ class Router:
     model = self._models["frontier"]
     in_flight: dict = {}
 
-    def next_stage() -> str:
-      return min(queues, key=lambda s: outcomes[queues[s][0]][s].priority())
-
     while queues or in_flight:
       while queues and len(in_flight) < model.concurrency:
-        stage = next_stage()
+        stage = self._next_stage(queues, outcomes)
         queue = queues[stage]
         taken = self._reserve_pack(stage, queue, texts, pool)
         if taken is None and in_flight:
@@ -317,6 +310,11 @@ class Router:
       if wanted:
         queues[stage.name] = collections.deque(wanted)
     return queues
+
+  @staticmethod
+  def _next_stage(queues: dict, outcomes: list[dict]) -> str:
+    """The stage whose next escalation is the least trustworthy, over all stages."""
+    return min(queues, key=lambda s: outcomes[queues[s][0]][s].priority())
 
   def _reserve_pack(self, stage: str, queue, texts: list[str], pool: Optional[BudgetPool]
                     ) -> Optional[tuple[list[int], float]]:
@@ -357,7 +355,7 @@ class Router:
     queues = self._escalation_queues(outcomes)
     jobs, approved = [], []
     while queues:
-      stage = min(queues, key=lambda s: outcomes[queues[s][0]][s].priority())
+      stage = self._next_stage(queues, outcomes)
       queue = queues[stage]
       pack, reserved = self._take(queues, stage, outcomes,
                                   self._reserve_pack(stage, queue, texts, pool))

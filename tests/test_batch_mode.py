@@ -4,7 +4,6 @@ The local endpoints implement OpenAI's Batch API (files + batches) and Anthropic
 Batches, answered after ``complete_seconds``; the real SDKs drive them over HTTP.
 """
 
-import copy
 import os
 import pathlib
 import signal
@@ -13,15 +12,13 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from tierflow import launcher
+from local_config import local_config
 from tierflow_local.loader import publish, sample_tickets
 from tierflow_local.provider_server import LocalProviderServer
 from tierflow_local.standin_model import KeywordStandIn
 
-ROOT = pathlib.Path(__file__).parents[1]
-CONFIG = yaml.safe_load((ROOT / "tierflow/data/tickets.yaml").read_text())
 KEY = "sk-batch-test-DO-NOT-LEAK"
 
 
@@ -35,18 +32,11 @@ def server(monkeypatch):
 
 
 def _config(tmp_path, server, **small):
-  config = copy.deepcopy(CONFIG)
-  config["budget_usd"] = None
-  config["models"]["small"].update(
-      base_url=server.openai_base_url, model="small", api_key_env="TIERFLOW_BATCH_TEST_KEY",
-      price_as="gpt-5-nano", batch_size=4, concurrency=2, max_retries=1, **small)
-  config["models"]["frontier"].update(
-      provider="anthropic", base_url=server.anthropic_base_url, model="frontier",
-      api_key_env="TIERFLOW_BATCH_TEST_KEY", price_as="claude-sonnet-4-6", batch_size=2,
-      max_retries=1)
-  path = tmp_path / f"tickets-{len(list(tmp_path.iterdir()))}.yaml"
-  path.write_text(yaml.safe_dump(config))
-  return str(path)
+  return local_config(
+      tmp_path / f"tickets-{len(list(tmp_path.iterdir()))}.yaml", server,
+      small=dict(api_key_env="TIERFLOW_BATCH_TEST_KEY", batch_size=4, concurrency=2,
+                 max_retries=1, **small),
+      frontier=dict(api_key_env="TIERFLOW_BATCH_TEST_KEY", batch_size=2, max_retries=1))
 
 
 def _argv(broker, name, out, config, *extra):
@@ -58,6 +48,12 @@ def _stages(read_duckdb, out):
   return read_duckdb(f"{out}/results", """
       SELECT r.ticket_id, s.* FROM (SELECT ticket_id, unnest(stages) AS s FROM t) r
       ORDER BY ticket_id, s.stage""")
+
+
+def _small_batched(broker, name, out, config):
+  """A run with the small tier through the batch API, committing nothing."""
+  return launcher.launch("tickets", _argv(broker, name, out, config, "--commit-offsets",
+                                          "never", "--batch-tiers", "small"))
 
 
 def _posts(server, path):
@@ -102,9 +98,7 @@ def test_failed_and_expired_batch_requests_fall_back_or_fail(broker, topic, serv
   publish(broker.bootstrap_servers, name, sample_tickets()[:12])
   server.batches.fail_every = 3
   out = str(tmp_path / "partial")
-  summary = launcher.launch("tickets", _argv(broker, name, out, _config(tmp_path, server),
-                                             "--commit-offsets", "never",
-                                             "--batch-tiers", "small"))
+  summary = _small_batched(broker, name, out, _config(tmp_path, server))
   assert summary.exit_code == 0 and summary.rows_written == 12
   rows = _stages(read_duckdb, out)
   modes = {r["small_billing_mode"] for r in rows}
@@ -113,9 +107,7 @@ def test_failed_and_expired_batch_requests_fall_back_or_fail(broker, topic, serv
 
   server.batches.fail_every, server.batches.expire = None, True
   out = str(tmp_path / "expired")
-  summary = launcher.launch("tickets", _argv(
-      broker, name, out, _config(tmp_path, server, batch_fallback="fail"),
-      "--commit-offsets", "never", "--batch-tiers", "small"))
+  summary = _small_batched(broker, name, out, _config(tmp_path, server, batch_fallback="fail"))
   rows = _stages(read_duckdb, out)
   assert {r["small_billing_mode"] for r in rows} == {"batch"}
   assert all(r["small_error"].startswith("batch_expired") for r in rows)
@@ -195,9 +187,7 @@ def test_unreadable_results_fall_back_to_sync(broker, topic, server, tmp_path, r
   name = topic(partitions=1)
   publish(broker.bootstrap_servers, name, sample_tickets()[:8])
   out = str(tmp_path / "gone")
-  summary = launcher.launch("tickets", _argv(broker, name, out, _config(tmp_path, server),
-                                             "--commit-offsets", "never",
-                                             "--batch-tiers", "small"))
+  summary = _small_batched(broker, name, out, _config(tmp_path, server))
   assert summary.exit_code == 0 and summary.rows_written == 8
   rows = _stages(read_duckdb, out)
   assert {r["small_billing_mode"] for r in rows} == {"sync"}

@@ -7,11 +7,11 @@ import pathlib
 
 import numpy as np
 import pytest
-import yaml
 
 from tierflow import cli, launcher
 from tierflow.calibration import Calibration, calibrate_threshold
 from tierflow_local.loader import publish, sample_tickets
+from local_config import local_config
 from tierflow_local.provider_server import LocalProviderServer
 from tierflow_local.standin_model import KeywordStandIn
 
@@ -28,17 +28,9 @@ def endpoints():
 
 @pytest.fixture
 def config_file(endpoints, tmp_path):
-  config = yaml.safe_load((ROOT / "tierflow/data/tickets.yaml").read_text())
-  config["budget_usd"] = None
-  config["models"]["small"].update(
-      base_url=endpoints.openai_base_url, model="small", api_key_env="", price_as="gpt-5-nano",
-      batch_size=8, concurrency=2, max_retries=1)
-  config["models"]["frontier"].update(
-      provider="anthropic", base_url=endpoints.anthropic_base_url, model="frontier",
-      api_key_env="", price_as="claude-sonnet-4-6", batch_size=8, max_retries=1)
-  path = tmp_path / "tickets.yaml"
-  path.write_text(yaml.safe_dump(config))
-  return str(path)
+  return local_config(tmp_path / "tickets.yaml", endpoints,
+                      small=dict(batch_size=8, concurrency=2, max_retries=1),
+                      frontier=dict(batch_size=8, max_retries=1))
 
 
 def _records_file(tmp_path, n):

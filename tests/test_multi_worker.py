@@ -18,6 +18,7 @@ from tierflow.config import RunConfig
 from tierflow.connectors.llm_clients import RateLimiter
 from tierflow.pipelines.model_pipeline import workers_of
 from apache_beam.options.pipeline_options import PipelineOptions
+from local_config import local_config
 from tierflow_local.loader import publish, sample_tickets
 from tierflow_local.provider_server import LocalProviderServer, RateLimit
 from tierflow_local.standin_model import KeywordStandIn
@@ -71,17 +72,9 @@ def test_limits_are_shared():
 
 
 def _config(tmp_path, server, budget=None, small_rpm=None):
-  config = copy.deepcopy(CONFIG)
-  config["budget_usd"] = budget
-  config["models"]["small"].update(
-      base_url=server.openai_base_url, model="small", api_key_env="", price_as="gpt-5-nano",
-      batch_size=4, concurrency=2, max_retries=2, rpm=small_rpm)
-  config["models"]["frontier"].update(
-      provider="anthropic", base_url=server.anthropic_base_url, model="frontier",
-      api_key_env="", price_as="claude-sonnet-4-6", batch_size=2, max_retries=2)
-  path = tmp_path / "tickets.yaml"
-  path.write_text(yaml.safe_dump(config))
-  return str(path)
+  return local_config(tmp_path / "tickets.yaml", server, budget=budget,
+                      small=dict(batch_size=4, concurrency=2, max_retries=2, rpm=small_rpm),
+                      frontier=dict(batch_size=2, max_retries=2))
 
 
 def _run(broker, topic, output_dir, config, n, workers, partitions, extra=()):

@@ -1,23 +1,21 @@
 """The report's frontier-only baseline is measured, never guessed from escalated records; an
 uncertified calibration and a stage that escalated everything get banners."""
 
-import copy
 import math
 import pathlib
 
 import pytest
-import yaml
 
 from tierflow import launcher, report_command
 from tierflow.calibration import Calibration
 from tierflow.report import build_report
+from local_config import local_config
 from tierflow_local.loader import publish, sample_tickets
 from tierflow_local.provider_server import LocalProviderServer
 from tierflow_local.standin_model import KeywordStandIn
 
 ROOT = pathlib.Path(__file__).parents[1]
 LABELS = ROOT / "deploy/local/data/sample_tickets_labels.jsonl"
-CONFIG = yaml.safe_load((ROOT / "tierflow/data/tickets.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +30,16 @@ def runs(tmp_path_factory, tansu_broker):
   with LocalProviderServer(KeywordStandIn(), models=("small", "frontier")) as server:
     out = {}
     for label, threshold in (("routed", None), ("frontier_only", 1.1)):
-      config = copy.deepcopy(CONFIG)
-      config["budget_usd"] = None
-      config["models"]["small"].update(base_url=server.openai_base_url, model="small",
-                                       api_key_env="", price_as="gpt-5-nano", batch_size=4)
-      config["models"]["frontier"].update(
-          provider="anthropic", base_url=server.anthropic_base_url, model="frontier",
-          api_key_env="", price_as="claude-sonnet-4-6", batch_size=4)
-      if threshold is not None:
+
+      def above_any_confidence(config, threshold=threshold):
         for stage in config["stages"]:
-          stage["threshold"] = threshold
-      path = tmp / f"{label}.yaml"
-      path.write_text(yaml.safe_dump(config))
+          stage["threshold"] = threshold if threshold is not None else stage["threshold"]
+      path = local_config(tmp / f"{label}.yaml", server, small=dict(batch_size=4),
+                          frontier=dict(batch_size=4), edit=above_any_confidence)
       out[label] = str(tmp / label)
       summary = launcher.launch("tickets", [
           "--bootstrap-servers", broker.bootstrap_servers, "--topic", name, "--output",
-          out[label], "--config", str(path), "--commit-offsets", "never"])
+          out[label], "--config", path, "--commit-offsets", "never"])
       assert summary.exit_code == 0 and summary.rows_written == 40
   return out
 

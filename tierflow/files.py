@@ -1,4 +1,5 @@
-"""Reading small text files (configs, calibrations, price books) from paths or URLs.
+"""Small files on any filesystem: reading configs, calibrations and price books from
+paths or URLs, and renaming a finished file into place.
 
 Local paths are opened directly; ``gs://``, ``s3://`` and other URLs go through
 Beam's ``FileSystems``, so a Dataflow or Flink job can point ``--config`` and
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["read_text"]
+__all__ = ["read_text", "rename_over"]
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -28,3 +29,18 @@ def read_text(path: str | os.PathLike) -> str:
       return f.read().decode("utf-8")
   except Exception as e:  # noqa: BLE001 - each filesystem raises its own errors
     raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def rename_over(source: str, destination: str) -> None:
+  """Renames source to destination (Beam ``FileSystems``), replacing destination if it
+  exists."""
+  from apache_beam.io.filesystem import BeamIOError
+  from apache_beam.io.filesystems import FileSystems
+  try:
+    FileSystems.rename([source], [destination])
+  except BeamIOError:
+    # Filesystems whose rename refuses to overwrite (e.g. HDFS).
+    if not FileSystems.exists(destination):
+      raise
+    FileSystems.delete([destination])
+    FileSystems.rename([source], [destination])

@@ -499,6 +499,7 @@ def build_report(output_dir: str, labels: Optional[str] = None,
     notes.append("dead letters not in the results (decode/validation failures) are not in "
                  "the record counts; model failures appear in both")
   scores: dict[str, StageScores] = {}
+  label_rows, idf = None, None
   if labels:
     label_rows = read_labels(labels)
     idf = pick_id_field(run, label_rows, id_field)
@@ -517,9 +518,10 @@ def build_report(output_dir: str, labels: Optional[str] = None,
                  "threshold curve shows cost only")
   measured = {}
   if frontier_only:
-    measured = _measured_frontier_only(frontier_only, run, labels, id_field, scores)
+    run_cost, measured = _measured_frontier_only(frontier_only, run, id_field, label_rows,
+                                                 idf, scores)
     report["inputs"]["frontier_only"] = os.path.abspath(frontier_only)
-    report["cost"].update(measured.pop("_run", {}))
+    report["cost"].update(run_cost)
     notes.append("frontier only: measured by the frontier-only run "
                  f"({os.path.abspath(frontier_only)}): its final answers' accuracy and its "
                  "frontier tier's billed cost, over the records both runs hold")
@@ -584,28 +586,26 @@ def _stages_json(run: RunData, scores: Mapping[str, StageScores],
   return out
 
 
-def _measured_frontier_only(path: str, run: RunData, labels: Optional[str],
-                            id_field: Optional[str], scores: Mapping[str, StageScores]
-                            ) -> dict:
-  """Per stage, the frontier-only point measured by a frontier-only run: accuracy of its
-  final answers on the labelled records both runs hold, and its frontier tier's billed cost
-  per 1k of them; ``_run``: the run-level measured frontier-only cost."""
+def _measured_frontier_only(path: str, run: RunData, id_field: Optional[str],
+                            label_rows: Optional[list], idf: Optional[str],
+                            scores: Mapping[str, StageScores]) -> tuple[dict, dict]:
+  """What a frontier-only run measured, over the records both runs hold: (its billed
+  frontier cost for the run, per stage the frontier-only point: accuracy of its final
+  answers on the labelled records (with ``label_rows``, joined on ``idf``) and its
+  frontier tier's billed cost per 1k of them)."""
   fo = read_run(path, (*ID_FIELDS, id_field) if id_field else ID_FIELDS)
   shared = set(fo.records["record_id"]) & set(run.records["record_id"])
   if not shared:
     raise ValueError(f"--frontier-only {path}: no record in common with the routed run")
   keep = np.array([r in shared for r in fo.records["record_id"]])
+  total = sum(float(np.nansum(s.col("frontier_cost_usd")[keep & s.present]))
+              for s in fo.stages)
+  run_cost = {"frontier_only_measured_usd": total,
+              "frontier_only_measured_per_1k": _per_1k(total, int(keep.sum())),
+              "frontier_only_measured_records": int(keep.sum())}
   out: dict = {}
   by_name = {s.name: s for s in fo.stages}
-  total = 0.0
-  for s in fo.stages:
-    total += float(np.nansum(s.col("frontier_cost_usd")[keep & s.present]))
-  out["_run"] = {"frontier_only_measured_usd": total,
-                 "frontier_only_measured_per_1k": _per_1k(total, int(keep.sum())),
-                 "frontier_only_measured_records": int(keep.sum())}
-  if labels and scores:
-    label_rows = read_labels(labels)
-    idf = pick_id_field(fo, label_rows, id_field)
+  if label_rows is not None and scores:
     refs, _ = reference_rows(fo, label_rows, idf)
     for name, sc in scores.items():
       stage = by_name.get(name)
@@ -621,7 +621,7 @@ def _measured_frontier_only(path: str, run: RunData, labels: Optional[str],
           "labelled_records": int(lab.sum()),
           "answered_by_frontier": _ratio(on_frontier.sum(), lab.sum()),
           "source": f"measured ({path})"}
-  return out
+  return run_cost, out
 
 
 def _calibration_json(path: str) -> dict:
