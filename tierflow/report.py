@@ -630,7 +630,8 @@ def _calibration_json(path: str) -> dict:
   return {"file": path, "created_at": cal.created_at, "data_hash": cal.data_hash,
           "stages": {name: {"alpha": sc.alpha, "delta": sc.delta, "n": sc.n,
                             "certified": sc.certified, "threshold": sc.threshold,
-                            "reason": sc.reason, "min_n_to_certify": sc.min_n_to_certify}
+                            "reason": sc.reason, "min_n_to_certify": sc.min_n_to_certify,
+                            "labels_to_certify": sc.labels_to_certify}
                      for name, sc in cal.stages.items()}}
 
 
@@ -640,12 +641,13 @@ def _banners(report: dict) -> list[str]:
   cal = report.get("calibration")
   for name, c in ((cal or {}).get("stages") or {}).items():
     if not c["certified"]:
-      need = c.get("min_n_to_certify")
+      need = c.get("labels_to_certify")
       out.append(f"Stage {name}: calibration did not certify error <= {c['alpha']:.1%} "
                  f"(confidence {1 - c['delta']:.0%}) on {c['n']} labelled records, so the run "
                  f"escalated every {name} answer"
-                 + (f"; about {need} labelled records would be needed at the observed error "
-                    "rate." if need and need > 0 else "."))
+                 + (f"; about {need} labelled records would certify it at the observed error "
+                    "rates." if need else "; the small tier's observed error is above the "
+                    "target at every threshold, so more labels alone would not help."))
   for name, st in report["stages"].items():
     rate = st["escalation"].get("escalation_rate")
     if rate is not None and rate >= 1:
