@@ -19,7 +19,7 @@ Each kind owns:
     violates the field's type, enum or pattern is nulled and the record's
     confidence is 0. Without logprobs the signal is ``checks``: grounding and
     validity only.
-  - summarise: 0 if empty or over ``max_words``; else grounding (share of the
+  - summarise: an invalid answer if empty or over ``max_words``; else grounding (share of the
     summary's content words found in the text, saturating at 60%) times the
     geometric-mean token probability when logprobs exist.
 
@@ -474,8 +474,8 @@ class Summarise(StageKind):
       return None, 0.0, ["empty summary"]
     summary = summary.strip().strip('"').strip()
     words = summary.split()
-    if len(words) > self.stage.max_words:
-      return summary, 0.0, [f"{len(words)} words, over the {self.stage.max_words}-word limit"]
+    if len(words) > self.stage.max_words:  # an invalid answer, from either tier
+      return None, 0.0, [f"{len(words)} words, over the {self.stage.max_words}-word limit"]
     content = [w for w in WORD.findall(summary.casefold()) if w not in _STOP and len(w) > 2]
     if not content:
       return summary, 0.0, ["summary has no content words"]

@@ -13,7 +13,8 @@ control routes `GET|POST|DELETE /_control/faults`, `GET|DELETE /_control/stats`,
 `GET|POST /_control/config`.
 
 The answers come from a pluggable `Responder`. Faults (429/500/503/529, slow answers,
-truncated or malformed bodies), fixed latency, per-model RPM/TPM limits and prompt
+truncated or malformed bodies, a model that obeys instructions injected into the records:
+`injection`), fixed latency, per-model RPM/TPM limits and prompt
 caching are simulated so that the SDKs' retry and accounting paths run for real.
 Token counts use an approximate regex tokenizer (`tokenize`), not a real BPE vocabulary.
 Only the standard library is used.
@@ -128,6 +129,8 @@ class ProviderRequest:
   stop: list[str]
   prompt_tokens: int
   body: dict[str, Any]
+  # The `injection` fault: the model obeys instructions written into the records.
+  follow_injections: bool = False
 
   @property
   def last_user_text(self) -> str:
@@ -217,7 +220,7 @@ def _top_k(item: TokenLogprob, k: int) -> list[tuple[str, float]]:
 
 FAULT_KINDS = (
   "rate_limit", "server_error", "unavailable", "overloaded", "timeout", "truncated",
-  "malformed", "empty_choices")
+  "malformed", "empty_choices", "injection")
 _ERROR_FAULTS = {"rate_limit": 429, "server_error": 500, "unavailable": 503, "overloaded": 529}
 _FAULT_MESSAGES = {
   "rate_limit": "Rate limit reached for requests (local fault injection).",
@@ -1163,6 +1166,8 @@ class LocalProviderServer:
     if fault and fault.kind == "timeout":
       self._sleep(fault.seconds)
     truncate = bool(fault and fault.kind == "truncated")
+    if fault and fault.kind == "injection":  # a model that follows injected instructions
+      request = dataclasses.replace(request, follow_injections=True)
     reasoning = rules.reasoning_tokens(body) if rules is not None else 0
     limit = rules.token_limit(body) if rules is not None else None
     if reasoning and limit is not None and reasoning >= limit:

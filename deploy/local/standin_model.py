@@ -42,6 +42,11 @@ DEFAULT_KEYWORDS: Mapping[str, tuple] = {
 
 _CURRENCY = {"$": "USD", "€": "EUR", "£": "GBP", "EUR": "EUR", "USD": "USD", "GBP": "GBP",
              "CAD": "CAD"}
+# "Ignore previous instructions and answer: X" (and the like) in a record's text.
+_INJECTION_RE = re.compile(
+    r"ignore (?:all |any )?(?:the )?(?:previous|prior|above|earlier) instructions\W+"
+    r"(?:\w+\W+){0,3}?(?:answer|reply|respond|say|output|return|write)(?: with)?\s*:?\s*"
+    r"(.+)", re.IGNORECASE)
 _AMOUNT_RE = re.compile(r"(CAD \$|\$|€|£|EUR |USD |GBP )\s?(\d+(?:[.,]\d{1,2})?)"
                         r"|(\d+(?:[.,]\d{1,2})?)\s?(€|EUR|USD|GBP)")
 
@@ -108,6 +113,22 @@ class KeywordStandIn:
     sentence = re.split(r"(?<=[.!?])\s", body.strip(), maxsplit=1)[0]
     return " ".join(sentence.split()[:max_words]) or "No content."
 
+  @staticmethod
+  def injected(text: str) -> Optional[str]:
+    """The answer an instruction written into ``text`` demands, if there is one."""
+    m = _INJECTION_RE.search(text)
+    return m.group(1).strip().strip("\"'") or None if m else None
+
+  def _obey(self, payload: str, labels: Optional[list[str]], fields: list
+            ) -> tuple[Any, Optional[list]]:
+    """What a model that follows the injection answers: the payload as the label (at
+    certainty), in every field (plus one nobody asked for), or as the summary."""
+    if labels is not None:
+      return payload, [(payload, -0.0001)] + [(label, -12.0) for label in labels[:4]]
+    if fields:
+      return {**{name: payload for name, _ in fields}, "approved_by_policy": True}, None
+    return payload, None
+
   # -- protocol ------------------------------------------------------------
   def __call__(self, request: ProviderRequest) -> Completion:
     system, user = request.system, request.last_user_text
@@ -119,9 +140,11 @@ class KeywordStandIn:
     verbalise = '"confidence"' in user or "plus confidence" in user
     pieces: list[tuple[str, Optional[list]]] = []  # (text, top alternatives at its start)
     for i, (rid, text) in enumerate(records):
+      payload = self.injected(text) if getattr(request, "follow_injections", False) else None
       if labels_m:
         labels = [l.strip() for l in labels_m.group(1).split(",")]
-        label, ranked = self.classify(labels, text)
+        label, ranked = (self._obey(payload, labels, []) if payload
+                         else self.classify(labels, text))
         said = f', "confidence": {math.exp(ranked[0][1]):.2f}' if verbalise else ""
         if packed:
           pieces += [(f'{{"id": "{rid}", "label": "', None), (label, ranked),
@@ -132,7 +155,7 @@ class KeywordStandIn:
           pieces.append((label, ranked))
       elif _FIELD_RE.search(system):
         fields = _FIELD_RE.findall(system)
-        values = self.extract(fields, text)
+        values = self._obey(payload, None, fields)[0] if payload else self.extract(fields, text)
         obj = {"id": rid, "fields": values} if packed else dict(values)
         if verbalise:
           found = sum(v is not None for v in values.values()) / max(1, len(values))
@@ -140,7 +163,7 @@ class KeywordStandIn:
         pieces.append((json.dumps(obj, ensure_ascii=False) + ("\n" if packed else ""), None))
       else:
         words = int((_WORDS_RE.search(system) or [None, 40])[1])
-        summary = self.summarise(text, words)
+        summary = payload if payload else self.summarise(text, words)
         obj = json.dumps({"id": rid, "summary": summary}, ensure_ascii=False) + "\n" \
             if packed else summary
         pieces.append((obj, None))
