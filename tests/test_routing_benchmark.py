@@ -26,6 +26,10 @@ def test_evaluate_split_routes_by_the_calibrated_threshold():
   assert r["routed_cost"] == pytest.approx(2000 + 10 * (~kept).sum())
   assert r["frontier_only_cost"] == 20000
   assert r["oracle_cost"] == pytest.approx(2000 + 10 * (~small_ok[test]).sum())
+  # At matched accuracy the oracle fixes only as many small-tier errors as routing did.
+  fixed = int(round(r["routed_accuracy"] * 2000)) - int(small_ok[test].sum())
+  assert r["oracle_matched_cost"] == pytest.approx(2000 + 10 * fixed)
+  assert r["oracle_matched_cost"] <= r["oracle_cost"]
   s = summarise_splits([r, dict(r, error_kept=0.2)], 0.1, 0.1)
   assert s["test_half_error_above_alpha"] == 1 and s["test_half_error_within_alpha_share"] == 0.5
   assert s["cost_ratio_routed_to_frontier_only_mean"] == pytest.approx(r["routed_cost"] / 20000)
@@ -74,3 +78,75 @@ def test_the_whole_loop_runs_on_a_small_bbc_sample(tmp_path):
   assert r["split0_pipeline"]["records"] == d["test_records"]
   assert r["summary"]["splits"] == r["summary"]["population_draws"] == 5
   assert (tmp_path / "reports/bbc/alpha0.1/report.html").is_file()
+
+
+def test_best_in_hindsight_keeps_the_most_at_error_within_alpha():
+  from benchmarks.routing.loop import best_in_hindsight
+  conf = np.array([0.9, 0.9, 0.8, 0.7, 0.6, 0.5])
+  ok = np.array([True, True, True, False, True, False])
+  h = best_in_hindsight(conf, ok, np.ones(6), np.full(6, 10.0), 0.25)
+  # Top 3: no error; top 4: 1/4 = 0.25 <= alpha; top 5: 1/5; all 6: 2/6 > alpha.
+  assert h["coverage"] == pytest.approx(5 / 6)
+  assert h["cost_to_oracle"] == pytest.approx((6 + 10) / (6 + 20))
+  tied = best_in_hindsight(np.full(4, 0.5), np.array([True, True, True, False]), np.ones(4),
+                           np.ones(4), 0.2)
+  assert tied["coverage"] == 0.0  # ties cannot be split: all four (25% wrong) or none
+
+
+def test_orange_tab_files_parse_to_text_and_category():
+  from benchmarks.routing.datasets import _orange_tab
+  data = ("Category\tText\nd\tstring\nclass\tinclude=True\n"
+          "earn\tnet profit rose\nacq\t  \ncrude\toil prices fell\n").encode()
+  assert _orange_tab(data) == [("net profit rose", "earn"), ("oil prices fell", "crude")]
+
+
+def test_extraction_tiers_answer_through_the_sdk_with_their_field_probabilities():
+  """The tagger tier's answer goes over HTTP as extraction JSON whose value tokens carry the
+  tagger's probabilities; tierflow's own parsing reads back its values and, as the stage's
+  confidence, the least field probability."""
+  import math
+  import openai
+  from tierflow.config import StageConfig
+  from tierflow.connectors.llm_clients import ModelReply, TokenInfo
+  from tierflow.pipelines.prompts import build_prompt, parse_reply
+  from tierflow.prices import Usage
+  from tierflow_local.provider_server import LocalProviderServer
+  from benchmarks.routing.extraction import (FIELDS, SlotTagger, TaggerResponder, Utterance,
+                                             first_spans)
+
+  def utt(text, tags):
+    return Utterance("u", tuple(text.split()), tuple(tags.split()), "train")
+
+  train = [
+      utt("flights from boston to denver on monday", "O O B-fromloc.city_name O "
+          "B-toloc.city_name O B-depart_date.day_name"),
+      utt("from san francisco to dallas", "O B-fromloc.city_name I-fromloc.city_name O "
+          "B-toloc.city_name"),
+      utt("show delta flights to atlanta", "O B-airline_name O O B-toloc.city_name"),
+      utt("fares from denver to boston on friday", "O O B-fromloc.city_name O "
+          "B-toloc.city_name O B-depart_date.day_name"),
+  ] * 3
+  assert first_spans(train[1].tokens, train[1].tags) == {
+      "from_city": "san francisco", "to_city": "dallas", "day": None, "airline": None}
+  tagger = SlotTagger("tagger", rich=False).fit(train)
+  stage = StageConfig(name="extract", kind="extract",
+                      fields={f: {"type": "string"} for f in FIELDS})
+  texts = ["flights from boston to atlanta on friday", "show delta flights to denver"]
+  with LocalProviderServer(TaggerResponder({"tagger": tagger}), models=("tagger",)) as server:
+    client = openai.OpenAI(base_url=server.openai_base_url, api_key="local", max_retries=0)
+    for batch in (texts[:1], texts):
+      system, user = build_prompt(stage, batch)
+      resp = client.chat.completions.create(
+          model="tagger", messages=[{"role": "system", "content": system},
+                                    {"role": "user", "content": user}],
+          max_tokens=400, logprobs=True, top_logprobs=1)
+      choice = resp.choices[0]
+      tokens = tuple(TokenInfo(t.token, t.logprob, tuple((a.token, a.logprob)
+                                                         for a in t.top_logprobs))
+                     for t in choice.logprobs.content)
+      answers = parse_reply(stage, ModelReply(choice.message.content, tokens, Usage(0, 0),
+                                              "tagger", choice.finish_reason), batch)
+      for text, answer in zip(batch, answers):
+        values, probs = tagger.extract(text.split())
+        assert answer.error is None and answer.value["fields"] == values
+        assert math.isclose(answer.confidence, min(probs.values()), rel_tol=1e-6)

@@ -107,6 +107,36 @@ class KeywordStandIn:
     return {name: (FIELD_EXTRACTORS[name](text) if name in FIELD_EXTRACTORS else None)
             for name, _ in fields}
 
+  def extract_scored(self, fields: list[tuple[str, str]], text: str
+                     ) -> tuple[dict, Optional[dict]]:
+    """(values, per-field probability or None); a scoring model overrides this."""
+    return self.extract(fields, text), None
+
+  @staticmethod
+  def extraction_pieces(rid: str, packed: bool, values: dict, probs: Optional[dict],
+                        verbalise: bool) -> list[tuple[str, Any]]:
+    """The extraction JSON as completion pieces; with ``probs``, every token of a field's
+    value carries log(probability), so tierflow reads it as that field's confidence."""
+    if probs is None:
+      obj = {"id": rid, "fields": values} if packed else dict(values)
+      if verbalise:
+        found = sum(v is not None for v in values.values()) / max(1, len(values))
+        obj["confidence"] = round(found, 2)
+      return [(json.dumps(obj, ensure_ascii=False) + ("\n" if packed else ""), None)]
+    pieces: list[tuple[str, Any]] = [(f'{{"id": "{rid}", "fields": {{' if packed else "{", None)]
+    for j, (name, value) in enumerate(values.items()):
+      lp = math.log(max(probs.get(name, 1.0), 1e-12))
+      pieces.append(((", " if j else "") + json.dumps(name) + ": ", None))
+      if isinstance(value, str):
+        inner = json.dumps(value, ensure_ascii=False)[1:-1]
+        pieces += [('"', None), (inner, lp), ('"', None)]
+      else:
+        pieces.append((json.dumps(value), lp))
+    if verbalise:
+      pieces.append((f', "confidence": {min(probs.values(), default=1.0):.2f}', None))
+    pieces.append(("}}\n" if packed else "}", None))
+    return pieces
+
   @staticmethod
   def summarise(text: str, max_words: int) -> str:
     body = text.split("\n\n", 1)[-1] if "\n\n" in text else text
@@ -155,12 +185,12 @@ class KeywordStandIn:
           pieces.append((label, ranked))
       elif _FIELD_RE.search(system):
         fields = _FIELD_RE.findall(system)
-        values = self._obey(payload, None, fields)[0] if payload else self.extract(fields, text)
-        obj = {"id": rid, "fields": values} if packed else dict(values)
-        if verbalise:
-          found = sum(v is not None for v in values.values()) / max(1, len(values))
-          obj["confidence"] = round(found, 2)
-        pieces.append((json.dumps(obj, ensure_ascii=False) + ("\n" if packed else ""), None))
+        if payload:
+          pieces += self.extraction_pieces(rid, packed, self._obey(payload, None, fields)[0],
+                                           None, verbalise)
+        else:
+          pieces += self.extraction_pieces(rid, packed, *self.extract_scored(fields, text),
+                                           verbalise)
       else:
         words = int((_WORDS_RE.search(system) or [None, 40])[1])
         summary = payload if payload else self.summarise(text, words)
@@ -182,12 +212,16 @@ class KeywordStandIn:
     return out
 
   @staticmethod
-  def _completion(pieces: list[tuple[str, Optional[list]]]) -> Completion:
+  def _completion(pieces: list[tuple[str, Any]]) -> Completion:
+    """``pieces``: (text, None | ranked alternatives for its first token | a logprob for
+    every one of its tokens)."""
     text, tokens = "", []
     for piece, ranked in pieces:
       toks = tokenize(piece)
       for j, tok in enumerate(toks):
-        if ranked is not None and j == 0:
+        if isinstance(ranked, float):
+          tokens.append(TokenLogprob(tok, ranked, ((tok, ranked),)))
+        elif ranked is not None and j == 0:
           # The label's first token carries the label distribution.
           chosen = ranked[0][1]
           top = tuple((tokenize(l)[0] if tokenize(l) else l, lp) for l, lp in ranked[:5])
