@@ -55,6 +55,7 @@ class StageOutcome:
   reason: Optional[str] = None  # why it escalates; None: the small answer stands
   approved: bool = False  # the budget let it go to the frontier tier
   budget_skipped: bool = False
+  score: Optional[float] = None  # a learned router's score, when one decided
 
   @property
   def final(self) -> Optional[TierOutcome]:
@@ -142,7 +143,8 @@ def ledger_row(routed: RoutedRecord, config, book: PriceBook,
         "final_model": final.model if final else None,
         "confidence": small.confidence if small else None,
         "confidence_signal": (small.signal or None) if small else None,
-        "threshold": float(stage.threshold), "escalated": st.approved,
+        "threshold": float(stage.threshold), "route_score": st.score,
+        "escalated": st.approved,
         "escalation_reason": st.reason, "budget_skipped": st.budget_skipped,
         "small_model": small.model if small else config.small.model,
         "small_input_tokens": su.input_tokens, "small_output_tokens": su.output_tokens,

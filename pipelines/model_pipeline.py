@@ -135,6 +135,9 @@ def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelin
       _LOGGER.warning("--calibration %s has no thresholds for stage(s) %s; they keep the "
                       "config's thresholds", m.calibration, kept)
     run = run.with_thresholds({name: sc.threshold for name, sc in calibration.stages.items()})
+    from tierflow.learned_router import LearnedRouter
+    run = run.with_routers({name: LearnedRouter.from_dict(sc.router)
+                            for name, sc in calibration.stages.items() if sc.router})
     calibration_version = f"{calibration.created_at}/{calibration.data_hash[:12]}"
   if m.budget_usd is not None:
     if m.budget_usd < 0:

@@ -3,7 +3,8 @@
 ``Router`` routes a list of records (no Beam in it):
 
     small tier, every stage at once   (packed requests, ``concurrency`` in flight)
-      -> decide escalations           (confidence < threshold, or the small call failed)
+      -> decide escalations           (confidence < threshold, or a calibrated learned
+                                       router's score < threshold, or the small call failed)
       -> frontier tier, in priority order while the budget pool can reserve them
       -> ``RoutedRecord``s            (typed outcomes; ``ledger.ledger_row`` makes rows)
 
@@ -266,8 +267,16 @@ class Router:
           st.reason = f"small tier failed ({small.error[:120]})"
         elif small.confidence is None:
           st.reason = "no confidence signal"
-        elif small.confidence < stage.threshold:
-          st.reason = f"confidence {small.confidence:.3f} < {stage.threshold:.3f}"
+        else:
+          router = self.config.routers.get(stage.name)
+          if router is None:
+            if small.confidence < stage.threshold:
+              st.reason = f"confidence {small.confidence:.3f} < {stage.threshold:.3f}"
+            continue
+          st.score = router.score(small.confidence, small.value)
+          if st.score < stage.threshold:
+            st.reason = (f"confidence {small.confidence:.3f}, learned router score "
+                         f"{st.score:.3f} < {stage.threshold:.3f}")
 
   def _frontier(self, texts: list[str], outcomes: list[dict],
                 pool: Optional[BudgetPool]) -> None:

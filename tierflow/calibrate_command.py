@@ -55,6 +55,7 @@ class StageSample:
   frontier_cost: np.ndarray
   small_models: tuple
   no_confidence: int
+  answers: tuple = ()  # the small tier's answer text per record (a learned router's input)
 
   @property
   def n(self) -> int:
@@ -102,8 +103,9 @@ def stage_samples(output_dir: str, labels: str, *,
     small_cost = np.nan_to_num(stage.col("small_cost_usd")[use])
     frontier_cost = np.nan_to_num(stage.col("frontier_only_cost_usd")[use])
     models = tuple(sorted({str(m) for m in stage.col("small_model")[use] if m}))
+    answers = tuple(None if a is None else str(a) for a in stage.col("small_answer")[use])
     out[name] = StageSample(name, stage.kind, conf, correct, small_cost, frontier_cost, models,
-                            int(missing.sum()))
+                            int(missing.sum()), answers)
     if missing.any():
       notes.append(f"stage {name}: {int(missing.sum())} records have no small-tier confidence "
                    f"(failed or no signal); counted as confidence 0 and wrong (they always "
@@ -127,8 +129,14 @@ def calibrate_output(output_dir: str, labels: str, *, alpha: Optional[float] = N
                      method: str = "ltt-binomial", stages: Optional[Sequence[str]] = None,
                      label_fields: Optional[labels_lib.LabelFields] = None,
                      id_field: Optional[str] = None, fallback_coverage: Optional[float] = 0.1,
+                     router: Optional[str] = None,
                      source: Optional[str] = None) -> tuple[Calibration, list[str]]:
-  """Calibrates every scorable stage (or ``stages``) of a run's output against labels."""
+  """Calibrates every scorable stage (or ``stages``) of a run's output against labels.
+
+  ``router="logistic"``: classify stages get a cross-fitted learned router
+  (``tierflow.learned_router``) and the threshold is certified on its scores; a stage
+  whose labels are too few for it keeps the plain confidence, with a note.
+  """
   samples, notes = stage_samples(output_dir, labels, label_fields=label_fields,
                                  id_field=id_field)
   alphas = dict(alphas or {})
@@ -142,12 +150,29 @@ def calibrate_output(output_dir: str, labels: str, *, alpha: Optional[float] = N
       raise ValueError(f"stage(s) {sorted(missing)} cannot be calibrated here; scorable: "
                        f"{sorted(samples)}")
     samples = {k: v for k, v in samples.items() if k in stages}
+  if router not in (None, "none", "logistic"):
+    raise ValueError(f"--router wants none or logistic, got {router!r}")
   results, data = {}, {}
   for name, s in samples.items():
-    results[name] = calibrate_threshold(
-        s.confidence, s.correct, _alpha_for(name, alphas, alpha), delta, method=method,
+    score, fitted = s.confidence, None
+    if router == "logistic" and s.kind == "classify":
+      from tierflow.learned_router import fit_cross
+      try:
+        fitted, score = fit_cross(s.confidence, s.answers, s.correct)
+      except ValueError as err:
+        notes.append(f"stage {name}: no learned router ({err}); the threshold applies to the "
+                     f"confidence")
+    elif router == "logistic":
+      notes.append(f"stage {name}: a learned router is fitted for classify stages only; the "
+                   f"threshold applies to the confidence")
+    sc = calibrate_threshold(
+        score, s.correct, _alpha_for(name, alphas, alpha), delta, method=method,
         small_cost=s.small_cost, frontier_cost=s.frontier_cost,
         fallback_coverage=fallback_coverage, stage=name)
+    if fitted is not None:
+      sc = dataclasses.replace(sc, router=fitted.to_dict(),
+                               reason=sc.reason + "; on the learned router's cross-fitted score")
+    results[name] = sc
     data[name] = (s.confidence, s.correct)
   models = sorted({m for s in samples.values() for m in s.small_models})
   src = source or (f"labels={os.path.abspath(labels)}; small-tier outputs="
@@ -258,6 +283,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="label column(s) of a stage (repeatable)")
   parser.add_argument("--id-field", help="id column shared by the records and the labels")
   parser.add_argument("--out", default="calibration.json", help="calibration file to write")
+  parser.add_argument("--router", choices=("none", "logistic"), default="none",
+                      help="logistic: fit a learned router per classify stage (confidence and "
+                           "answer label, cross-fitted on the labels) and certify the threshold "
+                           "on its score instead of the raw confidence")
   parser.add_argument("--strict", action="store_true",
                       help="exit 3 when a stage cannot be certified (it is still written, "
                            "escalating everything)")
@@ -268,7 +297,8 @@ def format_stage(sc: StageCalibration) -> str:
   if not sc.certified:
     return (f"  {sc.stage}: NOT CERTIFIED -> escalates every record (threshold inf)\n"
             f"      {sc.reason}{cost}")
-  return (f"  {sc.stage}: threshold {sc.threshold:g}  coverage {sc.coverage:.1%} "
+  scored = " (learned router score)" if sc.router else ""
+  return (f"  {sc.stage}: threshold {sc.threshold:g}{scored}  coverage {sc.coverage:.1%} "
           f"(escalates {sc.escalation_rate:.1%})  error on kept {sc.empirical_risk:.2%} "
           f"<= bound {sc.risk_upper_bound:.2%} <= alpha {sc.alpha:g} at delta {sc.delta:g}, "
           f"n={sc.n}{cost}")
@@ -292,7 +322,8 @@ def run_from_args(args: argparse.Namespace) -> int:
   calibration, notes = calibrate_output(
       output, args.labels, alpha=default, alphas=per_stage, delta=args.delta,
       method=args.method, stages=args.stage or None,
-      label_fields=labels_lib.parse_label_fields(args.label_field), id_field=args.id_field)
+      label_fields=labels_lib.parse_label_fields(args.label_field), id_field=args.id_field,
+      router=args.router)
   calibration.save(args.out)
   for note in notes:
     print(f"note: {note}")

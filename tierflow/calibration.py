@@ -396,7 +396,9 @@ class StageCalibration:
   records needed to certify ``alpha`` at ``delta`` at all. ``labels_to_certify``
   (uncertified stages only) estimates how many labelled records would certify
   ``alpha`` if the observed coverage and error rates held; None if certified, or
-  if the observed error reaches ``alpha`` at every threshold.
+  if the observed error reaches ``alpha`` at every threshold. ``router``, when set
+  (``tierflow.learned_router.LearnedRouter.to_dict()``), means the threshold applies
+  to the learned router's score of each answer, not to its confidence.
   """
   threshold: float
   alpha: float
@@ -416,10 +418,14 @@ class StageCalibration:
   expected_cost_per_1k: Optional[float] = None
   stage: Optional[str] = None
   labels_to_certify: Optional[int] = None
+  router: Optional[dict] = None
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+    if self.router is not None:
+      from tierflow.learned_router import LearnedRouter
+      LearnedRouter.from_dict(self.router)  # raises on a bad one
     _check_level(self.alpha, "alpha")
     _check_level(self.delta, "delta")
     if self.certified:
@@ -446,7 +452,7 @@ class StageCalibration:
     if not isinstance(d, Mapping):
       raise ValueError(f"a stage calibration must be an object, got {type(d).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
-    optional = {"labels_to_certify"}  # absent from files written before it existed
+    optional = {"labels_to_certify", "router"}  # absent from files written before them
     missing, unknown = names - set(d) - optional, set(d) - names
     if missing or unknown:
       raise ValueError(

@@ -267,6 +267,9 @@ class RunConfig:
   stages: tuple
   budget_usd: Optional[float] = None
   price_book: Optional[str] = None
+  # stage name -> tierflow.learned_router.LearnedRouter: its score, not the confidence,
+  # is compared with the stage's threshold (from a --calibration file)
+  routers: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     object.__setattr__(self, "stages", tuple(self.stages))
@@ -306,6 +309,12 @@ class RunConfig:
         "rpm": share(getattr(self, tier).rpm), "tpm": share(getattr(self, tier).tpm)})
         for tier in ("small", "frontier")}
     return dataclasses.replace(self, **changed)
+
+  def with_routers(self, routers: Mapping[str, Any]) -> "RunConfig":
+    unknown = sorted(set(routers) - {s.name for s in self.stages})
+    if unknown:
+      raise ValueError(f"learned routers for unknown stage(s) {unknown}")
+    return dataclasses.replace(self, routers=dict(routers))
 
   def with_thresholds(self, thresholds: Mapping[str, float]) -> "RunConfig":
     stages = tuple(s.model_copy(update={"threshold": float(thresholds[s.name])})

@@ -218,10 +218,13 @@ def aiq(points: np.ndarray) -> Optional[float]:
 
 
 def _threshold_curve(stage: StageData, sc: Optional[StageScores]) -> dict:
-  """Cost (and quality) if records with small confidence < t were escalated, per t."""
+  """Cost (and quality) if records with small confidence (or, where a learned router
+  decided, its score) < t were escalated, per t."""
   pop = sc.labelled if sc is not None and sc.small is not None else stage.present
   n = int(pop.sum())
   conf = stage.col("confidence")[pop]
+  routed = stage.col("route_score")[pop]  # a learned router's score decided, where set
+  conf = np.where(np.isnan(routed), conf, routed)
   forced = np.isnan(conf) | ~is_null(stage.col("small_error")[pop])
   key = np.where(forced, -np.inf, conf)
   order = np.argsort(key, kind="stable")

@@ -148,16 +148,44 @@ def read_ledger(output_dir: str) -> dict[str, dict[str, Any]]:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _scores(conf: np.ndarray, small_ok: np.ndarray, calib: np.ndarray,
+            answers: Optional[np.ndarray]) -> tuple[np.ndarray, Any]:
+  """The calibration records' scores (and the router, or None): the confidence, or with
+  ``answers`` a learned router cross-fitted on them (``tierflow calibrate --router``)."""
+  c_cal = np.nan_to_num(conf[calib], nan=0.0)
+  if answers is None:
+    return c_cal, None
+  from tierflow.learned_router import fit_cross
+  ok_cal = small_ok[calib] & ~np.isnan(conf[calib])
+  try:
+    router, scores = fit_cross(c_cal, answers[calib], ok_cal)
+  except ValueError:  # too few errors to fit: the confidence, as calibrate falls back
+    return c_cal, None
+  return scores, router
+
+
+def _apply(conf: np.ndarray, idx: np.ndarray, answers: Optional[np.ndarray], router,
+           halves: Optional[np.ndarray] = None) -> np.ndarray:
+  c = conf[idx]
+  if router is None:
+    return c
+  s = router.scores(np.nan_to_num(c, nan=0.0), answers[idx],
+                    None if halves is None else halves[idx])
+  return np.where(np.isnan(c), np.nan, s)  # no confidence: escalated, as in the pipeline
+
+
 def evaluate_split(conf: np.ndarray, small_ok: np.ndarray, upper_ok: np.ndarray,
                    small_cost: np.ndarray, upper_cost: np.ndarray, calib: np.ndarray,
-                   test: np.ndarray, alpha: float, delta: float) -> dict:
-  """Calibrate on ``calib``, apply on ``test``: error on kept vs alpha, accuracy, cost."""
+                   test: np.ndarray, alpha: float, delta: float,
+                   answers: Optional[np.ndarray] = None) -> dict:
+  """Calibrate on ``calib``, apply on ``test``: error on kept vs alpha, accuracy, cost.
+  With ``answers`` (the small tier's labels) the threshold is on a learned router's score."""
   from tierflow.calibration import calibrate_threshold
-  c_cal = np.nan_to_num(conf[calib], nan=0.0)
+  score_cal, router = _scores(conf, small_ok, calib, answers)
   ok_cal = small_ok[calib] & ~np.isnan(conf[calib])
-  sc = calibrate_threshold(c_cal, ok_cal, alpha, delta, small_cost=small_cost[calib],
+  sc = calibrate_threshold(score_cal, ok_cal, alpha, delta, small_cost=small_cost[calib],
                            frontier_cost=upper_cost[calib])
-  c = conf[test]
+  c = _apply(conf, test, answers, router)
   kept = c >= sc.threshold  # NaN and inf escalate, as in the pipeline
   esc = ~kept
   s_ok, u_ok = small_ok[test], upper_ok[test]
@@ -187,7 +215,9 @@ def evaluate_split(conf: np.ndarray, small_ok: np.ndarray, upper_ok: np.ndarray,
 
 
 def population_check(conf: np.ndarray, small_ok: np.ndarray, n_calib: int, alpha: float,
-                     delta: float, rng: np.random.Generator) -> dict:
+                     delta: float, rng: np.random.Generator,
+                     answers: Optional[np.ndarray] = None,
+                     halves: Optional[np.ndarray] = None) -> dict:
   """The guarantee's own setting: calibrate on ``n_calib`` i.i.d. draws (with replacement)
   from the pool, then take the exact selective risk over the whole pool (the population).
 
@@ -197,9 +227,9 @@ def population_check(conf: np.ndarray, small_ok: np.ndarray, n_calib: int, alpha
   """
   from tierflow.calibration import calibrate_threshold
   draw = rng.integers(0, len(conf), size=n_calib)
-  c = np.nan_to_num(conf[draw], nan=0.0)
-  sc = calibrate_threshold(c, small_ok[draw] & ~np.isnan(conf[draw]), alpha, delta)
-  kept = conf >= sc.threshold
+  score, router = _scores(conf, small_ok, draw, answers)
+  sc = calibrate_threshold(score, small_ok[draw] & ~np.isnan(conf[draw]), alpha, delta)
+  kept = _apply(conf, np.arange(len(conf)), answers, router, halves) >= sc.threshold
   risk = float((~small_ok[kept]).mean()) if kept.any() else 0.0
   return {"certified": sc.certified, "population_risk": risk, "held": risk <= alpha,
           "population_coverage": float(kept.mean())}
@@ -288,7 +318,7 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
                 small_endpoint: Optional[Endpoint] = None,
                 upper_endpoint: Optional[Endpoint] = None,
                 small_price: str, upper_price: str, work: str, keep_reports: str,
-                log=print) -> dict:
+                router: Optional[str] = None, log=print) -> dict:
   from tierflow import cli
   from tierflow.calibration import Calibration
   from tierflow_local.broker import EmbeddedBroker
@@ -362,7 +392,7 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
     for k, alpha in enumerate(alphas):
       cal_path = os.path.join(d, f"calibration_alpha{alpha:g}.json")
       argv = ["calibrate", "--labels", calib_labels, "--alpha", str(alpha), "--delta",
-              str(delta), "--out", cal_path]
+              str(delta), "--out", cal_path, "--router", router or "none"]
       argv += (["--run", "documents", "--records", pool_jsonl, "--config", config,
                 "--work-dir", small_out] if k == 0 else ["--from-output", small_out])
       if cli.main(argv) != 0:
@@ -415,6 +445,11 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
                        for i, y in zip(ids, g)])
   small_cost = np.array([small[i]["small_cost"] for i in ids])
   upper_cost = np.array([upper[i]["frontier_cost"] for i in ids])
+  answers = halves = None
+  if router:
+    from tierflow.learned_router import half_of
+    answers = np.array([small[i]["small_answer"] for i in ids], dtype=object)
+    halves = np.array([half_of(0.0 if np.isnan(c) else c, a) for c, a in zip(conf, answers)])
   pos = {doc: k for k, doc in enumerate(ids)}
   c0 = np.array([pos[id_of[i]] for i in calib0])
   t0_ = np.array([pos[id_of[i]] for i in test0])
@@ -422,7 +457,7 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
   results = {}
   for alpha in alphas:
     split0 = evaluate_split(conf, small_ok, upper_ok, small_cost, upper_cost, c0, t0_, alpha,
-                            delta)
+                            delta, answers)
     p0 = pipeline_split0[alpha]
     agree = (abs(split0["routed_accuracy"] - p0["routed_accuracy"]) < 1e-12
              and abs(split0["escalation_rate"] - p0["escalation_rate"]) < 1e-12
@@ -432,9 +467,9 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
     for _ in range(splits - 1):
       perm = rng_s.permutation(len(pool))
       rows.append(evaluate_split(conf, small_ok, upper_ok, small_cost, upper_cost,
-                                 perm[:n_cal], perm[n_cal:], alpha, delta))
+                                 perm[:n_cal], perm[n_cal:], alpha, delta, answers))
     rng_p = np.random.default_rng(seed + 3)
-    population = [population_check(conf, small_ok, n_cal, alpha, delta, rng_p)
+    population = [population_check(conf, small_ok, n_cal, alpha, delta, rng_p, answers, halves)
                   for _ in range(splits)]
     results[f"{alpha:g}"] = {"summary": summarise_splits(rows, alpha, delta, population),
                              "pool_hindsight": best_in_hindsight(conf, small_ok, small_cost,
@@ -442,7 +477,8 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
                              "split0_offline": split0, "split0_pipeline": p0,
                              "split0_pipeline_matches_offline": bool(agree)}
   return {
-      "dataset": name, "held_out": name in HELD_OUT, "description": ds.description,
+      "dataset": name, "held_out": name in HELD_OUT, "router": router or "none",
+      "description": ds.description,
       "labels": list(ds.labels),
       "records": len(ds.records), "pool": int(len(pool)), "calibration_records": n_cal,
       "test_records": int(len(pool) - n_cal),
@@ -520,6 +556,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ext.add_argument("--upper-base-url")
   ext.add_argument("--upper-model")
   ext.add_argument("--upper-key-env", default="")
+  parser.add_argument("--router", choices=("none", "logistic"), default="none",
+                      help="calibrate with `tierflow calibrate --router` (default none: the "
+                           "small tier's confidence)")
   parser.add_argument("--small-price-as", default="gpt-5-nano")
   parser.add_argument("--upper-price-as", default="claude-sonnet-4-6")
   parser.add_argument("--output-json", help="default: benchmarks/results/routing-<date>.json")
@@ -553,7 +592,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           test_records=args.test_records or DEFAULT_TEST_RECORDS.get(name),
           upper_train=args.upper_train,
           small_price=args.small_price_as, small_endpoint=small_ep, upper_endpoint=upper_ep,
-          upper_price=args.upper_price_as, work=work, keep_reports=args.reports))
+          upper_price=args.upper_price_as, work=work,
+          keep_reports=args.reports if args.router == "none" else args.reports + "-" + args.router,
+          router=None if args.router == "none" else args.router))
   finally:
     if not args.keep_work:
       shutil.rmtree(work, ignore_errors=True)
@@ -567,7 +608,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "beam": apache_beam.__version__, "platform": platform.platform()},
       "datasets": datasets,
   }
-  out = args.output_json or str(RESULTS_DIR / f"routing-{result['date']}.json")
+  tag = "" if args.router == "none" else f"-{args.router}"
+  out = args.output_json or str(RESULTS_DIR / f"routing{tag}-{result['date']}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2, default=float)
