@@ -167,3 +167,19 @@ def test_config_and_calibration_load_from_filesystem_urls(tmp_path, config_file)
   # Other schemes go through Beam's FileSystems (gs:// needs apache-beam[gcp] on the launcher).
   with pytest.raises(ValueError, match="cannot read nosuchfs://bucket/cal.json"):
     Calibration.load("nosuchfs://bucket/cal.json")
+
+
+def test_the_expected_risk_mode_says_what_it_promises():
+  from tierflow.calibrate_command import format_stage
+  from tierflow.report import _banners
+  rng = np.random.default_rng(3)
+  c = rng.random(400)
+  ok = rng.random(400) >= 0.3 * (1 - c)
+  sc = calibrate_threshold(c, ok, 0.05, 0.1, method="crc", stage="classify")
+  line = format_stage(sc)
+  assert "EXPECTED share of records kept wrong" in line and "no 1-delta guarantee" in line
+  report = {"stages": {}, "calibration": {"stages": {"classify": {
+      "alpha": 0.05, "delta": 0.1, "n": 400, "certified": True, "method": "crc",
+      "labels_to_certify": None}}}}
+  [banner] = _banners(report)
+  assert "expected-risk mode" in banner and "no 90%-confidence guarantee" in banner

@@ -489,3 +489,41 @@ def test_stage_calibration_rejects_inconsistent_results():
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
     StageCalibration(**{**good.to_dict(), "threshold": 1.5})
   assert good.escalate(float("nan"))  # unknown confidence escalates
+
+
+# ---------------------------------------------------------------- expected-risk mode
+
+def test_crc_picks_the_lowest_threshold_whose_corrected_joint_risk_is_within_alpha():
+  c = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2] * 10)
+  ok = np.array([True, True, True, True, False, True, False, True, False, False] * 10)
+  r = calibrate_threshold(c, ok, 0.12, 0.1, method="crc")
+  # kept from t = 0.501 (c >= 0.6): 60 records, 10 wrong -> (10 + 1) / 101 <= 0.12; one grid
+  # step lower keeps the 0.5s: 20 wrong -> 21 / 101, too many
+  assert r.certified and r.threshold == pytest.approx(0.501)
+  assert (r.n_accepted, r.n_errors) == (60, 10)
+  assert r.risk_upper_bound == pytest.approx(11 / 101) and r.method == "crc"
+  assert "expected risk" in r.reason and r.p_value is None
+  small = calibrate_threshold(c[:5], ok[:5], 0.12, 0.1, method="crc")
+  assert not small.certified and "n >= 8" in small.reason
+
+
+@pytest.mark.slow
+def test_crc_controls_the_expected_share_kept_wrong_by_simulation():
+  """E over calibration samples of the population's share kept-and-wrong stays <= alpha,
+  and the weaker mode keeps more than Learn-then-Test at the same alpha."""
+  rng = np.random.default_rng(8)
+  pc, pok = Linear.sample(rng, 400_000)
+  order = np.argsort(pc)
+  wrong_above = np.concatenate((np.cumsum((~pok[order])[::-1])[::-1], [0]))
+  joint, kept_crc, kept_ltt = [], [], []
+  for _ in range(400):
+    c, ok = Linear.sample(rng, 300)
+    r = calibrate_threshold(c, ok, 0.05, 0.1, method="crc")
+    i = int(np.searchsorted(pc[order], r.threshold, side="left"))
+    joint.append(wrong_above[i] / len(pc))
+    kept_crc.append(1 - i / len(pc))
+    kept_ltt.append((pc >= calibrate_threshold(c, ok, 0.05, 0.1).threshold).mean())
+  print(np.mean(joint), np.mean(kept_crc), np.mean(kept_ltt))
+  assert np.mean(joint) <= 0.05 + 3 * np.std(joint) / math.sqrt(len(joint))
+  assert np.mean(joint) >= 0.03  # not vacuous
+  assert np.mean(kept_crc) > np.mean(kept_ltt)

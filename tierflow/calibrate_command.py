@@ -276,7 +276,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(repeatable; default 0.05)")
   parser.add_argument("--delta", type=float, default=0.1,
                       help="allowed probability that the guarantee fails (default 0.1)")
-  parser.add_argument("--method", choices=METHODS, default="ltt-binomial")
+  parser.add_argument("--method", choices=METHODS, default="ltt-binomial",
+                      help="ltt-binomial (default) or ltt-hb: P(error on kept <= alpha) >= "
+                           "1 - delta; crc: the weaker expected-risk mode, E[share of all "
+                           "records kept with a wrong answer] <= alpha (delta unused)")
   parser.add_argument("--stage", action="append", default=[],
                       help="calibrate only this stage (repeatable; default all scorable)")
   parser.add_argument("--label-field", action="append", default=[], metavar="STAGE=COL[,COL]",
@@ -298,6 +301,11 @@ def format_stage(sc: StageCalibration) -> str:
     return (f"  {sc.stage}: NOT CERTIFIED -> escalates every record (threshold inf)\n"
             f"      {sc.reason}{cost}")
   scored = " (learned router score)" if sc.router else ""
+  if sc.method == "crc":
+    return (f"  {sc.stage}: threshold {sc.threshold:g}{scored}  coverage {sc.coverage:.1%} "
+            f"(escalates {sc.escalation_rate:.1%})  EXPECTED share of records kept wrong "
+            f"<= {sc.risk_upper_bound:.2%} <= alpha {sc.alpha:g} (conformal risk control: "
+            f"no 1-delta guarantee), n={sc.n}{cost}")
   return (f"  {sc.stage}: threshold {sc.threshold:g}{scored}  coverage {sc.coverage:.1%} "
           f"(escalates {sc.escalation_rate:.1%})  error on kept {sc.empirical_risk:.2%} "
           f"<= bound {sc.risk_upper_bound:.2%} <= alpha {sc.alpha:g} at delta {sc.delta:g}, "

@@ -93,7 +93,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-METHODS = ("ltt-binomial", "ltt-hb")
+METHODS = ("ltt-binomial", "ltt-hb", "crc")
 # 0.000 .. 1.000; i / 1000 is the correctly rounded double, so 0.95 == 0.95.
 DEFAULT_THRESHOLDS: np.ndarray = np.arange(1000, -1, -1) / 1000.0
 DEFAULT_THRESHOLDS.setflags(write=False)
@@ -497,6 +497,41 @@ def selective_risk(confidence: Sequence[float], correct: Sequence[bool],
   return None if k == 0 else float((~ok[accepted]).sum()) / k
 
 
+def _conformal_risk_control(c: np.ndarray, k: np.ndarray, e: np.ndarray, n: int,
+                            grid: np.ndarray, alpha: float, delta: float, costs,
+                            stage: Optional[str]) -> "StageCalibration":
+  """``method="crc"``: the weaker, expected-risk mode (Angelopoulos et al., conformal risk
+  control, ICLR 2024). The loss of a record at threshold t is 1 when it is kept (c >= t)
+  and wrong: monotone in t and bounded by 1, so the lowest t with
+  ``(errors kept + 1) / (n + 1) <= alpha`` gives E[share of records kept with a wrong
+  answer] <= alpha, averaged over calibration samples: no 1 - delta statement, and a
+  share of all records, not of the kept ones. delta is not used."""
+  ok_points = np.nonzero((e + 1) / (n + 1) <= alpha)[0]
+  if len(ok_points) == 0:  # even keeping nothing: 1 / (n + 1) > alpha
+    need = math.ceil(1 / alpha - 1)
+    threshold, k_acc, e_acc, certified = math.inf, 0, 0, False
+    reason = (f"n={n} too small for conformal risk control at alpha={alpha:g}: needs "
+              f"(0 + 1) / (n + 1) <= alpha, n >= {need}")
+  else:
+    j = int(ok_points[-1])  # e grows down the grid: the satisfying points are a prefix
+    threshold, k_acc, e_acc, certified = float(grid[j]), int(k[j]), int(e[j]), True
+    reason = (f"expected risk (conformal risk control; weaker than the 1-delta guarantee): "
+              f"E[share of records kept with a wrong answer] <= {alpha:g} at threshold "
+              f"{threshold:g} ({k_acc}/{n} kept, {e_acc} wrong; bound "
+              f"({e_acc} + 1) / ({n} + 1) = {(e_acc + 1) / (n + 1):.4f})")
+  cost = None
+  if costs is not None:
+    escalated = ~(c >= threshold)
+    cost = 1000.0 * float(np.mean(costs[0] + costs[1] * escalated))
+  return StageCalibration(
+      stage=stage, threshold=threshold, alpha=alpha, delta=delta, n=n, certified=certified,
+      reason=reason, coverage=k_acc / n, escalation_rate=1.0 - k_acc / n,
+      empirical_risk=(e_acc / k_acc) if k_acc else None,
+      risk_upper_bound=(e_acc + 1) / (n + 1) if certified else None,
+      n_accepted=k_acc, n_errors=e_acc, p_value=None,
+      min_n_to_certify=math.ceil(1 / alpha - 1), method="crc", expected_cost_per_1k=cost)
+
+
 def calibrate_threshold(
     confidence: Sequence[float],
     correct: Sequence[bool],
@@ -512,6 +547,9 @@ def calibrate_threshold(
     stage: Optional[str] = None,
 ) -> StageCalibration:
   """Lowest threshold with ``P(R(t*) <= alpha) >= 1 - delta`` (see the module docstring).
+
+  ``method="crc"`` is the weaker expected-risk mode (``_conformal_risk_control``):
+  E[share of all records kept with a wrong answer] <= alpha, no 1 - delta statement.
 
   ``candidate_thresholds`` must be chosen without looking at the calibration
   sample (default: a 0.001 grid on [0, 1]). The second walk starts at the first
@@ -553,6 +591,9 @@ def calibrate_threshold(
   wrong_below = np.concatenate(([0], np.cumsum(~ok[order])))
   k = n - below
   e = int(wrong_below[-1]) - wrong_below[below]
+
+  if method == "crc":
+    return _conformal_risk_control(c, k, e, n, grid, alpha, delta, costs, stage)
 
   chosen: Optional[int] = None
   level = delta

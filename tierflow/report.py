@@ -633,6 +633,7 @@ def _calibration_json(path: str) -> dict:
   return {"file": path, "created_at": cal.created_at, "data_hash": cal.data_hash,
           "stages": {name: {"alpha": sc.alpha, "delta": sc.delta, "n": sc.n,
                             "certified": sc.certified, "threshold": sc.threshold,
+                            "method": sc.method,
                             "reason": sc.reason, "min_n_to_certify": sc.min_n_to_certify,
                             "labels_to_certify": sc.labels_to_certify}
                      for name, sc in cal.stages.items()}}
@@ -643,6 +644,15 @@ def _banners(report: dict) -> list[str]:
   out = []
   cal = report.get("calibration")
   for name, c in ((cal or {}).get("stages") or {}).items():
+    if c.get("method") == "crc":
+      out.append(f"Stage {name} was calibrated in the weaker expected-risk mode (conformal risk "
+                 f"control): on average over calibration samples at most {c['alpha']:.1%} of "
+                 f"all records keep a wrong small-tier answer; there is no "
+                 f"{1 - c['delta']:.0%}-confidence guarantee on the error of kept records.")
+      if not c["certified"]:
+        out.append(f"Stage {name}: {c['n']} labelled records are too few for that target, so "
+                   f"the run escalated every {name} answer.")
+      continue
     if not c["certified"]:
       need = c.get("labels_to_certify")
       out.append(f"Stage {name}: calibration did not certify error <= {c['alpha']:.1%} "
