@@ -71,7 +71,7 @@ class StageOutcome:
     small = self.small
     if small is None or not small.ok or small.confidence is None:
       return (0, 0.0)
-    return (1, small.confidence)
+    return (1, small.confidence if self.score is None else self.score)
 
 
 @dataclasses.dataclass

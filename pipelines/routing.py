@@ -269,14 +269,12 @@ class Router:
           st.reason = "no confidence signal"
         else:
           router = self.config.routers.get(stage.name)
-          if router is None:
-            if small.confidence < stage.threshold:
-              st.reason = f"confidence {small.confidence:.3f} < {stage.threshold:.3f}"
-            continue
-          st.score = router.score(small.confidence, small.value)
-          if st.score < stage.threshold:
-            st.reason = (f"confidence {small.confidence:.3f}, learned router score "
-                         f"{st.score:.3f} < {stage.threshold:.3f}")
+          if router is not None:
+            st.score = router.score(small.confidence, small.value)
+          score = small.confidence if router is None else st.score
+          if score < stage.threshold:
+            said = "" if router is None else f", learned router score {score:.3f}"
+            st.reason = f"confidence {small.confidence:.3f}{said} < {stage.threshold:.3f}"
 
   def _frontier(self, texts: list[str], outcomes: list[dict],
                 pool: Optional[BudgetPool]) -> None:
