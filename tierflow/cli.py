@@ -262,6 +262,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"tierflow: the run failed: {_root_cause(e)}"
           + ("" if args.verbosity > 0 else " (-v for the traceback)"), file=sys.stderr)
     return launcher.EXIT_FAILED
+  finally:
+    # Free what the command left in reference cycles (Parquet readers, pipeline objects)
+    # while Arrow is still alive: left to the interpreter's teardown, Arrow's worker
+    # threads could outlive it and abort the process after all the work was done
+    # ("terminate called without an active exception", exit 134; apache/arrow#34314,
+    # #39862). Seen here in `tierflow demo`, every time with ARROW_DEFAULT_MEMORY_POOL=system.
+    import gc
+    gc.collect()
 
 
 def _root_cause(e: BaseException) -> str:
