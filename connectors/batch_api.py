@@ -8,9 +8,12 @@ or a ``ModelCallError`` per custom id. Request bodies are the synchronous ones
 
 A state file (on any Beam filesystem: local, ``gs://``, ``s3://``) records the batch id
 right after submission, keyed by a hash of the requests, so a run killed while the batch
-was processing, re-run, polls that batch instead of submitting and paying twice. (Killed
-between the provider accepting the batch and the state file being written — one HTTP
-round trip — the batch is submitted again.)
+was processing, re-run, polls that batch instead of submitting and paying twice. Before
+submitting, the file records the intent (the hash, no id yet). A run killed between the
+provider accepting the batch and the id being recorded leaves that intent: the re-run
+finds the OpenAI batch by the hash it carries in its ``metadata`` and polls it. Anthropic
+batches carry no metadata to find them by, so there (one HTTP round trip's window) the
+batch is submitted again, with a warning.
 """
 
 from __future__ import annotations
@@ -64,23 +67,30 @@ class ProviderBatch:
       return {}
     digest = hashlib.sha256(json.dumps(list(requests), sort_keys=True).encode()).hexdigest()
     state = self._load_state()
-    if state and state.get("requests_sha256") == digest and state.get("batch_id"):
-      self.batch_id, self.resumed = state["batch_id"], True
+    mine = bool(state) and state.get("requests_sha256") == digest
+    found = None
+    if mine and not state.get("batch_id"):  # killed between submitting and recording
+      found = self._find_submitted(digest, float(state.get("submitting_since", 0)))
+    if mine and (state.get("batch_id") or found):
+      self.batch_id, self.resumed = state.get("batch_id") or found, True
       _LOGGER.info("resuming %s batch %s (%d requests)", self._client, self.batch_id,
                    len(requests))
+      if found:
+        self._save_state({**state, "batch_id": found})
     else:
-      if state:
+      if state and not mine:
         _LOGGER.warning("%s holds a batch for other requests (the config changed?); "
                         "submitting anew", self._state_path)
+      identity = {"provider": self._client.cfg.provider, "model": self._client.cfg.model,
+                  "requests": len(requests), "requests_sha256": digest}
+      self._save_state({**identity, "submitting_since": time.time()})
       try:
         self.batch_id = self._submit(requests, digest)
       except Exception as e:  # noqa: BLE001 - every request fails with the reason
         error = ModelCallError("batch_failed", f"submitting the batch failed: "
                                f"{type(e).__name__}: {str(e)[:200]}")
         return {cid: error for cid, _ in requests}
-      self._save_state({"provider": self._client.cfg.provider,
-                        "model": self._client.cfg.model, "batch_id": self.batch_id,
-                        "requests": len(requests), "requests_sha256": digest,
+      self._save_state({**identity, "batch_id": self.batch_id,
                         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     status = self._wait()
     if status == "deadline":
@@ -137,6 +147,27 @@ class ProviderBatch:
           requests=[{"custom_id": cid, "params": body} for cid, body in requests])
     _LOGGER.info("submitted %s batch %s (%d requests)", self._client, batch.id, len(requests))
     return batch.id
+
+  def _find_submitted(self, digest: str, since: float) -> Optional[str]:
+    """The batch a killed run submitted for these requests but never recorded: OpenAI's
+    carries the requests' hash in its metadata. None if there is none (or no way to tell)."""
+    if not self._openai:
+      _LOGGER.warning("%s: a previous run may have submitted this batch and been killed before "
+                      "recording it; Anthropic batches carry no metadata to find it by, so it "
+                      "is submitted again", self._state_path)
+      return None
+    try:
+      for batch in self._sdk.batches.list(limit=100):  # newest first; pages as needed
+        if batch.created_at < since - 300:
+          break
+        if ((batch.metadata or {}).get("tierflow_requests") == digest[:32]
+            and batch.status not in ("failed", "cancelled", "cancelling", "expired")):
+          _LOGGER.warning("found batch %s, submitted by a run killed before recording it",
+                          batch.id)
+          return batch.id
+    except Exception as e:  # noqa: BLE001 - cannot look: submit (the pre-existing gap)
+      _LOGGER.warning("listing batches to find an unrecorded one failed (%s); submitting", e)
+    return None
 
   def _status(self) -> str:
     if self._openai:

@@ -192,3 +192,55 @@ def test_unreadable_results_fall_back_to_sync(broker, topic, server, tmp_path, r
   rows = _stages(read_duckdb, out)
   assert {r["small_billing_mode"] for r in rows} == {"sync"}
   assert all(r["small_error"] is None for r in rows)
+
+
+class _KilledHere(Exception):
+  """Stands for a kill -9 at this point: what is on disk and at the provider stays."""
+
+
+@pytest.mark.parametrize("tier", ["small", "frontier"], ids=["openai", "anthropic"])
+def test_killed_between_the_provider_accepting_and_the_id_recorded(
+    broker, topic, server, tmp_path, read_duckdb, monkeypatch, caplog, tier):
+  """The one round trip the state file did not cover: the batch was accepted, its id never
+  recorded. The re-run finds the OpenAI batch by the hash in its metadata and polls it;
+  Anthropic batches carry no metadata, so that one is submitted again, with a warning."""
+  from tierflow.connectors import batch_api
+  save = batch_api.ProviderBatch._save_state
+
+  def killed_after_submit(self, state):
+    if state.get("batch_id"):
+      raise _KilledHere("killed after the provider accepted the batch")
+    save(self, state)
+
+  name = topic(partitions=1)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:6])
+  out = str(tmp_path / "out")
+  config = _config(tmp_path, server)
+  if tier == "frontier":  # every stage escalates: the frontier gets a batch for sure
+    import yaml
+    doc = yaml.safe_load(pathlib.Path(config).read_text())
+    for stage in doc["stages"]:
+      stage["threshold"] = 1.1
+    pathlib.Path(config).write_text(yaml.safe_dump(doc))
+  argv = _argv(broker, name, out, config, "--commit-offsets", "never", "--batch-tiers", tier)
+  created = lambda: [b for b in server.batches.created  # noqa: E731
+                     if b.startswith("batch_" if tier == "small" else "msgbatch_")]
+  monkeypatch.setattr(batch_api.ProviderBatch, "_save_state", killed_after_submit)
+  first = launcher.launch("tickets", argv)  # the routing step fails its offset batch
+  assert first.exit_code != 0
+  assert len(created()) == 1
+  [state] = pathlib.Path(out).glob("_batches/**/*.json")
+  assert "batch_id" not in state.read_text() and "submitting_since" in state.read_text()
+
+  monkeypatch.setattr(batch_api.ProviderBatch, "_save_state", save)
+  summary = launcher.launch("tickets", argv)
+  assert summary.exit_code == 0 and summary.rows_written == 6
+  if tier == "small":
+    assert len(created()) == 1, "the re-run must poll the batch the killed run submitted"
+    assert created()[0] in state.read_text()
+    assert any("found batch" in r.getMessage() for r in caplog.records)
+  else:
+    assert len(created()) == 2
+    assert any("no metadata to find it by" in r.getMessage() for r in caplog.records)
+  rows = _stages(read_duckdb, out)
+  assert {r[f"{tier}_billing_mode"] for r in rows} == {"batch"}

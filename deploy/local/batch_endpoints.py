@@ -1,7 +1,8 @@
 """The providers' batch APIs on the local endpoints, accelerated.
 
 OpenAI: ``POST /v1/files`` (multipart, ``purpose=batch``), ``GET /v1/files/{id}/content``,
-``POST /v1/batches``, ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``.
+``POST /v1/batches``, ``GET /v1/batches`` (newest first), ``GET /v1/batches/{id}``,
+``POST /v1/batches/{id}/cancel``.
 Anthropic: ``POST /v1/messages/batches``, ``GET /v1/messages/batches/{id}``,
 ``GET /v1/messages/batches/{id}/results``, ``POST /v1/messages/batches/{id}/cancel``.
 
@@ -59,6 +60,8 @@ class BatchEndpoints:
         return 200, self._openai_create(json.loads(raw or b"{}"), headers), "json"
       if method == "GET" and len(parts) == 3:
         return 200, self._openai_view(self._batch(parts[2])), "json"
+      if method == "GET" and len(parts) == 2:
+        return 200, self._openai_list(), "json"
       if method == "POST" and len(parts) == 4 and parts[3] == "cancel":
         return 200, self._openai_view(self._cancel(parts[2])), "json"
     if parts[:3] == ["v1", "messages", "batches"]:
@@ -224,6 +227,15 @@ class BatchEndpoints:
             "request_counts": {"total": len(batch["requests"]),
                                "completed": len(results) - failed, "failed": failed},
             "metadata": batch.get("metadata")}
+
+  def _openai_list(self) -> dict:
+    """Every OpenAI batch, newest first, on one page."""
+    with self._lock:
+      mine = [b for b in self._batches.values() if b["flavour"] == "openai"]
+    views = [self._openai_view(b) for b in sorted(mine, key=lambda b: -b["created_at"])]
+    return {"object": "list", "data": views, "has_more": False,
+            "first_id": views[0]["id"] if views else None,
+            "last_id": views[-1]["id"] if views else None}
 
   # -- Anthropic shapes ------------------------------------------------------------------
   def _anthropic_create(self, body: dict, headers: dict) -> dict:
