@@ -4,6 +4,7 @@ The local endpoints implement OpenAI's Batch API (files + batches) and Anthropic
 Batches, answered after ``complete_seconds``; the real SDKs drive them over HTTP.
 """
 
+import json
 import os
 import pathlib
 import signal
@@ -244,3 +245,27 @@ def test_killed_between_the_provider_accepting_and_the_id_recorded(
     assert any("no metadata to find it by" in r.getMessage() for r in caplog.records)
   rows = _stages(read_duckdb, out)
   assert {r[f"{tier}_billing_mode"] for r in rows} == {"batch"}
+
+
+@pytest.mark.slow
+def test_batch_mode_with_several_worker_processes(broker, topic, server, tmp_path, read_duckdb):
+  """Two FnApiRunner worker processes, each submitting its offset batches' requests as
+  provider batches: every record answered in batch mode, each batch submitted once and
+  recorded under its own range."""
+  name = topic(partitions=2)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:40])
+  out = str(tmp_path / "out")
+  summary = launcher.launch("tickets", _argv(
+      broker, name, out, _config(tmp_path, server), "--batch-tiers", "small",
+      "--rows-per-file", "10", "--direct_running_mode=multi_processing",
+      "--direct_num_workers=2"))
+  assert summary.exit_code == 0 and summary.rows_written == 40
+  assert summary.offsets_covered == summary.offsets_in_range == 40
+  states = sorted(pathlib.Path(out).glob("_batches/**/*.small.json"))
+  created = [b for b in server.batches.created if b.startswith("batch_")]
+  recorded = [json.loads(p.read_text())["batch_id"] for p in states]
+  assert len(states) >= 2 and sorted(recorded) == sorted(created)  # once each, none lost
+  rows = _stages(read_duckdb, out)
+  assert len(rows) == 120 and {r["small_billing_mode"] for r in rows} == {"batch"}
+  senders = {r.headers.get("x-tierflow-worker") for r in _posts(server, "/v1/batches")}
+  print("batches", len(created), "from workers", senders)
