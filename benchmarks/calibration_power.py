@@ -41,6 +41,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from benchmarks.routing.loop import hindsight_keep
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ALPHAS = (0.02, 0.05, 0.10)
 SIZES = (500, 1000, 3000)
@@ -70,23 +72,9 @@ def synthetic(kind: str, rng: np.random.Generator, size: int = 200_000):
 
 def routing_pool(name: str):
   """The small tier's top-label probability and correctness over the routing pool."""
-  from benchmarks.routing.datasets import load_dataset, make_splits
-  from benchmarks.routing.tiers import train_small
-  ds = load_dataset(name, dedupe=True)
-  parts = make_splits(ds, small_n=None, calib_n=500, test_n=None, seed=0)
-  pool = np.sort(np.concatenate([parts.calib, parts.test]))
-  small = train_small(ds, parts.small_train, 0)
-  proba = small.predict_proba(ds.texts(pool))
-  pred = np.array(ds.labels)[proba.argmax(axis=1)]
-  return proba.max(axis=1), pred == np.array(ds.gold_at(pool))
-
-
-def best_coverage(c: np.ndarray, ok: np.ndarray, alpha: float) -> float:
-  """Largest share of the population a threshold can keep at error <= alpha (hindsight)."""
-  order = np.argsort(-c, kind="stable")
-  rate = np.cumsum(~ok[order]) / np.arange(1, len(c) + 1)
-  good = np.nonzero(rate <= alpha)[0]
-  return 0.0 if len(good) == 0 else float((good[-1] + 1) / len(c))
+  from benchmarks.routing.tiers import small_tier_on_pool
+  proba, _, ok = small_tier_on_pool(name)
+  return proba.max(axis=1), ok
 
 
 def evaluate(c: np.ndarray, ok: np.ndarray, alpha: float, delta: float, n: int, draws: int,
@@ -146,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       for alpha in ALPHAS:
         seed = 1000 * n + round(alpha * 100)  # fixed per cell
         row = {"population": name, "population_size": int(len(c)), "n": n, "alpha": alpha,
-               "best_kept": best_coverage(c, ok, alpha),
+               "best_kept": float(hindsight_keep(c, ok, alpha).mean()),
                "rules": evaluate(c, ok, alpha, args.delta, n, args.draws, seed)}
         rows.append(row)
         print(f"{name} n={n} alpha={alpha:g}: " + ", ".join(

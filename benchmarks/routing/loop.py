@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import yaml
@@ -177,9 +177,11 @@ def _apply(conf: np.ndarray, idx: np.ndarray, answers: Optional[np.ndarray], rou
 def evaluate_split(conf: np.ndarray, small_ok: np.ndarray, upper_ok: np.ndarray,
                    small_cost: np.ndarray, upper_cost: np.ndarray, calib: np.ndarray,
                    test: np.ndarray, alpha: float, delta: float,
-                   answers: Optional[np.ndarray] = None) -> dict:
+                   answers: Optional[np.ndarray] = None,
+                   fields: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict:
   """Calibrate on ``calib``, apply on ``test``: error on kept vs alpha, accuracy, cost.
-  With ``answers`` (the small tier's labels) the threshold is on a learned router's score."""
+  With ``answers`` (the small tier's labels) the threshold is on a learned router's score;
+  with ``fields`` (each tier's per-record, per-field hits) the routed field accuracy too."""
   from tierflow.calibration import calibrate_threshold
   score_cal, router = _scores(conf, small_ok, calib, answers)
   ok_cal = small_ok[calib] & ~np.isnan(conf[calib])
@@ -199,7 +201,12 @@ def evaluate_split(conf: np.ndarray, small_ok: np.ndarray, upper_ok: np.ndarray,
   fixable = np.sort(upper_cost[test][~s_ok & u_ok])
   need = max(0, int(np.ceil(routed_ok.sum() - s_ok.sum() - 1e-9)))
   matched_cost = small_cost[test].sum() + fixable[:need].sum()
+  extra = {}
+  if fields is not None:
+    extra["routed_field_accuracy"] = float(np.where(
+        kept[:, None], fields[0][test], fields[1][test]).mean())
   return {
+      **extra,
       "threshold": sc.threshold, "certified": sc.certified, "n_calib": int(len(calib)),
       "n_test": int(len(test)),
       "escalation_rate": float(esc.mean()),
@@ -235,24 +242,118 @@ def population_check(conf: np.ndarray, small_ok: np.ndarray, n_calib: int, alpha
           "population_coverage": float(kept.mean())}
 
 
-def best_in_hindsight(conf: np.ndarray, small_ok: np.ndarray, small_cost: np.ndarray,
-                      upper_cost: np.ndarray, alpha: float) -> dict:
-  """The threshold that keeps the most of the pool at error <= alpha on the pool itself
-  (hindsight; keeps nothing when none does): what any calibration could at best reach
-  with this confidence signal, as coverage and as cost relative to the oracle cascade."""
-  c = np.nan_to_num(conf, nan=-1.0)
+def hindsight_keep(score: np.ndarray, ok: np.ndarray, alpha: float) -> np.ndarray:
+  """Which records the one threshold keeping the most of them at error <= alpha keeps,
+  chosen on these very records (hindsight). NaN scores are never kept; ties are kept or
+  escalated together, as a threshold does."""
+  c = np.nan_to_num(score, nan=-1.0)
   order = np.argsort(-c, kind="stable")
-  ok = small_ok[order] & (c[order] >= 0)
-  rate = np.cumsum(~ok) / np.arange(1, len(c) + 1)
-  # only cut between distinct confidences: ties are kept or escalated together
-  cut = np.append(c[order][1:] != c[order][:-1], True)
+  right = ok[order] & (c[order] >= 0)
+  rate = np.cumsum(~right) / np.arange(1, len(c) + 1)
+  cut = np.append(c[order][1:] != c[order][:-1], True)  # only between distinct scores
   good = np.nonzero((rate <= alpha) & cut)[0]
   keep = np.zeros(len(c), bool)
   if len(good):
     keep[order[:good[-1] + 1]] = True
+  return keep
+
+
+def best_in_hindsight(conf: np.ndarray, small_ok: np.ndarray, small_cost: np.ndarray,
+                      upper_cost: np.ndarray, alpha: float) -> dict:
+  """``hindsight_keep`` over the pool: what any calibration could at best reach with this
+  confidence signal, as coverage and as cost relative to the oracle cascade."""
+  keep = hindsight_keep(conf, small_ok, alpha)
   cost = small_cost.sum() + upper_cost[~keep].sum()
   oracle = small_cost.sum() + upper_cost[~small_ok].sum()
   return {"coverage": float(keep.mean()), "cost_to_oracle": float(cost / oracle)}
+
+
+def evaluate_alphas(conf: np.ndarray, small_ok: np.ndarray, upper_ok: np.ndarray,
+                    small_cost: np.ndarray, upper_cost: np.ndarray, calib0: np.ndarray,
+                    test0: np.ndarray, *, alphas: Sequence[float], delta: float, splits: int,
+                    seed: int, pipeline_split0: Mapping[float, dict],
+                    answers: Optional[np.ndarray] = None, halves: Optional[np.ndarray] = None,
+                    fields: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict:
+  """Per alpha, from the pool's per-record arrays: split 0 (the split the pipeline ran,
+  checked against its report's figures), ``splits - 1`` more random splits, ``splits``
+  i.i.d. draws for the guarantee, and the best threshold in hindsight."""
+  n_pool, n_cal = len(conf), len(calib0)
+  results = {}
+  for alpha in alphas:
+    def split(calib, test):
+      return evaluate_split(conf, small_ok, upper_ok, small_cost, upper_cost, calib, test,
+                            alpha, delta, answers, fields)
+    split0 = split(calib0, test0)
+    p0 = pipeline_split0[alpha]
+    agree = (abs(split0["routed_accuracy"] - p0["routed_accuracy"]) < 1e-12
+             and abs(split0["escalation_rate"] - p0["escalation_rate"]) < 1e-12
+             and split0["threshold"] == p0["threshold"])
+    rows = [split0]
+    rng_s = np.random.default_rng(seed + 2)
+    for _ in range(splits - 1):
+      perm = rng_s.permutation(n_pool)
+      rows.append(split(perm[:n_cal], perm[n_cal:]))
+    rng_p = np.random.default_rng(seed + 3)
+    population = [population_check(conf, small_ok, n_cal, alpha, delta, rng_p, answers, halves)
+                  for _ in range(splits)]
+    results[f"{alpha:g}"] = {"summary": summarise_splits(rows, alpha, delta, population),
+                             "pool_hindsight": best_in_hindsight(conf, small_ok, small_cost,
+                                                                 upper_cost, alpha),
+                             "split0_offline": split0, "split0_pipeline": p0,
+                             "split0_pipeline_matches_offline": bool(agree)}
+  return results
+
+
+@dataclasses.dataclass
+class PipelineRuns:
+  """Where ``pipeline_runs`` left its outputs."""
+  small_out: str  # the small tier over the pool (escalation off)
+  upper_out: str  # the frontier tier over the pool (everything escalated)
+  calibrations: dict  # alpha -> calibration file, certified on the calibration labels
+  routed: dict  # alpha -> (output dir of the routed run over the test split, seconds)
+  timings: dict
+
+
+def pipeline_runs(work: str, broker, pool: Sequence[dict], test: Sequence[dict], *,
+                  config: str, frontier_only_config: str, calib_labels: str,
+                  alphas: Sequence[float], delta: float,
+                  router: Optional[str] = None) -> PipelineRuns:
+  """tierflow's own commands over the embedded broker, for the ``documents`` pipeline:
+
+  1. ``tierflow calibrate --run documents`` over the pool (the small tier, no escalation),
+     certifying each alpha on ``calib_labels`` only;
+  2. a frontier-only run over the pool (topic ``pool``);
+  3. per alpha, the routed run over the test split (topic ``test0``) with its calibration.
+  """
+  from tierflow import cli
+  from tierflow_local.loader import publish
+  for topic, records in (("pool", pool), ("test0", test)):
+    broker.create_topic(topic, partitions=2)
+    publish(broker.bootstrap_servers, topic, list(records), schema="document")
+  pool_jsonl = _write_jsonl(os.path.join(work, "pool.jsonl"), pool)
+  small_out, cal_files, timings = os.path.join(work, "pool_small"), {}, {}
+  t0 = time.perf_counter()
+  for k, alpha in enumerate(alphas):
+    cal_path = os.path.join(work, f"calibration_alpha{alpha:g}.json")
+    argv = ["calibrate", "--labels", calib_labels, "--alpha", str(alpha), "--delta",
+            str(delta), "--out", cal_path, "--router", router or "none"]
+    argv += (["--run", "documents", "--records", pool_jsonl, "--config", config,
+              "--work-dir", small_out] if k == 0 else ["--from-output", small_out])
+    if cli.main(argv) != 0:
+      raise RuntimeError(f"tierflow calibrate failed for alpha={alpha}")
+    cal_files[alpha] = cal_path
+  timings["small_tier_over_pool_and_calibrate_s"] = time.perf_counter() - t0
+  common = ["--bootstrap-servers", broker.bootstrap_servers, "--start-offset", "0"]
+  upper_out = os.path.join(work, "pool_frontier_only")
+  timings["frontier_only_over_pool_s"] = _launch("documents", [
+      *common, "--topic", "pool", "--output", upper_out, "--config", frontier_only_config])
+  routed = {}
+  for alpha in alphas:
+    out = os.path.join(work, f"routed_alpha{alpha:g}")
+    routed[alpha] = (out, _launch("documents", [
+        *common, "--topic", "test0", "--output", out, "--config", config,
+        "--calibration", cal_files[alpha]]))
+  return PipelineRuns(small_out, upper_out, cal_files, routed, timings)
 
 
 def summarise_splits(rows: list[dict], alpha: float, delta: float,
@@ -263,9 +364,6 @@ def summarise_splits(rows: list[dict], alpha: float, delta: float,
 
   def mean(key):
     return float(np.mean([r[key] for r in rows]))
-
-  def q(key, p):
-    return float(np.quantile([r[key] for r in rows], p))
 
   ratio = [r["routed_cost"] / r["frontier_only_cost"] for r in rows]
   vs_oracle = [r["routed_cost"] / r["oracle_cost"] for r in rows]
@@ -306,6 +404,8 @@ def summarise_splits(rows: list[dict], alpha: float, delta: float,
                                                 for r in rows])),
       "frontier_only_cost_per_1k_mean": float(np.mean(
           [1000 * r["frontier_only_cost"] / r["n_test"] for r in rows])),
+      **({"routed_field_accuracy_mean": mean("routed_field_accuracy")}
+         if "routed_field_accuracy" in rows[0] else {}),
   }
 
 
@@ -319,10 +419,8 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
                 upper_endpoint: Optional[Endpoint] = None,
                 small_price: str, upper_price: str, work: str, keep_reports: str,
                 router: Optional[str] = None, log=print) -> dict:
-  from tierflow import cli
   from tierflow.calibration import Calibration
   from tierflow_local.broker import EmbeddedBroker
-  from tierflow_local.loader import publish
   from tierflow_local.provider_server import LocalProviderServer
   from tierflow.report import build_report
 
@@ -363,10 +461,8 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
     return _write_jsonl(os.path.join(d, fname),
                         [{"doc_id": id_of[i], "classify": gold[i]} for i in idx])
 
-  pool_jsonl = _write_jsonl(os.path.join(d, "pool.jsonl"), [ds.records[i] for i in pool])
   calib_labels = labels_file("calib0_labels.jsonl", calib0)
   test_labels = labels_file("test0_labels.jsonl", test0)
-  timings = {"train_s": train_s}
   responder = ClassifierResponder({SMALL_MODEL: tiers.small, UPPER_MODEL: tiers.upper})
   with contextlib.ExitStack() as stack:
     local = stack.enter_context(
@@ -374,66 +470,43 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
     small_ep = small_endpoint or Endpoint("openai", local.openai_base_url, SMALL_MODEL)
     upper_ep = upper_endpoint or Endpoint("anthropic", local.anthropic_base_url, UPPER_MODEL)
     broker = stack.enter_context(EmbeddedBroker())
-    config = bench_config(ds, small_ep, upper_ep, os.path.join(d, "config.yaml"),
-                          small_price=small_price, upper_price=upper_price)
-    all_frontier = bench_config(ds, small_ep, upper_ep,
-                                os.path.join(d, "config_frontier_only.yaml"),
-                                small_price=small_price, upper_price=upper_price,
-                                threshold=2.0)
-    broker.create_topic("pool", partitions=2)
-    broker.create_topic("test0", partitions=2)
-    publish(broker.bootstrap_servers, "pool", [ds.records[i] for i in pool], schema="document")
-    publish(broker.bootstrap_servers, "test0", [ds.records[i] for i in test0], schema="document")
+    runs = pipeline_runs(
+        d, broker, [ds.records[i] for i in pool], [ds.records[i] for i in test0],
+        config=bench_config(ds, small_ep, upper_ep, os.path.join(d, "config.yaml"),
+                            small_price=small_price, upper_price=upper_price),
+        frontier_only_config=bench_config(ds, small_ep, upper_ep,
+                                          os.path.join(d, "config_frontier_only.yaml"),
+                                          small_price=small_price, upper_price=upper_price,
+                                          threshold=2.0),
+        calib_labels=calib_labels, alphas=alphas, delta=delta, router=router)
+  timings = {"train_s": train_s, **runs.timings}
 
-    # 1. small tier over the pool; thresholds certified on the calibration half.
-    small_out = os.path.join(d, "pool_small")
-    cal_files = {}
-    t0 = time.perf_counter()
-    for k, alpha in enumerate(alphas):
-      cal_path = os.path.join(d, f"calibration_alpha{alpha:g}.json")
-      argv = ["calibrate", "--labels", calib_labels, "--alpha", str(alpha), "--delta",
-              str(delta), "--out", cal_path, "--router", router or "none"]
-      argv += (["--run", "documents", "--records", pool_jsonl, "--config", config,
-                "--work-dir", small_out] if k == 0 else ["--from-output", small_out])
-      if cli.main(argv) != 0:
-        raise RuntimeError(f"tierflow calibrate failed for alpha={alpha}")
-      cal_files[alpha] = cal_path
-    timings["small_tier_over_pool_and_calibrate_s"] = time.perf_counter() - t0
-
-    # 2. frontier-only over the pool.
-    common = ["--bootstrap-servers", broker.bootstrap_servers, "--start-offset", "0"]
-    upper_out = os.path.join(d, "pool_frontier_only")
-    timings["frontier_only_over_pool_s"] = _launch("documents", [
-        *common, "--topic", "pool", "--output", upper_out, "--config", all_frontier])
-
-    # 3 + 4. routed runs on the test half, one per alpha, and their reports.
-    pipeline_split0 = {}
-    for alpha in alphas:
-      out = os.path.join(d, f"routed_alpha{alpha:g}")
-      secs = _launch("documents", [*common, "--topic", "test0", "--output", out,
-                                   "--config", config, "--calibration", cal_files[alpha]])
-      rep_dir = os.path.join(keep_reports, name, f"alpha{alpha:g}")
-      rep = build_report(out, test_labels, out_dir=rep_dir, resamples=500)
-      st = rep["stages"]["classify"]
-      pipeline_split0[alpha] = {
-          "seconds": secs, "report_dir": os.path.relpath(rep_dir, ROOT),
-          "threshold": Calibration.load(cal_files[alpha]).threshold("classify"),
-          "records": rep["run"]["records"],
-          "escalation_rate": rep["run"]["escalation_rate"],
-          "routed_accuracy": rep["quality"]["routed_accuracy"],
-          "error_non_escalated": st["quality"]["error_non_escalated"],
-          "routed_cost_usd": rep["cost"]["routed_usd"],
-          "frontier_only_cost_usd_estimate": rep["cost"]["frontier_only_usd"],
-          "savings_pct": rep["cost"]["savings_pct"],
-          "oracle": st["oracle"], "aiq": st["threshold_curve"].get("aiq"),
-          "bootstrap": rep["bootstrap"]["intervals"].get("routed_accuracy"),
-      }
-      log(f"[{name}] alpha={alpha:g}: routed run on {rep['run']['records']} test records "
-          f"escalated {rep['run']['escalation_rate']:.1%}, accuracy "
-          f"{rep['quality']['routed_accuracy']:.2%}; report in {rep_dir}")
+  # The routed runs' reports, with the test labels.
+  pipeline_split0 = {}
+  for alpha in alphas:
+    out, secs = runs.routed[alpha]
+    rep_dir = os.path.join(keep_reports, name, f"alpha{alpha:g}")
+    rep = build_report(out, test_labels, out_dir=rep_dir, resamples=500)
+    st = rep["stages"]["classify"]
+    pipeline_split0[alpha] = {
+        "seconds": secs, "report_dir": os.path.relpath(rep_dir, ROOT),
+        "threshold": Calibration.load(runs.calibrations[alpha]).threshold("classify"),
+        "records": rep["run"]["records"],
+        "escalation_rate": rep["run"]["escalation_rate"],
+        "routed_accuracy": rep["quality"]["routed_accuracy"],
+        "error_non_escalated": st["quality"]["error_non_escalated"],
+        "routed_cost_usd": rep["cost"]["routed_usd"],
+        "frontier_only_cost_usd_estimate": rep["cost"]["frontier_only_usd"],
+        "savings_pct": rep["cost"]["savings_pct"],
+        "oracle": st["oracle"], "aiq": st["threshold_curve"].get("aiq"),
+        "bootstrap": rep["bootstrap"]["intervals"].get("routed_accuracy"),
+    }
+    log(f"[{name}] alpha={alpha:g}: routed run on {rep['run']['records']} test records "
+        f"escalated {rep['run']['escalation_rate']:.1%}, accuracy "
+        f"{rep['quality']['routed_accuracy']:.2%}; report in {rep_dir}")
 
   # Per-record arrays over the pool from the two ledgers.
-  small, upper = read_ledger(small_out), read_ledger(upper_out)
+  small, upper = read_ledger(runs.small_out), read_ledger(runs.upper_out)
   ids = [id_of[i] for i in pool]
   missing = [i for i in ids if i not in small or i not in upper]
   if missing:
@@ -454,28 +527,9 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
   c0 = np.array([pos[id_of[i]] for i in calib0])
   t0_ = np.array([pos[id_of[i]] for i in test0])
 
-  results = {}
-  for alpha in alphas:
-    split0 = evaluate_split(conf, small_ok, upper_ok, small_cost, upper_cost, c0, t0_, alpha,
-                            delta, answers)
-    p0 = pipeline_split0[alpha]
-    agree = (abs(split0["routed_accuracy"] - p0["routed_accuracy"]) < 1e-12
-             and abs(split0["escalation_rate"] - p0["escalation_rate"]) < 1e-12
-             and split0["threshold"] == p0["threshold"])
-    rows = [split0]
-    rng_s = np.random.default_rng(seed + 2)
-    for _ in range(splits - 1):
-      perm = rng_s.permutation(len(pool))
-      rows.append(evaluate_split(conf, small_ok, upper_ok, small_cost, upper_cost,
-                                 perm[:n_cal], perm[n_cal:], alpha, delta, answers))
-    rng_p = np.random.default_rng(seed + 3)
-    population = [population_check(conf, small_ok, n_cal, alpha, delta, rng_p, answers, halves)
-                  for _ in range(splits)]
-    results[f"{alpha:g}"] = {"summary": summarise_splits(rows, alpha, delta, population),
-                             "pool_hindsight": best_in_hindsight(conf, small_ok, small_cost,
-                                                                 upper_cost, alpha),
-                             "split0_offline": split0, "split0_pipeline": p0,
-                             "split0_pipeline_matches_offline": bool(agree)}
+  results = evaluate_alphas(conf, small_ok, upper_ok, small_cost, upper_cost, c0, t0_,
+                            alphas=alphas, delta=delta, splits=splits, seed=seed,
+                            pipeline_split0=pipeline_split0, answers=answers, halves=halves)
   return {
       "dataset": name, "held_out": name in HELD_OUT, "router": router or "none",
       "description": ds.description,

@@ -40,7 +40,7 @@ from benchmarks.routing.datasets import (DEFAULT_SMALL_TRAIN, DEFAULT_UPPER_TRAI
 
 __all__ = ["Tier", "TextClassifier", "Tiers", "ClassifierResponder", "train_tiers",
            "train_small", "train_upper", "small_estimator", "upper_estimator", "ranked_logprobs",
-           "default_sizes", "check_responder"]
+           "default_sizes", "check_responder", "small_tier_on_pool"]
 
 SMALL_C = 10.0  # LR on ~100 texts: the default C=1 gives near-uniform probabilities
 UPPER_C = 0.5
@@ -181,6 +181,18 @@ def train_tiers(dataset: Dataset, small_idx: Sequence[int], upper_idx: Sequence[
   if small.name == upper.name:
     raise ValueError("the two tiers need different model names")
   return Tiers(small, upper)
+
+
+def small_tier_on_pool(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The routing benchmark's evaluation pool of dataset ``name`` (default splits, ``seed``)
+  through its small tier, offline: (label probabilities, text lengths, answer right)."""
+  ds = load_dataset(name, dedupe=True)
+  parts = make_splits(ds, small_n=None, calib_n=500, test_n=None, seed=seed)
+  idx = np.sort(np.concatenate([parts.calib, parts.test]))
+  texts = ds.texts(idx)
+  proba = train_small(ds, parts.small_train, seed).predict_proba(texts)
+  ok = np.array(ds.labels)[proba.argmax(axis=1)] == np.array(ds.gold_at(idx))
+  return proba, np.array([len(t) for t in texts]), ok
 
 
 # --------------------------------------------------------------------------
