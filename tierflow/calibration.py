@@ -75,7 +75,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -288,18 +288,26 @@ def _first_failure(e: np.ndarray, crit: np.ndarray, start: int, stop: int) -> in
   return stop if passed.all() else start + int(np.argmin(passed))
 
 
-def min_accepted_tolerating(errors: int, alpha: float, level: float) -> int:
-  """Fewest accepted records at which ``errors`` errors still reject ``risk > alpha`` at ``level``."""
-  lo, hi = errors, max(errors + 1, min_accepted_to_certify(alpha, level))
-  while binom_cdf(errors, hi, alpha) > level:
+def _smallest_passing(passes: Callable[[int], bool], lo: int, hi: int,
+                      limit: Optional[int] = None) -> Optional[int]:
+  """The smallest ``m > lo`` with ``passes(m)``, for a ``passes`` that is false at ``lo``
+  and stays true once true: ``hi`` doubles until it passes (None once it exceeds
+  ``limit``), then the gap is bisected."""
+  while not passes(hi):
     lo, hi = hi, 2 * hi
-  while hi - lo > 1:  # binom_cdf(errors, k, alpha) falls as k grows
+    if limit is not None and hi > limit:
+      return None
+  while hi - lo > 1:
     mid = (lo + hi) // 2
-    if binom_cdf(errors, mid, alpha) <= level:
-      hi = mid
-    else:
-      lo = mid
+    lo, hi = (lo, mid) if passes(mid) else (mid, hi)
   return hi
+
+
+def min_accepted_tolerating(errors: int, alpha: float, level: float) -> int:
+  """Fewest accepted records at which ``errors`` errors still reject ``risk > alpha`` at
+  ``level`` (``binom_cdf(errors, k, alpha)`` falls as k grows)."""
+  return _smallest_passing(lambda k: binom_cdf(errors, k, alpha) <= level, errors,
+                           max(errors + 1, min_accepted_to_certify(alpha, level)))
 
 
 def _labels_to_certify(k: np.ndarray, e: np.ndarray, n: int, alpha: float, delta: float,
@@ -317,20 +325,12 @@ def _labels_to_certify(k: np.ndarray, e: np.ndarray, n: int, alpha: float, delta
     points = [points[i] for i in np.linspace(0, len(points) - 1, 64).round().astype(int)]
   best = None
   for kk, ee in points:
-    share, rate = kk / n, ee / kk
-    lo, hi = 0, max(1, kk)
-
-    def passes(m: int) -> bool:
-      return _p_value(m, math.floor(m * rate + 1e-9), alpha, method) <= delta / 2
-    while not passes(hi):
-      lo, hi = hi, 2 * hi
-      if hi > 1 << 18:  # beyond any labelling budget (and exact tails get slow)
-        break
-    else:
-      while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if passes(mid) else (mid, hi)
-      need = math.ceil(hi / share)
+    rate = ee / kk
+    accepted = _smallest_passing(  # past 2^18: beyond any labelling budget (and slow)
+        lambda m: _p_value(m, math.floor(m * rate + 1e-9), alpha, method) <= delta / 2,
+        0, max(1, kk), limit=1 << 18)
+    if accepted is not None:
+      need = math.ceil(accepted / (kk / n))
       best = need if best is None else min(best, need)
   return best
 
@@ -353,9 +353,10 @@ def _walk(k: np.ndarray, e: np.ndarray, n: int, alpha: float, delta: float, meth
            min_accepted_tolerating(fallback_errors, alpha, delta / 2),
            0 if fallback_coverage is None else math.ceil(fallback_coverage * n))
   if k2 <= k1:  # a single walk at level delta from the first testable threshold
-    if k[-1] < min_accepted_to_certify(alpha, delta):
+    k_min = min_accepted_to_certify(alpha, delta)
+    if k[-1] < k_min:
       return None, delta, []
-    s = int(np.argmax(k >= min_accepted_to_certify(alpha, delta)))
+    s = int(np.argmax(k >= k_min))
     f = _first_failure(e, crit(delta), s, size)
     return (f - 1, delta, []) if f > s else (None, delta, [(s, delta)])
   if k[-1] < k1:
