@@ -37,6 +37,11 @@ BatchResult = Union[ModelReply, ModelCallError]
 _OPENAI_ENDED = frozenset({"completed", "expired", "cancelled", "failed"})
 
 
+def _metadata(digest: str) -> dict:
+  """What an OpenAI batch carries to be found again by its requests' hash."""
+  return {"tierflow_requests": digest[:32]}
+
+
 class ProviderBatch:
   """One batch of requests to one model endpoint.
 
@@ -141,7 +146,7 @@ class ProviderBatch:
       batch = self._sdk.batches.create(input_file_id=file.id,
                                        endpoint="/v1/chat/completions",
                                        completion_window="24h",
-                                       metadata={"tierflow_requests": digest[:32]})
+                                       metadata=_metadata(digest))
     else:
       batch = self._sdk.messages.batches.create(
           requests=[{"custom_id": cid, "params": body} for cid, body in requests])
@@ -160,7 +165,7 @@ class ProviderBatch:
       for batch in self._sdk.batches.list(limit=100):  # newest first; pages as needed
         if batch.created_at < since - 300:
           break
-        if ((batch.metadata or {}).get("tierflow_requests") == digest[:32]
+        if (_metadata(digest).items() <= (batch.metadata or {}).items()
             and batch.status not in ("failed", "cancelled", "cancelling", "expired")):
           _LOGGER.warning("found batch %s, submitted by a run killed before recording it",
                           batch.id)

@@ -107,8 +107,7 @@ class LearnedRouter:
 
   def score(self, confidence: float, answer: Any) -> float:
     """Estimated probability that this small-tier answer is right."""
-    x = _features(np.array([confidence]), [answer], self.labels)
-    return float(_apply(self.models[half_of(confidence, answer)], x)[0])
+    return float(self.scores([confidence], [answer])[0])
 
   def scores(self, confidence: Sequence[float], answers: Sequence[Any],
              halves: Optional[np.ndarray] = None) -> np.ndarray:

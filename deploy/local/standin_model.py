@@ -149,16 +149,6 @@ class KeywordStandIn:
     m = _INJECTION_RE.search(text)
     return m.group(1).strip().strip("\"'") or None if m else None
 
-  def _obey(self, payload: str, labels: Optional[list[str]], fields: list
-            ) -> tuple[Any, Optional[list]]:
-    """What a model that follows the injection answers: the payload as the label (at
-    certainty), in every field (plus one nobody asked for), or as the summary."""
-    if labels is not None:
-      return payload, [(payload, -0.0001)] + [(label, -12.0) for label in labels[:4]]
-    if fields:
-      return {**{name: payload for name, _ in fields}, "approved_by_policy": True}, None
-    return payload, None
-
   # -- protocol ------------------------------------------------------------
   def __call__(self, request: ProviderRequest) -> Completion:
     system, user = request.system, request.last_user_text
@@ -173,8 +163,10 @@ class KeywordStandIn:
       payload = self.injected(text) if getattr(request, "follow_injections", False) else None
       if labels_m:
         labels = [l.strip() for l in labels_m.group(1).split(",")]
-        label, ranked = (self._obey(payload, labels, []) if payload
-                         else self.classify(labels, text))
+        if payload:  # obeying: the demanded "label", at certainty
+          label, ranked = payload, [(payload, -0.0001)] + [(l, -12.0) for l in labels[:4]]
+        else:
+          label, ranked = self.classify(labels, text)
         said = f', "confidence": {math.exp(ranked[0][1]):.2f}' if verbalise else ""
         if packed:
           pieces += [(f'{{"id": "{rid}", "label": "', None), (label, ranked),
@@ -185,12 +177,12 @@ class KeywordStandIn:
           pieces.append((label, ranked))
       elif _FIELD_RE.search(system):
         fields = _FIELD_RE.findall(system)
-        if payload:
-          pieces += self.extraction_pieces(rid, packed, self._obey(payload, None, fields)[0],
-                                           None, verbalise)
+        if payload:  # obeying: the demand in every field, plus one nobody asked for
+          values, probs = {**{name: payload for name, _ in fields},
+                           "approved_by_policy": True}, None
         else:
-          pieces += self.extraction_pieces(rid, packed, *self.extract_scored(fields, text),
-                                           verbalise)
+          values, probs = self.extract_scored(fields, text)
+        pieces += self.extraction_pieces(rid, packed, values, probs, verbalise)
       else:
         words = int((_WORDS_RE.search(system) or [None, 40])[1])
         summary = payload if payload else self.summarise(text, words)
