@@ -485,12 +485,15 @@ class Summarise(StageKind):
 
   def parse(self, obj, span, reply, offsets, source, bare) -> Answer:
     a, b = span
-    summary = reply.text[a:b] if bare else (obj.get("summary") if isinstance(obj, Mapping)
-                                            else None)
-    summary, score, notes = self._score(summary, source)
+    raw = reply.text[a:b] if bare else (obj.get("summary") if isinstance(obj, Mapping)
+                                        else None)
+    summary, score, notes = self._score(raw, source)
     if summary is None:
       return Answer(error="invalid_answer: " + "; ".join(notes), answer_chars=b - a)
-    p = gm_prob(span_tokens(reply, offsets, a, b))
+    # The summary's own tokens, not the JSON framing around it (which a model writes at
+    # near-certainty and would pull a packed answer's mean towards 1).
+    found = (a, b) if bare else value_span(reply.text, a, b, "summary", raw)
+    p = gm_prob(span_tokens(reply, offsets, *found))
     conf = score * (p if p is not None else 1.0)
     return Answer(summary, conf, "logprob" if p is not None else "checks", tuple(notes),
                   answer_chars=b - a)

@@ -114,6 +114,23 @@ def test_summary_quality_checks():
   assert cut.error and "truncated" in cut.error
 
 
+def test_summary_confidence_is_over_the_summary_tokens_not_the_json_framing():
+  """Packed or alone, the same summary tokens give the same confidence: the framing a
+  model writes at near-certainty ({"id": ..., "summary": ") does not pull it towards 1."""
+  source = "The parcel with my blender never arrived and tracking stopped in Memphis."
+  summary = "Blender parcel never arrived"
+  words = set(tokenize(summary))
+  lp = lambda t: math.log(0.5) if t in words else -0.001  # noqa: E731
+  [alone] = parse_reply(SUMMARISE, _reply(summary, _tokens(summary, lp)), [source])
+  packed = (f'{{"id": "r1", "summary": "{summary}"}}\n'
+            f'{{"id": "r2", "summary": "{summary}"}}\n')
+  a1, a2 = parse_reply(SUMMARISE, _reply(packed, _tokens(packed, lp)), [source, source])
+  assert alone.signal == a1.signal == "logprob"
+  assert a1.confidence == pytest.approx(alone.confidence)
+  assert a2.confidence == pytest.approx(alone.confidence)
+  assert alone.confidence == pytest.approx(0.5, abs=0.05)
+
+
 def test_usage_split_sums_exactly_and_is_fair():
   usage = Usage(1001, 97, 13, 7)
   shares = split_usage(usage, [100, 300, 100], 250, [10, 30, 10], 9)
