@@ -61,6 +61,19 @@ def test_frontier_only_numbers_equal_the_measured_run(runs, read_duckdb):
   total = read_duckdb(f"{runs['frontier_only']}/results",
                       "SELECT sum(frontier_cost_usd) AS usd FROM t")[0]["usd"]
   assert rep["cost"]["frontier_only_measured_usd"] == pytest.approx(total)
+  # Savings (and their interval) are against that measured cost, not the ledger's estimate.
+  assert rep["cost"]["frontier_only_usd"] == pytest.approx(total)
+  routed = read_duckdb(f"{runs['routed']}/results", "SELECT sum(cost_usd) AS usd FROM t")[0]["usd"]
+  assert rep["cost"]["savings_pct"] == pytest.approx(100 * (1 - routed / total))
+  ci = rep["bootstrap"]["intervals"]["savings_pct"]
+  assert ci["lo"] <= rep["cost"]["savings_pct"] <= ci["hi"]
+  by_stage = read_duckdb(f"{runs['frontier_only']}/results", """
+      SELECT s.stage, sum(s.frontier_cost_usd) AS usd FROM (SELECT unnest(stages) AS s FROM t)
+      GROUP BY 1""")
+  for row in by_stage:
+    assert rep["stages"][row["stage"]]["cost"]["frontier_only_usd"] == pytest.approx(row["usd"])
+  assert any("frontier-only run's billed frontier cost for the 40 of 40" in n
+             for n in rep["notes"])
 
 
 def test_without_a_frontier_only_run_its_quality_is_unknown(runs):

@@ -473,14 +473,21 @@ def build_report(output_dir: str, labels: Optional[str] = None,
     calibration: the calibration file the run used: its alpha, delta, n and whether it
       certified each stage go in the report, with a banner for a stage it did not.
   """
-  run = read_run(output_dir, (*ID_FIELDS, id_field) if id_field else ID_FIELDS)
+  ids = (*ID_FIELDS, id_field) if id_field else ID_FIELDS
+  run = read_run(output_dir, ids)
+  fo_run = read_run(frontier_only, ids) if frontier_only else None
+  measured_records = _use_measured_frontier_only(run, fo_run) if fo_run else 0
   notes = [
       f"{run.rows_read} result rows read from {len(run.files)} files; "
       f"{run.rows_read - run.n} duplicate rows dropped (one row per record_id, an ok row "
       f"preferred)",
       "small-only cost = the small tier's cost in this run (it ran on every stage of every "
-      "record); frontier-only cost = sum of frontier_only_cost_usd, the ledger's estimate "
-      "(actual frontier cost where escalated, else the small tier's tokens at frontier prices)",
+      "record); frontier-only cost = " + (
+          f"the frontier-only run's billed frontier cost for the {measured_records} of "
+          f"{run.n} records it holds" + (", the ledger's estimate for the others"
+                                         if measured_records < run.n else "")
+          if fo_run else "sum of frontier_only_cost_usd, the ledger's estimate (actual "
+          "frontier cost where escalated, else the small tier's tokens at frontier prices)"),
       "escalation_rate counts stages actually sent to the frontier; requested_rate adds "
       "escalations the budget cap skipped; failed records are included in every count",
   ] + _ledger_notes(run)
@@ -521,7 +528,7 @@ def build_report(output_dir: str, labels: Optional[str] = None,
                  "threshold curve shows cost only")
   measured = {}
   if frontier_only:
-    run_cost, measured = _measured_frontier_only(frontier_only, run, id_field, label_rows,
+    run_cost, measured = _measured_frontier_only(frontier_only, fo_run, run, label_rows,
                                                  idf, scores)
     report["inputs"]["frontier_only"] = os.path.abspath(frontier_only)
     report["cost"].update(run_cost)
@@ -589,14 +596,40 @@ def _stages_json(run: RunData, scores: Mapping[str, StageScores],
   return out
 
 
-def _measured_frontier_only(path: str, run: RunData, id_field: Optional[str],
+def _use_measured_frontier_only(run: RunData, fo: RunData) -> int:
+  """Puts the frontier-only run's billed frontier cost, per record and stage, in place of
+  the routed run's ``frontier_only_cost_usd`` estimate wherever the frontier-only run holds
+  the record (and the stage), so savings, the oracle, the threshold curve and their
+  intervals all use the measured baseline. Returns how many records it replaced."""
+  where = {rid: j for j, rid in enumerate(fo.records["record_id"])}
+  idx = np.array([where.get(rid, -1) for rid in run.records["record_id"]], dtype=int)
+  held = idx >= 0
+  by_name = {s.name: s for s in fo.stages}
+  total = np.zeros(run.n)
+  replaced = np.zeros(run.n, dtype=bool)
+  for stage in run.stages:
+    fs = by_name.get(stage.name)
+    col = stage.col("frontier_only_cost_usd").copy()
+    if fs is not None:
+      j = np.where(held, idx, 0)
+      cost = fs.col("frontier_cost_usd")[j]
+      use = held & stage.present & fs.present[j] & ~np.isnan(cost)
+      col[use] = cost[use]
+      replaced |= use
+    stage.cols["frontier_only_cost_usd"] = col
+    total += np.where(stage.present, np.nan_to_num(col), 0.0)
+  run.records["frontier_only_cost_usd"] = np.where(replaced, total,
+                                                   run.records["frontier_only_cost_usd"])
+  return int(replaced.sum())
+
+
+def _measured_frontier_only(path: str, fo: RunData, run: RunData,
                             label_rows: Optional[list], idf: Optional[str],
                             scores: Mapping[str, StageScores]) -> tuple[dict, dict]:
-  """What a frontier-only run measured, over the records both runs hold: (its billed
-  frontier cost for the run, per stage the frontier-only point: accuracy of its final
-  answers on the labelled records (with ``label_rows``, joined on ``idf``) and its
-  frontier tier's billed cost per 1k of them)."""
-  fo = read_run(path, (*ID_FIELDS, id_field) if id_field else ID_FIELDS)
+  """What a frontier-only run (``fo``, read from ``path``) measured, over the records both
+  runs hold: (its billed frontier cost for the run, per stage the frontier-only point:
+  accuracy of its final answers on the labelled records (with ``label_rows``, joined on
+  ``idf``) and its frontier tier's billed cost per 1k of them)."""
   shared = set(fo.records["record_id"]) & set(run.records["record_id"])
   if not shared:
     raise ValueError(f"--frontier-only {path}: no record in common with the routed run")
