@@ -150,3 +150,91 @@ def test_extraction_tiers_answer_through_the_sdk_with_their_field_probabilities(
         values, probs = tagger.extract(text.split())
         assert answer.error is None and answer.value["fields"] == values
         assert math.isclose(answer.confidence, min(probs.values()), rel_tol=1e-6)
+
+
+def test_summary_tiers_answer_through_the_sdk_with_their_probability():
+  """The selector tier's summary goes over HTTP with its probability on every token, packed
+  or not; tierflow's own parsing gives it as the summary's confidence (grounding 1: the
+  summary is a sentence of the record)."""
+  import math
+  import openai
+  from tierflow.config import StageConfig
+  from tierflow.connectors.llm_clients import ModelReply, TokenInfo
+  from tierflow.pipelines.prompts import build_prompt, parse_reply
+  from tierflow.prices import Usage
+  from tierflow_local.provider_server import LocalProviderServer
+  from benchmarks.routing.summaries import Paper, SelectorResponder, SentenceSelector
+
+  def paper(sentences, marks):
+    return Paper("p", "t", tuple(sentences), tuple(marks), ("r",) * 3, "train")
+
+  train = [paper(["Parsing is hard for long sentences.", "We propose a new parser.",
+                  "Results improve by two points."], [True, True, False]),
+           paper(["Translation of terms is costly.", "We build an analogy solver.",
+                  "See the appendix for details."], [True, True, False])] * 3
+  selector = SentenceSelector("sel", rich=False).fit(train)
+  stage = StageConfig(name="summarise", kind="summarise", max_words=6)
+  texts = ["Title\n\nWe propose a faster parser for long sentences.\nSee the appendix.",
+           "Other\n\nTranslation of rare terms is costly.\nResults improve a lot."]
+  with LocalProviderServer(SelectorResponder({"sel": selector}), models=("sel",)) as server:
+    client = openai.OpenAI(base_url=server.openai_base_url, api_key="local", max_retries=0)
+    for batch in (texts[:1], texts):
+      system, user = build_prompt(stage, batch)
+      resp = client.chat.completions.create(
+          model="sel", messages=[{"role": "system", "content": system},
+                                 {"role": "user", "content": user}],
+          max_tokens=400, logprobs=True, top_logprobs=1)
+      choice = resp.choices[0]
+      tokens = tuple(TokenInfo(t.token, t.logprob, tuple((a.token, a.logprob)
+                                                         for a in t.top_logprobs))
+                     for t in choice.logprobs.content)
+      answers = parse_reply(stage, ModelReply(choice.message.content, tokens, Usage(0, 0),
+                                              "sel", choice.finish_reason), batch)
+      for text, answer in zip(batch, answers):
+        summary, prob = selector.summarise(text, 6)
+        assert len(summary.split()) == 6  # cut to max_words
+        assert answer.error is None and answer.value == summary
+        assert math.isclose(answer.confidence, prob, rel_tol=1e-6)
+
+
+def test_rouge_scores_the_closest_reference_and_zero_for_no_summary():
+  pytest.importorskip("rouge_score")
+  from benchmarks.routing.summaries import Paper, rouge
+  p = Paper("p", "t", ("s",), (True,), ("the cat sat", "dogs run fast", "a bird"), "test")
+  q = rouge(["dogs run fast", None, "cats sat"], [p, p, p])
+  assert q[0] == pytest.approx([1.0, 1.0])
+  assert q[1] == pytest.approx([0.0, 0.0])
+  assert q[2, 0] == pytest.approx(0.8)  # stemmed "cat sat" vs "the cat sat": P 1, R 2/3
+
+
+def test_summary_routing_evaluation_escalates_below_the_threshold():
+  from benchmarks.routing.summaries import evaluate
+  conf = np.array([0.9, 0.4, np.nan, 0.6])
+  small_q = np.array([[0.5, 0.4], [0.1, 0.1], [0.0, 0.0], [0.3, 0.3]])
+  upper_q = np.array([[0.6, 0.5], [0.4, 0.3], [0.5, 0.4], [0.2, 0.2]])
+  r = evaluate(conf, small_q, upper_q, np.ones(4), np.full(4, 10.0), 0.5)
+  assert r["escalation_rate"] == 0.5  # 0.4 and the invalid answer
+  assert r["routed_rouge1"] == pytest.approx((0.5 + 0.4 + 0.5 + 0.3) / 4)
+  assert r["routed_cost"] == pytest.approx(4 + 20)
+  assert r["cost_ratio_routed_to_frontier_only"] == pytest.approx(24 / 40)
+  assert r["small_rouge1_kept"] == pytest.approx(0.4)
+  assert r["small_rouge1_escalated"] == pytest.approx(0.05)
+
+
+@pytest.mark.slow
+def test_the_summaries_benchmark_runs_on_a_few_abstracts(tmp_path):
+  """`python -m benchmarks.routing.summaries` on 30 abstracts: three pipeline runs, the
+  report, and the routed run matching the evaluation from the small-only ledger."""
+  pytest.importorskip("sklearn")
+  pytest.importorskip("rouge_score")
+  import json
+  from benchmarks.routing.summaries import THRESHOLDS, main
+  out = tmp_path / "summaries.json"
+  assert main(["--limit", "30", "--output-json", str(out),
+               "--reports", str(tmp_path / "reports")]) == 0
+  r = json.loads(out.read_text())
+  assert r["pool"] == 30 and r["pipeline"]["follows_the_rule"]
+  assert r["pipeline"]["escalation_rate"] == r["pipeline"]["report_escalation_rate"]
+  assert list(r["by_threshold"]) == [f"{t:g}" for t in THRESHOLDS]
+  assert 0 < r["small_only_cost_per_1k"] < r["frontier_only_cost_per_1k"]
+  assert (tmp_path / "reports/aclsum-summarise-selector/report.html").is_file()

@@ -143,6 +143,10 @@ class KeywordStandIn:
     sentence = re.split(r"(?<=[.!?])\s", body.strip(), maxsplit=1)[0]
     return " ".join(sentence.split()[:max_words]) or "No content."
 
+  def summarise_scored(self, text: str, max_words: int) -> tuple[str, Optional[float]]:
+    """(summary, the probability every one of its tokens carries, or None for certainty)."""
+    return self.summarise(text, max_words), None
+
   @staticmethod
   def injected(text: str) -> Optional[str]:
     """The answer an instruction written into ``text`` demands, if there is one."""
@@ -185,10 +189,13 @@ class KeywordStandIn:
         pieces += self.extraction_pieces(rid, packed, values, probs, verbalise)
       else:
         words = int((_WORDS_RE.search(system) or [None, 40])[1])
-        summary = payload if payload else self.summarise(text, words)
-        obj = json.dumps({"id": rid, "summary": summary}, ensure_ascii=False) + "\n" \
-            if packed else summary
-        pieces.append((obj, None))
+        summary, prob = (payload, None) if payload else self.summarise_scored(text, words)
+        lp = math.log(max(prob, 1e-12)) if prob is not None else None
+        if packed:
+          inner = json.dumps(summary, ensure_ascii=False)[1:-1]
+          pieces += [(f'{{"id": "{rid}", "summary": "', None), (inner, lp), ('"}\n', None)]
+        else:
+          pieces.append((summary, lp))
     return self._completion(pieces)
 
   @staticmethod
