@@ -29,15 +29,25 @@ class Answer:
 
 
 def token_offsets(reply: ModelReply) -> Optional[list[int]]:
-  """Start offset of every token in reply.text, or None if tokens do not spell it."""
+  """Start offset of every token in reply.text (negative for tokens before it), or None if
+  the tokens do not spell it.
+
+  A server may return part of what the model generated: llama.cpp's server strips the
+  ```json fence its model wrote around a structured (``response_format``) answer. The text
+  is then found where it occurs once in the tokens' text, so its tokens keep their
+  probabilities."""
   if not reply.tokens:
     return None
-  offsets, pos = [], 0
+  joined = "".join(t.token for t in reply.tokens)
+  shift = 0
+  if joined != reply.text:
+    shift = joined.find(reply.text) if reply.text.strip() else -1
+    if shift < 0 or joined.find(reply.text, shift + 1) >= 0:
+      return None
+  offsets, pos = [], -shift
   for t in reply.tokens:
     offsets.append(pos)
     pos += len(t.token)
-  if "".join(t.token for t in reply.tokens) != reply.text:
-    return None
   return offsets
 
 

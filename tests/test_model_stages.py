@@ -114,6 +114,24 @@ def test_summary_quality_checks():
   assert cut.error and "truncated" in cut.error
 
 
+def test_a_structured_answer_the_server_cut_from_a_fenced_block_keeps_its_logprobs():
+  """llama.cpp returns a structured answer without the ```json fence its model generated
+  around it, while the logprobs cover every generated token: the answer's tokens are
+  found inside them, so extract's confidence stays a logprob one. Tokens that do not
+  contain the text (or contain it twice) give no logprob confidence."""
+  source = "Order NW-12345 was charged 19.99 USD twice."
+  answer = '{"order_id": "NW-12345", "amount": 19.99, "currency": "USD"}'
+  value_lp = lambda t: math.log(0.6) if "12345" in t else -0.01  # noqa: E731
+  fenced = _tokens("```json\n" + answer + "\n```", value_lp)
+  [a] = parse_reply(EXTRACT, _reply(answer, fenced), [source])
+  [plain] = parse_reply(EXTRACT, _reply(answer, _tokens(answer, value_lp)), [source])
+  assert a.error is None and a.signal == "logprob"
+  assert a.confidence == pytest.approx(plain.confidence) and a.confidence < 0.9
+  twice = _tokens(answer + answer, value_lp)
+  [b] = parse_reply(EXTRACT, _reply(answer, twice), [source])
+  assert b.signal == "checks"
+
+
 def test_summary_confidence_is_over_the_summary_tokens_not_the_json_framing():
   """Packed or alone, the same summary tokens give the same confidence: the framing a
   model writes at near-certainty ({"id": ..., "summary": ") does not pull it towards 1."""
