@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from tierflow.connectors.llm_clients import ModelReply, TokenInfo
 
-__all__ = ["Answer", "gm_prob", "grounded", "json_objects", "seq_prob", "span_tokens",
+__all__ = ["Answer", "gm_prob", "grounded", "grounded_number", "json_objects", "seq_prob", "span_tokens",
            "token_offsets", "value_span", "verbalised", "WORD"]
 
 WORD = re.compile(r"[^\W_]+", re.UNICODE)
@@ -74,6 +74,25 @@ def gm_prob(tokens: Sequence[TokenInfo]) -> Optional[float]:
 
 def _norm(text: str) -> str:
   return "".join(WORD.findall(text.casefold()))
+
+
+_NUMBER = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|\d+(?:[.,]\d+)?")
+
+
+def numbers_in(source: str) -> set[float]:
+  """Every number written in the text: 1,234.50 and 19.99 as written, 19,99 (a decimal
+  comma) as 19.99 too."""
+  out = set()
+  for m in _NUMBER.findall(source):
+    if "," in m and "." not in m and re.fullmatch(r"\d+,\d{1,2}", m):
+      out.add(float(m.replace(",", ".")))
+    out.add(float(m.replace(",", "")))
+  return out
+
+
+def grounded_number(value: float, source: str) -> bool:
+  """The number is written in the source (to the cent)."""
+  return any(abs(value - n) < 0.005 for n in numbers_in(source))
 
 
 def grounded(value: str, source: str) -> bool:

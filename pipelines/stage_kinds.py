@@ -40,8 +40,9 @@ import re
 from typing import Any, ClassVar, Mapping, Optional
 
 from tierflow.connectors.llm_clients import ModelReply, TokenInfo
-from tierflow.pipelines.answers import (WORD, Answer, gm_prob, grounded, json_objects, seq_prob,
-                                        span_tokens, value_span, verbalised)
+from tierflow.pipelines.answers import (WORD, Answer, gm_prob, grounded, grounded_number,
+                                        json_objects, seq_prob, span_tokens, value_span,
+                                        verbalised)
 
 __all__ = ["Classify", "Extract", "KINDS", "StageKind", "Summarise", "as_object", "kind_of",
            "normalised"]
@@ -375,7 +376,8 @@ class Extract(StageKind):
         grounding[name] = 0.0
         continue
       out[name] = float(value) if kind == "number" else value
-      if isinstance(value, str) and not spec.enum and not grounded(value, source):
+      if ((isinstance(value, str) and not spec.enum and not grounded(value, source))
+          or (kind in ("number", "integer") and not grounded_number(float(value), source))):
         grounding[name] = 0.5
         notes.append(f"{name} not found in the text")
     return out, notes, grounding

@@ -114,6 +114,24 @@ def test_summary_quality_checks():
   assert cut.error and "truncated" in cut.error
 
 
+@pytest.mark.parametrize("source,amount,found", [
+    ("Order NW-48213 was charged $49.99 twice", 49.99, True),
+    ("Refund of 1,234.50 EUR please", 1234.5, True),
+    ("Erstattung von 19,99 EUR", 19.99, True),
+    ("Charged 189 USD for the oven", 189.0, True),
+    ("My order NW-51033 never came", 10.0, False),  # "10" inside another number
+    ("Charged 12.5 twice", 125.0, False),
+])
+def test_extracted_numbers_must_be_written_in_the_record(source, amount, found):
+  """A number the record does not contain (a small model's 10.0 USD on a ticket without
+  an amount) halves the field's confidence, as an ungrounded string does."""
+  text = json.dumps({"order_id": None, "amount": amount, "currency": None})
+  [a] = parse_reply(EXTRACT, _reply(text, _tokens(text)), [source])
+  assert a.error is None and a.value["fields"]["amount"] == amount
+  assert (a.confidence > 0.9) is found
+  assert any("amount not found in the text" in n for n in a.notes) is not found
+
+
 def test_a_structured_answer_the_server_cut_from_a_fenced_block_keeps_its_logprobs():
   """llama.cpp returns a structured answer without the ```json fence its model generated
   around it, while the logprobs cover every generated token: the answer's tokens are
