@@ -40,6 +40,8 @@ from tierflow import labels as labels_lib
 from tierflow import results as results_lib
 from tierflow.calibration import METHODS, Calibration, StageCalibration, calibrate_threshold
 
+ROUTED_KINDS = ("classify", "extract")  # the stage kinds a learned router is fitted for
+
 __all__ = ["StageSample", "stage_samples", "calibrate_output", "run_small_tier",
            "add_arguments", "run_from_args"]
 
@@ -133,7 +135,7 @@ def calibrate_output(output_dir: str, labels: str, *, alpha: Optional[float] = N
                      source: Optional[str] = None) -> tuple[Calibration, list[str]]:
   """Calibrates every scorable stage (or ``stages``) of a run's output against labels.
 
-  ``router="logistic"``: classify stages get a cross-fitted learned router
+  ``router="logistic"``: classify and extract stages get a cross-fitted learned router
   (``tierflow.learned_router``) and the threshold is certified on its scores; a stage
   whose labels are too few for it keeps the plain confidence, with a note.
   """
@@ -155,7 +157,7 @@ def calibrate_output(output_dir: str, labels: str, *, alpha: Optional[float] = N
   results, data = {}, {}
   for name, s in samples.items():
     score, fitted = s.confidence, None
-    if router == "logistic" and s.kind == "classify":
+    if router == "logistic" and s.kind in ROUTED_KINDS:
       from tierflow.learned_router import fit_cross
       try:
         fitted, score = fit_cross(s.confidence, s.answers, s.correct)
@@ -163,8 +165,8 @@ def calibrate_output(output_dir: str, labels: str, *, alpha: Optional[float] = N
         notes.append(f"stage {name}: no learned router ({err}); the threshold applies to the "
                      f"confidence")
     elif router == "logistic":
-      notes.append(f"stage {name}: a learned router is fitted for classify stages only; the "
-                   f"threshold applies to the confidence")
+      notes.append(f"stage {name}: a learned router is fitted for {' and '.join(ROUTED_KINDS)} "
+                   f"stages only; the threshold applies to the confidence")
     sc = calibrate_threshold(
         score, s.correct, _alpha_for(name, alphas, alpha), delta, method=method,
         small_cost=s.small_cost, frontier_cost=s.frontier_cost,
@@ -287,9 +289,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--id-field", help="id column shared by the records and the labels")
   parser.add_argument("--out", default="calibration.json", help="calibration file to write")
   parser.add_argument("--router", choices=("none", "logistic"), default="none",
-                      help="logistic: fit a learned router per classify stage (confidence and "
-                           "answer label, cross-fitted on the labels) and certify the threshold "
-                           "on its score instead of the raw confidence")
+                      help="logistic: fit a learned router per classify and extract stage "
+                           "(the confidence and the answer: its label, or the fields left null; "
+                           "cross-fitted on the labels) and certify the threshold on its score "
+                           "instead of the raw confidence")
   parser.add_argument("--strict", action="store_true",
                       help="exit 3 when a stage cannot be certified (it is still written, "
                            "escalating everything)")

@@ -1,12 +1,14 @@
-"""A learned escalation score for a classify stage, fitted on labelled data.
+"""A learned escalation score for a classify or extract stage, fitted on labelled data.
 
 The small tier's confidence is one number per answer, and how far it can be trusted
 often depends on the answer itself (a model sure of "sport" is right more often than
-one sure of "business"). ``LearnedRouter`` turns (confidence, answer label) into an
-estimated probability that the answer is right: a logistic regression over
-``confidence``, ``log(1 - confidence)`` and the label one-hot, fitted with L2
-regularisation by Newton's method (numpy only). The calibrated threshold then applies to
-this score instead of the confidence (``tierflow calibrate --router logistic``).
+one sure of "business"; an extraction that left the destination null is wrong more often
+than one that found it). ``LearnedRouter`` turns (confidence, answer) into an estimated
+probability that the answer is right: a logistic regression over ``confidence``,
+``log(1 - confidence)`` and the answer's categories (``answer_key``: a classify answer's
+label; an extraction's null fields), fitted with L2 regularisation by Newton's method
+(numpy only). The calibrated threshold then applies to this score instead of the
+confidence (``tierflow calibrate --router logistic``).
 
 Cross-fitting keeps every score out of sample: the labelled records are split in two
 halves by a hash of their features, a model is fitted on each half, and each record is
@@ -23,20 +25,48 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["KINDS", "LearnedRouter", "fit_cross", "half_of"]
+__all__ = ["KINDS", "LearnedRouter", "answer_key", "fit_cross", "half_of"]
 
 KINDS = ("logistic",)
 MIN_EACH = 10  # right and wrong answers each half needs for a fit worth having
 
 
+def _fields(answer: Any) -> Optional[Mapping]:
+  """An extraction's fields: from the pipeline's answer value ({"fields": ...}) or the
+  ledger's answer text (the fields as JSON); None for any other answer."""
+  if isinstance(answer, str) and answer.startswith("{"):
+    try:
+      answer = json.loads(answer)
+    except json.JSONDecodeError:
+      return None
+  if not isinstance(answer, Mapping):
+    return None
+  fields = answer.get("fields", answer) if set(answer) <= {"fields", "field_confidence"} \
+      else answer
+  return fields if isinstance(fields, Mapping) else None
+
+
+def answer_key(answer: Any) -> tuple:
+  """The categories of an answer the router has a weight for: a classify answer's label,
+  or an extraction's null fields (``"field=null"``), the same from the pipeline's value and
+  from the ledger's text."""
+  if answer is None:
+    return ()
+  fields = _fields(answer)
+  if fields is None:
+    return (str(answer),)
+  return tuple(sorted(f"{name}=null" for name, value in fields.items() if value is None))
+
+
 def half_of(confidence: float, answer: Any) -> int:
   """0 or 1, a fixed function of a record's features (which model scores it)."""
-  key = f"{float(confidence)!r}|{answer}".encode("utf-8")
+  key = f"{float(confidence)!r}|{'|'.join(answer_key(answer))}".encode("utf-8")
   return hashlib.blake2b(key, digest_size=8).digest()[0] & 1
 
 
@@ -46,9 +76,10 @@ def _features(confidence: np.ndarray, answers: Sequence[Any], labels: Sequence[s
   col = {label: j for j, label in enumerate(labels)}
   onehot = np.zeros((len(c), len(labels)))
   for i, a in enumerate(answers):
-    j = col.get(a)
-    if j is not None:
-      onehot[i, j] = 1.0
+    for category in answer_key(a):
+      j = col.get(category)
+      if j is not None:
+        onehot[i, j] = 1.0
   return np.column_stack([c, np.log(np.maximum(1.0 - c, 1e-6)), onehot])
 
 
@@ -82,7 +113,7 @@ def _apply(model: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class LearnedRouter:
   """Two cross-fitted models; ``models[h]`` scores the records of half ``h``."""
-  labels: tuple
+  labels: tuple  # the answer categories with a weight (``answer_key``: labels, "field=null")
   models: tuple
   n_fit: tuple
   kind: str = "logistic"
@@ -148,7 +179,7 @@ def fit_cross(confidence: Sequence[float], answers: Sequence[Any], correct: Sequ
   answers = list(answers)
   if not (len(c) == len(ok) == len(answers)):
     raise ValueError("confidence, answers and correct differ in length")
-  labels = tuple(sorted({str(a) for a in answers if a is not None}))
+  labels = tuple(sorted({k for a in answers for k in answer_key(a)}))
   x = _features(c, answers, labels)
   half = np.array([half_of(ci, a) for ci, a in zip(c, answers)], dtype=int)
   fitted = []

@@ -272,7 +272,7 @@ def field_hits(answer: Optional[dict], gold: dict) -> np.ndarray:
 
 def run(*, alphas: Sequence[float], delta: float, splits: int, seed: int, calib_records: int,
         test_records: int, work: str, keep_reports: str, small_train: int = SMALL_TRAIN,
-        log=print) -> dict:
+        router: Optional[str] = None, log=print) -> dict:
   from tierflow.calibration import Calibration
   from tierflow.report import build_report
   from tierflow_local.broker import EmbeddedBroker
@@ -317,7 +317,7 @@ def run(*, alphas: Sequence[float], delta: float, splits: int, seed: int, calib_
         frontier_only_config=bench_config(os.path.join(work, "config_frontier_only.yaml"),
                                           local.openai_base_url, local.anthropic_base_url,
                                           threshold=2.0),
-        calib_labels=calib_labels, alphas=alphas, delta=delta)
+        calib_labels=calib_labels, alphas=alphas, delta=delta, router=router)
   pipeline_split0 = {}
   for alpha in alphas:
     out, _ = runs.routed[alpha]
@@ -347,12 +347,18 @@ def run(*, alphas: Sequence[float], delta: float, splits: int, seed: int, calib_
   c0 = np.array([pos[data[i].doc_id] for i in calib0])
   t0_ = np.array([pos[data[i].doc_id] for i in test0])
   n_cal = len(calib0)
+  answers = halves = None
+  if router:  # the router's input: the small tier's extraction, as the ledger holds it
+    from tierflow.learned_router import half_of
+    answers = np.array([small[d]["small"] for d in ids], dtype=object)
+    halves = np.array([half_of(0.0 if np.isnan(c) else c, a) for c, a in zip(conf, answers)])
   results = evaluate_alphas(conf, small_ok, upper_ok, small_cost, upper_cost, c0, t0_,
                             alphas=alphas, delta=delta, splits=splits, seed=seed,
-                            pipeline_split0=pipeline_split0,
+                            pipeline_split0=pipeline_split0, answers=answers, halves=halves,
                             fields=(small_fields, upper_fields))
   return {
-      "dataset": "atis", "task": "extract", "fields": FIELDS, "records": len(data),
+      "dataset": "atis", "task": "extract", "router": router or "none", "fields": FIELDS,
+      "records": len(data),
       "pool": int(len(pool)), "calibration_records": n_cal, "test_records": int(len(test0)),
       "small_tier": taggers[SMALL_MODEL].description,
       "upper_tier": taggers[UPPER_MODEL].description,
@@ -398,6 +404,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--test-records", type=int, default=500)
   parser.add_argument("--small-train", type=int, default=SMALL_TRAIN,
                       help=f"utterances the small tier trains on (default {SMALL_TRAIN})")
+  parser.add_argument("--router", choices=("none", "logistic"), default="none",
+                      help="calibrate with `tierflow calibrate --router` (default none: the "
+                           "threshold on the confidence)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--output-json")
   parser.add_argument("--reports", default=str(RESULTS_DIR / "routing-reports"))
@@ -411,15 +420,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     result = run(alphas=args.alpha or ALPHAS, delta=args.delta, splits=args.splits,
                  seed=args.seed, calib_records=args.calib_records,
-                 test_records=args.test_records, work=work, keep_reports=args.reports,
-                 small_train=args.small_train)
+                 test_records=args.test_records, work=work,
+                 keep_reports=args.reports if args.router == "none" else
+                 args.reports + "-" + args.router,
+                 small_train=args.small_train,
+                 router=None if args.router == "none" else args.router)
   finally:
     if not args.keep_work:
       shutil.rmtree(work, ignore_errors=True)
   result = {"benchmark": "routing-extraction", "date": started.date().isoformat(),
             "command": "python -m benchmarks.routing.extraction " + " ".join(
                 argv if argv is not None else sys.argv[1:]), **result}
-  out = args.output_json or str(RESULTS_DIR / f"routing-extraction-{result['date']}.json")
+  tag = "" if args.router == "none" else f"-{args.router}"
+  out = args.output_json or str(RESULTS_DIR / f"routing-extraction{tag}-{result['date']}.json")
   with open(out, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2, default=float)
     f.write("\n")
