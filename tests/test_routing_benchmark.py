@@ -100,16 +100,33 @@ def test_orange_tab_files_parse_to_text_and_category():
   assert _orange_tab(data) == [("net profit rose", "earn"), ("oil prices fell", "crude")]
 
 
+def _ask_over_the_sdk(server, model, stage, texts):
+  """tierflow's prompt for ``texts`` through the openai SDK to the local endpoint, and
+  tierflow's parsing of the reply (its tokens' logprobs included)."""
+  import openai
+  from tierflow.connectors.llm_clients import ModelReply, TokenInfo
+  from tierflow.pipelines.prompts import build_prompt, parse_reply
+  from tierflow.prices import Usage
+  client = openai.OpenAI(base_url=server.openai_base_url, api_key="local", max_retries=0)
+  system, user = build_prompt(stage, texts)
+  resp = client.chat.completions.create(
+      model=model, messages=[{"role": "system", "content": system},
+                             {"role": "user", "content": user}],
+      max_tokens=400, logprobs=True, top_logprobs=1)
+  choice = resp.choices[0]
+  tokens = tuple(TokenInfo(t.token, t.logprob, tuple((a.token, a.logprob)
+                                                     for a in t.top_logprobs))
+                 for t in choice.logprobs.content)
+  return parse_reply(stage, ModelReply(choice.message.content, tokens, Usage(0, 0), model,
+                                       choice.finish_reason), texts)
+
+
 def test_extraction_tiers_answer_through_the_sdk_with_their_field_probabilities():
   """The tagger tier's answer goes over HTTP as extraction JSON whose value tokens carry the
   tagger's probabilities; tierflow's own parsing reads back its values and, as the stage's
   confidence, the least field probability."""
   import math
-  import openai
   from tierflow.config import StageConfig
-  from tierflow.connectors.llm_clients import ModelReply, TokenInfo
-  from tierflow.pipelines.prompts import build_prompt, parse_reply
-  from tierflow.prices import Usage
   from tierflow_local.provider_server import LocalProviderServer
   from benchmarks.routing.extraction import (FIELDS, SlotTagger, TaggerResponder, Utterance,
                                              first_spans)
@@ -133,20 +150,8 @@ def test_extraction_tiers_answer_through_the_sdk_with_their_field_probabilities(
                       fields={f: {"type": "string"} for f in FIELDS})
   texts = ["flights from boston to atlanta on friday", "show delta flights to denver"]
   with LocalProviderServer(TaggerResponder({"tagger": tagger}), models=("tagger",)) as server:
-    client = openai.OpenAI(base_url=server.openai_base_url, api_key="local", max_retries=0)
     for batch in (texts[:1], texts):
-      system, user = build_prompt(stage, batch)
-      resp = client.chat.completions.create(
-          model="tagger", messages=[{"role": "system", "content": system},
-                                    {"role": "user", "content": user}],
-          max_tokens=400, logprobs=True, top_logprobs=1)
-      choice = resp.choices[0]
-      tokens = tuple(TokenInfo(t.token, t.logprob, tuple((a.token, a.logprob)
-                                                         for a in t.top_logprobs))
-                     for t in choice.logprobs.content)
-      answers = parse_reply(stage, ModelReply(choice.message.content, tokens, Usage(0, 0),
-                                              "tagger", choice.finish_reason), batch)
-      for text, answer in zip(batch, answers):
+      for text, answer in zip(batch, _ask_over_the_sdk(server, "tagger", stage, batch)):
         values, probs = tagger.extract(text.split())
         assert answer.error is None and answer.value["fields"] == values
         assert math.isclose(answer.confidence, min(probs.values()), rel_tol=1e-6)
@@ -157,11 +162,7 @@ def test_summary_tiers_answer_through_the_sdk_with_their_probability():
   or not; tierflow's own parsing gives it as the summary's confidence (grounding 1: the
   summary is a sentence of the record)."""
   import math
-  import openai
   from tierflow.config import StageConfig
-  from tierflow.connectors.llm_clients import ModelReply, TokenInfo
-  from tierflow.pipelines.prompts import build_prompt, parse_reply
-  from tierflow.prices import Usage
   from tierflow_local.provider_server import LocalProviderServer
   from benchmarks.routing.summaries import Paper, SelectorResponder, SentenceSelector
 
@@ -177,20 +178,8 @@ def test_summary_tiers_answer_through_the_sdk_with_their_probability():
   texts = ["Title\n\nWe propose a faster parser for long sentences.\nSee the appendix.",
            "Other\n\nTranslation of rare terms is costly.\nResults improve a lot."]
   with LocalProviderServer(SelectorResponder({"sel": selector}), models=("sel",)) as server:
-    client = openai.OpenAI(base_url=server.openai_base_url, api_key="local", max_retries=0)
     for batch in (texts[:1], texts):
-      system, user = build_prompt(stage, batch)
-      resp = client.chat.completions.create(
-          model="sel", messages=[{"role": "system", "content": system},
-                                 {"role": "user", "content": user}],
-          max_tokens=400, logprobs=True, top_logprobs=1)
-      choice = resp.choices[0]
-      tokens = tuple(TokenInfo(t.token, t.logprob, tuple((a.token, a.logprob)
-                                                         for a in t.top_logprobs))
-                     for t in choice.logprobs.content)
-      answers = parse_reply(stage, ModelReply(choice.message.content, tokens, Usage(0, 0),
-                                              "sel", choice.finish_reason), batch)
-      for text, answer in zip(batch, answers):
+      for text, answer in zip(batch, _ask_over_the_sdk(server, "sel", stage, batch)):
         summary, prob = selector.summarise(text, 6)
         assert len(summary.split()) == 6  # cut to max_words
         assert answer.error is None and answer.value == summary

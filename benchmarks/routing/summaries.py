@@ -56,17 +56,15 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import yaml
-from tierflow_local.standin_model import KeywordStandIn
-
 from benchmarks.routing.datasets import _cache_dir, _fetch_wheel
 from benchmarks.routing.loop import RESULTS_DIR, ROOT, _launch, _pct
+from benchmarks.routing.tiers import PerModelStandIn
 
 WHEEL = ("aclsum", "0.1.2")
 ASPECTS = ("challenge", "approach", "outcome")
@@ -172,21 +170,12 @@ class SentenceSelector:
     return " ".join(sentences[best].split()[:max_words]), float(proba[best])
 
 
-class SelectorResponder(KeywordStandIn):
+class SelectorResponder(PerModelStandIn):
   """Answers summarise prompts for ``request.model`` with that selector; its probability is
   on every token of the summary. Anything else gets the keyword stand-in's answers."""
 
-  def __init__(self, selectors: dict):
-    super().__init__()
-    self.selectors = dict(selectors)
-    self._local = threading.local()  # the server answers on several threads
-
-  def __call__(self, request):
-    self._local.selector = self.selectors.get(request.model)
-    return super().__call__(request)
-
   def summarise_scored(self, text, max_words):
-    selector = getattr(self._local, "selector", None)
+    selector = self.tier
     if selector is None:
       return super().summarise_scored(text, max_words)
     return selector.summarise(text, max_words)

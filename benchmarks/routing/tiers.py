@@ -28,7 +28,7 @@ import json
 import math
 import threading
 import time
-from typing import Mapping, Optional, Protocol, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -213,7 +213,29 @@ def ranked_logprobs(model_labels: Sequence[str], proba: np.ndarray, labels: Sequ
   return [(labels[j], math.log(p[j])) for j in order]
 
 
-class ClassifierResponder(KeywordStandIn):
+class PerModelStandIn(KeywordStandIn):
+  """The keyword stand-in, with a benchmark tier answering for each model name in
+  ``models``: a subclass overrides the kind of answer its tiers give and reads the tier of
+  the request being answered as ``self.tier`` (None: the keyword stand-in answers)."""
+
+  def __init__(self, models: Mapping[str, Any], **kwargs):
+    super().__init__(**kwargs)
+    self.models = dict(models)
+    self._local = threading.local()  # the server answers on several threads
+
+  @property
+  def tier(self) -> Any:
+    return getattr(self._local, "model", None)
+
+  def __call__(self, request: ProviderRequest) -> Completion:
+    self._local.model = self.models.get(request.model)
+    try:
+      return super().__call__(request)
+    finally:
+      self._local.model = None
+
+
+class ClassifierResponder(PerModelStandIn):
   """Answers classify prompts for ``request.model`` in ``models`` with that model.
 
   The label is the argmax of ``predict_proba`` and its first token carries the ranked
@@ -222,22 +244,16 @@ class ClassifierResponder(KeywordStandIn):
   models, and summarise / extract prompts, get ``KeywordStandIn``'s answers.
   """
 
-  def __init__(self, models: Mapping[str, Tier], **kwargs):
-    super().__init__(**kwargs)
-    self.models = dict(models)
-    self._local = threading.local()  # the server answers on several threads
-
   def __call__(self, request: ProviderRequest) -> Completion:
-    self._local.model = self.models.get(request.model)
     self._local.records = [text for _, text in self._records(request.last_user_text)]
     self._local.proba = None
     try:
       return super().__call__(request)
     finally:
-      self._local.model = self._local.records = self._local.proba = None
+      self._local.records = self._local.proba = None
 
   def classify(self, labels: list[str], text: str) -> tuple[str, list[tuple[str, float]]]:
-    model = getattr(self._local, "model", None)
+    model = self.tier
     if model is None:
       return super().classify(labels, text)
     records = getattr(self._local, "records", None) or []
