@@ -154,6 +154,8 @@ def ledger_row(routed: RoutedRecord, config, book: PriceBook,
         "small_cost_usd": small_cost,
         "small_billing_mode": small.billing if small else None,
         "small_answer": kind.answer_text(small.value) if (small and small.ok) else None,
+        "small_field_confidence": (kind.field_confidence_text(small.value)
+                                   if (small and small.ok) else None),
         "small_error": small.error if small else None,
         "frontier_model": frontier.model if frontier else None,
         "frontier_input_tokens": fu.input_tokens, "frontier_output_tokens": fu.output_tokens,

@@ -133,6 +133,10 @@ class StageKind:
     """An answer as text for the ledger (``small_answer``)."""
     return None if value is None else str(value)
 
+  def field_confidence_text(self, value: Any) -> Optional[str]:
+    """Per-field confidences as JSON for the ledger (``small_field_confidence``), or None."""
+    return None
+
   # --- scoring against labels (calibration and the report) ---------------------------
   scored: ClassVar[bool] = True  # exact-match scoring applies to this kind
 
@@ -419,6 +423,11 @@ class Extract(StageKind):
     if value is None:
       return None
     return json.dumps(value.get("fields"), ensure_ascii=False, sort_keys=True)
+
+  def field_confidence_text(self, value: Any) -> Optional[str]:
+    if value is None or value.get("field_confidence") is None:
+      return None
+    return json.dumps(value["field_confidence"], sort_keys=True)
 
   @classmethod
   def default_label_fields(cls, stage_name, label_columns, answers) -> list[str]:

@@ -83,6 +83,37 @@ def test_an_extraction_router_reads_the_null_fields_the_same_from_the_value_and_
   assert _auroc(router.scores(c2, v2), ok2) > _auroc(c2, ok2) + 0.05
 
 
+def test_an_extraction_router_uses_each_fields_confidence_from_the_ledger():
+  """The stage's confidence is the least field confidence; when one field's confidence says
+  more about being wrong than the other's, a router that has them (the ledger's
+  small_field_confidence) ranks errors better than one with the least alone, and scores the
+  pipeline's value as it scored the ledger's row. Its file keeps the fields."""
+  from tierflow.learned_router import ledger_answer
+
+  def world(rng, n):
+    p_to, p_day = 0.5 + 0.5 * rng.random(n), 0.5 + 0.5 * rng.random(n)
+    wrong = rng.random(n) < 0.7 * (1 - p_to) + 0.02 * (1 - p_day)
+    values = [{"fields": {"to_city": "denver", "day": "monday"},
+               "field_confidence": {"to_city": float(a), "day": float(b)}}
+              for a, b in zip(p_to, p_day)]
+    return np.minimum(p_to, p_day), values, ~wrong
+
+  rng = np.random.default_rng(5)
+  c, values, ok = world(rng, 1500)
+  rows = [ledger_answer(json.dumps(v["fields"], sort_keys=True),
+                        json.dumps(v["field_confidence"], sort_keys=True)) for v in values]
+  router, scores = fit_cross(c, rows, ok)
+  assert router.fields == ("day", "to_city")
+  for i in range(0, 1500, 149):
+    assert router.score(c[i], values[i]) == pytest.approx(scores[i])
+  plain, _ = fit_cross(c, [json.dumps(v["fields"]) for v in values], ok)  # without them
+  assert plain.fields == ()
+  c2, v2, ok2 = world(rng, 20000)
+  assert _auroc(router.scores(c2, v2), ok2) > _auroc(plain.scores(c2, v2), ok2) + 0.05
+  again = LearnedRouter.from_dict(json.loads(json.dumps(router.to_dict())))
+  assert again == router and "fields" not in plain.to_dict()
+
+
 def test_the_router_survives_the_calibration_file_and_bad_ones_are_refused(tmp_path):
   rng = np.random.default_rng(1)
   c, answers, ok = _world(rng, 600)

@@ -86,6 +86,13 @@ def test_every_record_is_answered_with_a_full_ledger(run_tickets, read_duckdb):
         assert s["final_tier"] == "frontier" and s["escalation_reason"]
       elif s["escalation_reason"] is None:
         assert s["confidence"] >= s["threshold"] and s["final_tier"] == "small"
+      if s["kind"] == "extract" and s["small_answer"] is not None:
+        # per-field confidences, of the answer's fields, the least being the stage's
+        fc = json.loads(s["small_field_confidence"])
+        assert set(fc) == set(json.loads(s["small_answer"]))
+        assert min(fc.values()) == pytest.approx(s["confidence"])
+      else:
+        assert s["small_field_confidence"] is None
   assert any(r["escalated"] for r in rows) and not all(r["escalated"] for r in rows)
   savings = read_duckdb(f"{out}/results", "SELECT sum(frontier_only_cost_usd) - sum(cost_usd) "
                         "AS saved FROM t")

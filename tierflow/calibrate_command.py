@@ -57,7 +57,7 @@ class StageSample:
   frontier_cost: np.ndarray
   small_models: tuple
   no_confidence: int
-  answers: tuple = ()  # the small tier's answer text per record (a learned router's input)
+  answers: tuple = ()  # per record, a learned router's input (``ledger_answer``)
 
   @property
   def n(self) -> int:
@@ -105,7 +105,10 @@ def stage_samples(output_dir: str, labels: str, *,
     small_cost = np.nan_to_num(stage.col("small_cost_usd")[use])
     frontier_cost = np.nan_to_num(stage.col("frontier_only_cost_usd")[use])
     models = tuple(sorted({str(m) for m in stage.col("small_model")[use] if m}))
-    answers = tuple(None if a is None else str(a) for a in stage.col("small_answer")[use])
+    from tierflow.learned_router import ledger_answer
+    answers = tuple(ledger_answer(None if a is None else str(a), f)
+                    for a, f in zip(stage.col("small_answer")[use],
+                                    stage.col("small_field_confidence")[use]))
     out[name] = StageSample(name, stage.kind, conf, correct, small_cost, frontier_cost, models,
                             int(missing.sum()), answers)
     if missing.any():

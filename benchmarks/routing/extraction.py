@@ -244,6 +244,7 @@ def read_extractions(output_dir: str) -> dict[str, dict]:
   for i, doc_id in enumerate(run.records["_id:doc_id"]):
     out[str(doc_id)] = {
         "small": as_object(stage.col("small_answer")[i]),
+        "field_confidence": as_object(stage.col("small_field_confidence")[i]),
         "confidence": float(stage.col("confidence")[i]),
         "small_cost": float(np.nan_to_num(stage.col("small_cost_usd")[i])),
         "frontier_cost": float(np.nan_to_num(stage.col("frontier_cost_usd")[i])),
@@ -337,9 +338,12 @@ def run(*, alphas: Sequence[float], delta: float, splits: int, seed: int, calib_
   t0_ = np.array([pos[data[i].doc_id] for i in test0])
   n_cal = len(calib0)
   answers = halves = None
-  if router:  # the router's input: the small tier's extraction, as the ledger holds it
+  if router:  # the router's input: the small tier's extraction and its fields' confidences
     from tierflow.learned_router import half_of
-    answers = np.array([small[d]["small"] for d in ids], dtype=object)
+    answers = np.array([None if small[d]["small"] is None else
+                        {"fields": small[d]["small"],
+                         "field_confidence": small[d]["field_confidence"] or {}}
+                        for d in ids], dtype=object)
     halves = np.array([half_of(0.0 if np.isnan(c) else c, a) for c, a in zip(conf, answers)])
   results = evaluate_alphas(conf, small_ok, upper_ok, small_cost, upper_cost, c0, t0_,
                             alphas=alphas, delta=delta, splits=splits, seed=seed,
