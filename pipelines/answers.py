@@ -91,8 +91,9 @@ def numbers_in(source: str) -> set[float]:
 
 
 def grounded_number(value: float, source: str) -> bool:
-  """The number is written in the source (to the cent)."""
-  return any(abs(value - n) < 0.005 for n in numbers_in(source))
+  """The number is written in the source (to the cent; a sign may be only in words, as in
+  "a refund of $20" read as -20)."""
+  return any(abs(abs(value) - n) < 0.005 for n in numbers_in(source))
 
 
 def grounded(value: str, source: str) -> bool:

@@ -119,6 +119,7 @@ def test_summary_quality_checks():
     ("Refund of 1,234.50 EUR please", 1234.5, True),
     ("Erstattung von 19,99 EUR", 19.99, True),
     ("Charged 189 USD for the oven", 189.0, True),
+    ("Please refund the $20 you took", -20.0, True),
     ("My order NW-51033 never came", 10.0, False),  # "10" inside another number
     ("Charged 12.5 twice", 125.0, False),
 ])
