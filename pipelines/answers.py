@@ -11,8 +11,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from tierflow.connectors.llm_clients import ModelReply, TokenInfo
 
-__all__ = ["Answer", "gm_prob", "grounded", "grounded_number", "json_objects", "seq_prob", "span_tokens",
-           "token_offsets", "value_span", "verbalised", "WORD"]
+__all__ = ["Answer", "gm_prob", "grounded", "grounded_number", "json_objects", "seq_prob",
+           "span_tokens", "token_offsets", "value_span", "verbalised", "WORD"]
 
 WORD = re.compile(r"[^\W_]+", re.UNICODE)
 

@@ -498,6 +498,16 @@ def selective_risk(confidence: Sequence[float], correct: Sequence[bool],
   return None if k == 0 else float((~ok[accepted]).sum()) / k
 
 
+def _expected_cost_per_1k(costs: Optional[tuple], c: np.ndarray,
+                          threshold: float) -> Optional[float]:
+  """Cost per 1k records of the calibration sample at ``threshold`` (every record pays the
+  small tier; those below it, the frontier too), or None without ``costs``."""
+  if costs is None:
+    return None
+  escalated = ~(c >= threshold)
+  return 1000.0 * float(np.mean(costs[0] + costs[1] * escalated))
+
+
 def _conformal_risk_control(c: np.ndarray, k: np.ndarray, e: np.ndarray, n: int,
                             grid: np.ndarray, alpha: float, delta: float, costs,
                             stage: Optional[str]) -> "StageCalibration":
@@ -520,17 +530,14 @@ def _conformal_risk_control(c: np.ndarray, k: np.ndarray, e: np.ndarray, n: int,
               f"E[share of records kept with a wrong answer] <= {alpha:g} at threshold "
               f"{threshold:g} ({k_acc}/{n} kept, {e_acc} wrong; bound "
               f"({e_acc} + 1) / ({n} + 1) = {(e_acc + 1) / (n + 1):.4f})")
-  cost = None
-  if costs is not None:
-    escalated = ~(c >= threshold)
-    cost = 1000.0 * float(np.mean(costs[0] + costs[1] * escalated))
   return StageCalibration(
       stage=stage, threshold=threshold, alpha=alpha, delta=delta, n=n, certified=certified,
       reason=reason, coverage=k_acc / n, escalation_rate=1.0 - k_acc / n,
       empirical_risk=(e_acc / k_acc) if k_acc else None,
       risk_upper_bound=(e_acc + 1) / (n + 1) if certified else None,
       n_accepted=k_acc, n_errors=e_acc, p_value=None,
-      min_n_to_certify=math.ceil(1 / alpha - 1), method="crc", expected_cost_per_1k=cost)
+      min_n_to_certify=math.ceil(1 / alpha - 1), method="crc",
+      expected_cost_per_1k=_expected_cost_per_1k(costs, c, threshold))
 
 
 def calibrate_threshold(
@@ -646,16 +653,13 @@ def calibrate_threshold(
     ucb = _upper_bound(k_acc, e_acc, level, method)
     p = _p_value(k_acc, e_acc, alpha, method)
   coverage = k_acc / n
-  cost = None
-  if costs is not None:
-    escalated = ~(c >= threshold)
-    cost = 1000.0 * float(np.mean(costs[0] + costs[1] * escalated))
   return StageCalibration(
       stage=stage, threshold=threshold, alpha=alpha, delta=delta, n=n,
       certified=chosen is not None, reason=reason, coverage=coverage,
       escalation_rate=1.0 - coverage, empirical_risk=emp, risk_upper_bound=ucb,
       n_accepted=k_acc, n_errors=e_acc, p_value=p, min_n_to_certify=k_min,
-      method=method, expected_cost_per_1k=cost, labels_to_certify=need)
+      method=method, expected_cost_per_1k=_expected_cost_per_1k(costs, c, threshold),
+      labels_to_certify=need)
 
 
 # ---------------------------------------------------------------- the file

@@ -107,6 +107,7 @@ def _features(confidence: np.ndarray, answers: Sequence[Any], labels: Sequence[s
   onehot = np.zeros((len(c), len(labels)))
   per_field = np.full((len(c), len(fields)), np.log(1e-6))
   for i, a in enumerate(answers):
+    a = _value(a)  # the ledger's JSON text parsed once for both reads below
     for category in answer_key(a):
       j = col.get(category)
       if j is not None:

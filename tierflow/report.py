@@ -432,7 +432,8 @@ def _quality_notes(scores: Mapping[str, StageScores], run: RunData) -> list[str]
         "(see frontier_assumed_correct); escalate_all_small_wrong_cost_usd also escalates "
         "records where both tiers were observed wrong",
         "threshold curve: at threshold t the stage escalates records with small confidence "
-        "(or, where a learned router decided, its score) < t plus, at every t, small-tier failures and records without a confidence (as the "
+        "(or, where a learned router decided, its score) < t plus, at every t, small-tier "
+        "failures and records without a confidence (as the "
         "pipeline does); the budget cap is ignored; cost = small cost of all + "
         "frontier_only_cost_usd of escalated; PARTLY ESTIMATED: for records not escalated "
         "in the run the frontier's correctness is unknown and is set to the observed "
