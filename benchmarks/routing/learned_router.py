@@ -7,8 +7,9 @@ The routing benchmark's pools and small tiers (seed 0). Two questions:
 1. Ranking: over 5 folds of the pool (fit on 4, score the 5th; means over the folds),
    does a router fitted on the features a run's ledger holds (the confidence, log(1 -
    confidence) and the answer; ``--full-features`` adds the margin to the second label,
-   the entropy, every label's log-probability and the log text length) rank the small tier's errors better than the top probability (AUROC),
-   and how much of a fold could it keep at error <= alpha in hindsight?
+   the entropy, every label's log-probability and the log text length) rank the small
+   tier's errors better than the top probability (AUROC), and how much of a fold could it
+   keep at error <= alpha in hindsight?
 2. End to end, with the guarantee kept: the router is fitted on half of the 500
    calibration labels and the threshold certified (``calibrate_threshold``) on the other
    half, disjoint, so the finite-sample guarantee holds; the raw probability is certified on

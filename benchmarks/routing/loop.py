@@ -92,27 +92,36 @@ class Endpoint:
     return self.model not in (SMALL_MODEL, UPPER_MODEL)
 
 
-def bench_config(ds, small: Endpoint, upper: Endpoint, path: str, *, small_price: str,
-                 upper_price: str, threshold: float = 0.5, batch_size: int = 8) -> str:
-  """The documents config with one classify stage over the dataset's labels."""
+def write_config(path: str, name: str, stage: Mapping[str, Any], small: Mapping[str, Any],
+                 frontier: Mapping[str, Any]) -> str:
+  """The bundled documents config with ``stage`` as its only stage and its tiers updated
+  with ``small`` and ``frontier`` (no budget; two requests in flight and two retries unless
+  given), written to ``path``. Every routing benchmark builds its configs here."""
   config = yaml.safe_load((ROOT / "tierflow/data/documents.yaml").read_text())
-  config["name"] = f"routing-{ds.name}"
+  config["name"] = name
   config["budget_usd"] = None
-  config["models"]["small"].update(
-      provider=small.provider, base_url=small.base_url, model=small.model,
-      api_key_env=small.api_key_env, price_as=small_price, batch_size=batch_size,
-      concurrency=2, max_retries=2, logprobs=small.provider == "openai",
-      top_logprobs=min(10, len(ds.labels)))
-  config["models"]["frontier"].update(
-      provider=upper.provider, base_url=upper.base_url, model=upper.model,
-      api_key_env=upper.api_key_env, price_as=upper_price, batch_size=batch_size,
-      concurrency=2, max_retries=2)
-  config["stages"] = [{"name": "classify", "kind": "classify",
-                       "instructions": INSTRUCTIONS.get(ds.name, "You classify documents."),
-                       "labels": list(ds.labels), "threshold": threshold}]
+  for tier, given in (("small", small), ("frontier", frontier)):
+    config["models"][tier].update({"concurrency": 2, "max_retries": 2, **given})
+  config["stages"] = [dict(stage)]
   with open(path, "w", encoding="utf-8") as f:
     yaml.safe_dump(config, f, sort_keys=False)
   return path
+
+
+def bench_config(ds, small: Endpoint, upper: Endpoint, path: str, *, small_price: str,
+                 upper_price: str, threshold: float = 0.5, batch_size: int = 8) -> str:
+  """The documents config with one classify stage over the dataset's labels."""
+  return write_config(
+      path, f"routing-{ds.name}",
+      {"name": "classify", "kind": "classify",
+       "instructions": INSTRUCTIONS.get(ds.name, "You classify documents."),
+       "labels": list(ds.labels), "threshold": threshold},
+      small=dict(provider=small.provider, base_url=small.base_url, model=small.model,
+                 api_key_env=small.api_key_env, price_as=small_price, batch_size=batch_size,
+                 logprobs=small.provider == "openai", top_logprobs=min(10, len(ds.labels))),
+      frontier=dict(provider=upper.provider, base_url=upper.base_url, model=upper.model,
+                    api_key_env=upper.api_key_env, price_as=upper_price,
+                    batch_size=batch_size))
 
 
 def _launch(pipeline: str, argv: Sequence[str]) -> float:
@@ -124,21 +133,24 @@ def _launch(pipeline: str, argv: Sequence[str]) -> float:
   return time.perf_counter() - t0
 
 
-def read_ledger(output_dir: str) -> dict[str, dict[str, Any]]:
-  """doc_id -> the classify stage's small answer/confidence/cost, final answer and tier."""
+def read_ledger(output_dir: str, stage_name: str = "classify",
+                output: str = "label") -> dict[str, dict[str, Any]]:
+  """doc_id -> a stage's small answer (and per-field confidences, as the ledger's text),
+  confidence and costs, and the record's final answer (column ``output``) and tier."""
   from tierflow.results import read_run
   run = read_run(output_dir)
-  stage = next(s for s in run.stages if s.name == "classify")
+  stage = next(s for s in run.stages if s.name == stage_name)
   ids = run.records["_id:doc_id"]
   out = {}
   for i, doc_id in enumerate(ids):
     out[str(doc_id)] = {
         "small_answer": stage.col("small_answer")[i],
+        "small_field_confidence": stage.col("small_field_confidence")[i],
         "confidence": float(stage.col("confidence")[i]),
         "small_cost": float(np.nan_to_num(stage.col("small_cost_usd")[i])),
         "frontier_cost": float(np.nan_to_num(stage.col("frontier_cost_usd")[i])),
         "frontier_only_cost": float(np.nan_to_num(stage.col("frontier_only_cost_usd")[i])),
-        "final": run.records["label"][i],
+        "final": run.records[output][i],
         "final_tier": stage.col("final_tier")[i],
         "status": run.records["status"][i],
     }

@@ -61,9 +61,9 @@ import zipfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import yaml
 from benchmarks.routing.datasets import _cache_dir, _fetch_wheel
-from benchmarks.routing.loop import RESULTS_DIR, ROOT, _launch, _pct
+from benchmarks.routing.loop import (RESULTS_DIR, ROOT, _launch, _pct, read_ledger,
+                                     write_config)
 from benchmarks.routing.tiers import PerModelStandIn
 
 WHEEL = ("aclsum", "0.1.2")
@@ -185,39 +185,19 @@ class SelectorResponder(PerModelStandIn):
 
 
 def bench_config(path: str, small: dict, upper_url: str, threshold: float) -> str:
-  config = yaml.safe_load((ROOT / "tierflow/data/documents.yaml").read_text())
-  config["name"] = "routing-aclsum-summarise"
-  config["budget_usd"] = None
-  config["models"]["small"].update(
-      provider="openai", api_key_env="", price_as="gpt-5-nano", concurrency=2, max_retries=2,
-      logprobs=True, **small)
-  config["models"]["frontier"].update(
-      provider="anthropic", base_url=upper_url, model=UPPER_SELECTOR, api_key_env="",
-      price_as="claude-sonnet-4-6", batch_size=8, concurrency=2, max_retries=2)
-  config["stages"] = [{"name": "summarise", "kind": "summarise", "instructions": INSTRUCTIONS,
-                       "max_words": MAX_WORDS, "threshold": threshold}]
-  with open(path, "w", encoding="utf-8") as f:
-    yaml.safe_dump(config, f, sort_keys=False)
-  return path
+  return write_config(
+      path, "routing-aclsum-summarise",
+      {"name": "summarise", "kind": "summarise", "instructions": INSTRUCTIONS,
+       "max_words": MAX_WORDS, "threshold": threshold},
+      small=dict(provider="openai", api_key_env="", price_as="gpt-5-nano", logprobs=True,
+                 **small),
+      frontier=dict(provider="anthropic", base_url=upper_url, model=UPPER_SELECTOR,
+                    api_key_env="", price_as="claude-sonnet-4-6", batch_size=8))
 
 
 def read_summaries(output_dir: str) -> dict[str, dict]:
-  """doc_id -> the summarise stage's small answer, confidence, costs, final answer and tier."""
-  from tierflow.results import read_run
-  run = read_run(output_dir)
-  stage = next(s for s in run.stages if s.name == "summarise")
-  out = {}
-  for i, doc_id in enumerate(run.records["_id:doc_id"]):
-    conf = stage.col("confidence")[i]
-    out[str(doc_id)] = {
-        "small": stage.col("small_answer")[i],
-        "confidence": float("nan") if conf is None else float(conf),
-        "small_cost": float(np.nan_to_num(stage.col("small_cost_usd")[i])),
-        "frontier_cost": float(np.nan_to_num(stage.col("frontier_cost_usd")[i])),
-        "final": run.records["summary"][i],
-        "final_tier": stage.col("final_tier")[i],
-    }
-  return out
+  """doc_id -> the summarise stage's ledger (``read_ledger``)."""
+  return read_ledger(output_dir, "summarise", "summary")
 
 
 def rouge(summaries: Sequence[Optional[str]], papers: Sequence[Paper]) -> np.ndarray:
@@ -310,7 +290,7 @@ def run(*, small_tier: str, work: str, keep_reports: str, small_train: int = SMA
   small_run, upper_run, routed_run = (read_summaries(outs[k]) for k in
                                       ("small_only", "frontier_only", "routed"))
   ids = [p.doc_id for p in pool]
-  small_answers = [small_run[d]["small"] for d in ids]
+  small_answers = [small_run[d]["small_answer"] for d in ids]
   upper_answers = [upper_run[d]["final"] if upper_run[d]["final_tier"] == "frontier" else None
                    for d in ids]
   small_q, upper_q = rouge(small_answers, pool), rouge(upper_answers, pool)
@@ -324,11 +304,11 @@ def run(*, small_tier: str, work: str, keep_reports: str, small_train: int = SMA
   # for the rest; with a deterministic small tier its answers must be the small-only run's.
   own_conf = np.array([routed_run[d]["confidence"] for d in ids])
   routed_esc = np.array([routed_run[d]["final_tier"] != "small" for d in ids])
-  finals = [routed_run[d]["small"] if not e else upper_run[d]["final"]
+  finals = [routed_run[d]["small_answer"] if not e else upper_run[d]["final"]
             for d, e in zip(ids, routed_esc)]
-  small_differ = sum(routed_run[d]["small"] != small_run[d]["small"] for d in ids)
+  small_differ = sum(routed_run[d]["small_answer"] != small_run[d]["small_answer"] for d in ids)
   routed_q = rouge([routed_run[d]["final"] for d in ids], pool)
-  own = evaluate(own_conf, rouge([routed_run[d]["small"] for d in ids], pool), upper_q,
+  own = evaluate(own_conf, rouge([routed_run[d]["small_answer"] for d in ids], pool), upper_q,
                  small_cost, upper_cost, PIPELINE_THRESHOLD)
   matches = bool(np.array_equal(routed_esc, ~(own_conf >= PIPELINE_THRESHOLD))
                  and finals == [routed_run[d]["final"] for d in ids]
