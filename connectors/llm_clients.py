@@ -351,7 +351,10 @@ class ModelClient:
     kwargs = dict(model=cfg.model, messages=[{"role": "system", "content": system},
                                              {"role": "user", "content": user}])
     if caps.temperature:
-      kwargs["temperature"] = 0.0 if cfg.temperature is None else cfg.temperature
+      if cfg.temperature is not None:
+        kwargs["temperature"] = cfg.temperature
+      elif cfg.samples == 1:  # several samples keep the model's own (sampling) default
+        kwargs["temperature"] = 0.0
     kwargs[caps.token_limit] = max_tokens + cfg.reasoning_allowance
     if caps.reasons:
       kwargs["reasoning_effort"] = cfg.effort

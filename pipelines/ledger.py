@@ -35,6 +35,8 @@ class TierOutcome:
   cost_usd: float = 0.0
   retried_alone: bool = False
   billing: str = "sync"  # or "batch": the provider's batch API, at its discount
+  # With several ``samples`` usage and cost are their sum; this is the kept answer's own.
+  sample_usage: Optional[Usage] = None
 
   @property
   def ok(self) -> bool:
@@ -126,8 +128,10 @@ def ledger_row(routed: RoutedRecord, config, book: PriceBook,
     frontier_cost = frontier.cost_usd if frontier else 0.0
     # What this stage would have cost on the frontier alone: its actual frontier cost
     # when it went there, else the small tier's tokens at frontier prices.
+    # (One answer's tokens: with several samples, the kept one's.)
     frontier_only = frontier_cost if (frontier is not None and frontier.ok) \
-        else frontier_price.cost(su, batch_api=bool(small and small.billing == "batch"))
+        else frontier_price.cost((small.sample_usage if small else None) or su,
+                                 batch_api=bool(small and small.billing == "batch"))
     stage_cost = small_cost + frontier_cost
     totals["cost"] += stage_cost
     totals["small"] += small_cost

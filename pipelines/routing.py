@@ -2,7 +2,9 @@
 
 ``Router`` routes a list of records (no Beam in it):
 
-    small tier, every stage at once   (packed requests, ``concurrency`` in flight)
+    small tier, every stage at once   (packed requests, ``concurrency`` in flight;
+                                       ``samples: k`` asks each pack k times and keeps
+                                       the answer they agree on: ``agreement``)
       -> decide escalations           (confidence < threshold, or a calibrated learned
                                        router's score < threshold, or the small call failed)
       -> frontier tier, in priority order while the budget pool can reserve them
@@ -48,6 +50,7 @@ from tierflow import progress, schemas
 from tierflow.config import RunConfig
 from tierflow.connectors.decode import DecodedBatch, dead_letter, dead_letter_table
 from tierflow.connectors.llm_clients import ModelCallError, ModelClient
+from tierflow.pipelines.agreement import combine
 from tierflow.pipelines.budget import Budget, BudgetPool, pool_for, strict_cost
 from tierflow.pipelines.ledger import (RoutedRecord, StageOutcome, TierOutcome, ledger_row,
                                        result_schema, row_json)
@@ -244,19 +247,22 @@ class Router:
              ) -> None:
     """Every stage's packs on the small tier, at once: one provider batch (``mode:
     batch``) or concurrent requests."""
+    model = self._models["small"]
     where = [(stage.name, pack) for stage in self.config.stages
-             for pack in _packs(range(len(texts)), self._models["small"].batch_size)]
-    jobs = [(name, [texts[i] for i in pack]) for name, pack in where]
-    if self._models["small"].mode == "batch":
+             for pack in _packs(range(len(texts)), model.batch_size)]
+    # ``samples: k`` asks every pack k times; answers[s * len(where) + j] is sample s of j.
+    jobs = [(name, [texts[i] for i in pack]) for name, pack in where] * model.samples
+    if model.mode == "batch":
       answers = self._batched("small", jobs, batch_key)
     else:
       ex = self._executors["small"]
       futures = [ex.submit(self._request, "small", name, pack_texts)
                  for name, pack_texts in jobs]
       answers = [future.result() for future in futures]
-    for (name, pack), (results, _) in zip(where, answers):
-      for i, outcome in zip(pack, results):
-        outcomes[i][name].small = outcome
+    for j, (name, pack) in enumerate(where):
+      samples = [answers[s * len(where) + j][0] for s in range(model.samples)]
+      for r, i in enumerate(pack):
+        outcomes[i][name].small = combine(self._kinds[name], [results[r] for results in samples])
 
   def _decide(self, outcomes: list[dict]) -> None:
     for record in outcomes:

@@ -34,10 +34,11 @@ its word limit is a failure or dropped, never written as given.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import re
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from tierflow.connectors.llm_clients import ModelReply, TokenInfo
 from tierflow.pipelines.answers import (WORD, Answer, gm_prob, grounded, grounded_number,
@@ -136,6 +137,17 @@ class StageKind:
   def field_confidence_text(self, value: Any) -> Optional[str]:
     """Per-field confidences as JSON for the ledger (``small_field_confidence``), or None."""
     return None
+
+  # --- self-consistency (several samples of one record: ``pipelines/agreement``) ------
+  def agreement(self, a: Any, b: Any) -> float:
+    """How far two answers to one record agree, 0..1 (1: the same answer)."""
+    return 1.0 if self.answer_text(a) == self.answer_text(b) else 0.0
+
+  def consistent(self, kept: Any, confidence: float, share: float,
+                 values: Sequence[Any], k: int) -> tuple[Any, float]:
+    """The kept answer and its confidence, given ``share`` (the ``k`` samples' agreement
+    with it, 0..1) and the valid samples' ``values`` (``kept`` among them)."""
+    return kept, confidence * share
 
   # --- scoring against labels (calibration and the report) ---------------------------
   scored: ClassVar[bool] = True  # exact-match scoring applies to this kind
@@ -429,6 +441,25 @@ class Extract(StageKind):
       return None
     return json.dumps(value["field_confidence"], sort_keys=True)
 
+  def agreement(self, a: Any, b: Any) -> float:
+    """The share of the configured fields on which two extractions agree."""
+    fa, fb = (v.get("fields") or {} if v else {} for v in (a, b))
+    names = list(self.stage.fields)
+    return sum(fa.get(n) == fb.get(n) for n in names) / max(1, len(names))
+
+  def consistent(self, kept, confidence, share, values, k):
+    """Per field: its confidence times the share of samples giving the same value; the
+    answer's: the least of those, and at most its own confidence times ``share``."""
+    fields, per_field = kept.get("fields") or {}, kept.get("field_confidence") or {}
+    agreed = {}
+    for name, p in per_field.items():
+      same = sum((v.get("fields") or {}).get(name) == fields.get(name) for v in values)
+      agreed[name] = p * same / k
+    conf = confidence * share
+    if agreed:
+      conf = min(conf, min(agreed.values()))
+    return {**kept, "field_confidence": agreed}, conf
+
   @classmethod
   def default_label_fields(cls, stage_name, label_columns, answers) -> list[str]:
     keys: set = set()
@@ -493,6 +524,15 @@ class Summarise(StageKind):
     src = set(WORD.findall(source.casefold()))
     overlap = sum(w in src for w in content) / len(content)
     return summary, min(1.0, overlap / 0.6), [f"grounding {overlap:.2f}"]
+
+  def agreement(self, a: Any, b: Any) -> float:
+    """Two summaries' overlap: F1 of their content words (ROUGE-1 without stop words)."""
+    wa, wb = (collections.Counter(w for w in WORD.findall((v or "").casefold())
+                                  if w not in _STOP and len(w) > 2) for v in (a, b))
+    common = sum((wa & wb).values())
+    if not common:
+      return 0.0
+    return 2 * common / (sum(wa.values()) + sum(wb.values()))
 
   def parse(self, obj, span, reply, offsets, source, bare) -> Answer:
     a, b = span

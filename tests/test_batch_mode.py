@@ -269,3 +269,23 @@ def test_batch_mode_with_several_worker_processes(broker, topic, server, tmp_pat
   assert len(rows) == 120 and {r["small_billing_mode"] for r in rows} == {"batch"}
   senders = {r.headers.get("x-tierflow-worker") for r in _posts(server, "/v1/batches")}
   print("batches", len(created), "from workers", senders)
+
+
+def test_samples_go_in_the_same_batch_and_are_all_billed(broker, topic, server, tmp_path,
+                                                         read_duckdb):
+  name = topic(partitions=1)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:12])
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  assert _small_batched(broker, name, one, _config(tmp_path, server)).exit_code == 0
+  server.reset_stats()
+  summary = _small_batched(broker, name, two, _config(tmp_path, server, samples=2))
+  assert summary.exit_code == 0 and summary.rows_written == 12
+  # One small batch per offset batch, carrying both samples of every pack.
+  assert len(_posts(server, "/v1/batches")) == summary.metrics["tierflow.kafka.batches_read"]
+  a, b = _stages(read_duckdb, one), _stages(read_duckdb, two)
+  assert [(r["ticket_id"], r["stage"]) for r in a] == [(r["ticket_id"], r["stage"]) for r in b]
+  for x, y in zip(a, b):
+    assert y["small_billing_mode"] == "batch" and y["confidence_signal"] == "agreement"
+    assert y["small_input_tokens"] == 2 * x["small_input_tokens"]
+    assert y["small_cost_usd"] == pytest.approx(2 * x["small_cost_usd"])
+    assert y["small_answer"] == x["small_answer"]  # the stand-in answers alike

@@ -81,6 +81,8 @@ def test_run_mode_certifies_thresholds_that_match_an_independent_computation(
   assert cal.stages["extract"].alpha == 0.3
   assert c.expected_cost_per_1k > 0
   assert "small model(s)=small" in cal.source
+  # The threshold holds for the signal it was calibrated on: the file says which.
+  assert cal.source.endswith("; confidence signal(s)=logprob")
   assert f"threshold {c.threshold:g}" in printed
 
 

@@ -227,3 +227,20 @@ def test_the_summaries_benchmark_runs_on_a_few_abstracts(tmp_path):
   assert list(r["by_threshold"]) == [f"{t:g}" for t in THRESHOLDS]
   assert 0 < r["small_only_cost_per_1k"] < r["frontier_only_cost_per_1k"]
   assert (tmp_path / "reports/aclsum-summarise-selector/report.html").is_file()
+
+
+def test_agreement_benchmark_measures_against_an_independent_computation():
+  from sklearn.metrics import roc_auc_score
+  from benchmarks.routing.agreement import auroc, measure, selective_accuracy
+  rng = np.random.default_rng(4)
+  conf = np.round(rng.random(200), 1)  # ties, as three samples' shares give
+  ok = rng.random(200) < conf
+  assert auroc(conf, ok) == pytest.approx(roc_auc_score(ok, conf))
+  assert auroc(conf, np.ones(200, bool)) is None
+  # The most confident half, ties in record order.
+  order = sorted(range(200), key=lambda i: (-conf[i], i))[:100]
+  assert selective_accuracy(conf, ok, 0.5) == pytest.approx(ok[order].mean())
+  valid = conf > 0.05
+  m = measure(conf, ok, valid, np.full(200, 2e-5))
+  assert m["valid"] == valid.sum() and m["small_cost_per_1k_usd"] == pytest.approx(0.02)
+  assert m["auroc_valid"] == pytest.approx(roc_auc_score(ok[valid], conf[valid]))

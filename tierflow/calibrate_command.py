@@ -58,6 +58,7 @@ class StageSample:
   small_models: tuple
   no_confidence: int
   answers: tuple = ()  # per record, a learned router's input (``ledger_answer``)
+  signals: tuple = ()  # the confidence signals seen (logprob, verbalised, agreement, ...)
 
   @property
   def n(self) -> int:
@@ -105,12 +106,13 @@ def stage_samples(output_dir: str, labels: str, *,
     small_cost = np.nan_to_num(stage.col("small_cost_usd")[use])
     frontier_cost = np.nan_to_num(stage.col("frontier_only_cost_usd")[use])
     models = tuple(sorted({str(m) for m in stage.col("small_model")[use] if m}))
+    signals = tuple(sorted({str(m) for m in stage.col("confidence_signal")[use] if m}))
     from tierflow.learned_router import ledger_answer
     answers = tuple(ledger_answer(None if a is None else str(a), f)
                     for a, f in zip(stage.col("small_answer")[use],
                                     stage.col("small_field_confidence")[use]))
     out[name] = StageSample(name, stage.kind, conf, correct, small_cost, frontier_cost, models,
-                            int(missing.sum()), answers)
+                            int(missing.sum()), answers, signals)
     if missing.any():
       notes.append(f"stage {name}: {int(missing.sum())} records have no small-tier confidence "
                    f"(failed or no signal); counted as confidence 0 and wrong (they always "
@@ -182,7 +184,11 @@ def calibrate_output(output_dir: str, labels: str, *, alpha: Optional[float] = N
   models = sorted({m for s in samples.values() for m in s.small_models})
   src = source or (f"labels={os.path.abspath(labels)}; small-tier outputs="
                    f"{os.path.abspath(output_dir)}")
-  src += f"; small model(s)={','.join(models) or '?'}"
+  signals = sorted({g for s in samples.values() for g in s.signals})
+  # A threshold holds for the signal it was calibrated on: run with the same small tier
+  # settings (model, logprobs, samples).
+  src += (f"; small model(s)={','.join(models) or '?'}; "
+          f"confidence signal(s)={','.join(signals) or '?'}")
   return Calibration.create(results, data, source=src), notes
 
 

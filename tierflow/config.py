@@ -89,8 +89,14 @@ class ModelConfig(_Strict):
     max_retries: retries of a failed request (they honour ``retry-after``).
     logprobs: ask for token logprobs; default: where the model returns them. Without
       them the stages ask the model to state its confidence (``verbalised``).
-    temperature: default 0 where the model takes a temperature; models that take only
-      their default (GPT-5 family, o-series, Claude) get none.
+    temperature: default 0 where the model takes a temperature (its own default when
+      ``samples`` > 1); models that take only their default (GPT-5 family, o-series,
+      Claude) get none.
+    samples: small tier only: answers asked per record (that many requests per pack,
+      each billed). With more than one, the answer kept is the one the others agree
+      with most, and its confidence is the share of samples agreeing with it times their
+      mean own confidence (logprob or verbalised): self-consistency, a signal for models
+      without logprobs (``pipelines/agreement.py``). Not with temperature 0.
     reasoning_effort: for reasoning models; default their cheapest (``minimal`` on
       gpt-5/-mini/-nano, ``none`` on gpt-5.1+, ``low`` on o-series).
     reasoning_tokens: tokens allowed for reasoning on top of the answer (reasoning
@@ -125,6 +131,7 @@ class ModelConfig(_Strict):
   logprobs: Optional[bool] = None
   top_logprobs: int = Field(10, ge=0, le=20)
   temperature: Optional[float] = Field(None, ge=0, le=2)
+  samples: int = Field(1, ge=1, le=8)
   reasoning_effort: Optional[str] = None
   reasoning_tokens: Optional[int] = Field(None, ge=0)
   breaker_failures: int = Field(5, ge=0)
@@ -151,6 +158,9 @@ class ModelConfig(_Strict):
                        "verbalised) or use a model that has them")
     if self.temperature is not None and not caps.temperature and self.temperature != 1:
       raise ValueError(f"{who} takes only its default temperature: drop temperature")
+    if self.samples > 1 and self.temperature == 0:
+      raise ValueError(f"samples: {self.samples} needs sampling, and temperature 0 gives "
+                       "the same answer each time: drop temperature or set it above 0")
     if self.reasoning_effort is not None:
       if not caps.reasons:
         raise ValueError(f"{who} does not reason: drop reasoning_effort")
@@ -284,6 +294,9 @@ class RunConfig:
                        f"{kinds}")
     if self.budget_usd is not None and self.budget_usd < 0:
       raise ValueError("budget_usd must be >= 0")
+    if self.frontier.samples != 1:
+      raise ValueError("samples apply to the small tier, whose confidence decides "
+                       "escalation: drop samples from the frontier model")
 
   def stage(self, name: str) -> StageConfig:
     for s in self.stages:

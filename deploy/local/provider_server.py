@@ -1457,6 +1457,10 @@ def _parser() -> argparse.ArgumentParser:
                            "it knows (repeatable)")
   parser.add_argument("--no-emulate", action="store_true",
                       help="accept any request shape for every model")
+  parser.add_argument("--sampling", action="store_true",
+                      help="draw each label from the stand-in's label distribution at the "
+                           "request's temperature (default 1), as a sampling model does; "
+                           "for trying the small tier's samples")
   parser.add_argument("--log-level", default="INFO")
   return parser
 
@@ -1475,7 +1479,7 @@ def _server_from_args(
     limits.setdefault(model, RateLimit()).tpm = tpm
   from tierflow_local.standin_model import KeywordStandIn  # answers tierflow's stage prompts
   return LocalProviderServer(
-    KeywordStandIn(),
+    KeywordStandIn(sampling=args.sampling),
     host=args.host, port=args.port, models=args.models or DEFAULT_MODELS,
     openai_api_key=key, anthropic_api_key=key, latency_seconds=args.latency,
     rate_limits=limits, faults=args.fault,

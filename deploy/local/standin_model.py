@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 from typing import Any, Mapping, Optional
 
@@ -88,9 +89,24 @@ def _softmax_top(scores: Mapping[str, float]) -> list[tuple[str, float]]:
 class KeywordStandIn:
   """Responder for ``LocalProviderServer``: parses tierflow prompts, answers them."""
 
-  def __init__(self, keywords: Optional[Mapping[str, tuple]] = None, sharpness: float = 1.5):
+  def __init__(self, keywords: Optional[Mapping[str, tuple]] = None, sharpness: float = 1.5,
+               *, sampling: bool = False, seed: int = 0):
+    """``sampling``: a label is drawn from the label distribution at the request's
+    temperature (default 1; 0 picks the top label), as a sampling model does, instead of
+    always the top label."""
     self.keywords = dict(DEFAULT_KEYWORDS if keywords is None else keywords)
     self.sharpness = sharpness
+    self.sampling = sampling
+    self._rng = random.Random(seed)
+
+  def _sampled(self, ranked: list[tuple[str, float]], temperature: float
+               ) -> list[tuple[str, float]]:
+    """``ranked`` with the label drawn at ``temperature`` first."""
+    if not self.sampling or temperature <= 0:
+      return ranked
+    weights = [math.exp(lp / temperature) for _, lp in ranked]
+    drawn = self._rng.choices(range(len(ranked)), weights=weights)[0]
+    return [ranked[drawn]] + ranked[:drawn] + ranked[drawn + 1:]
 
   # -- the three tasks -----------------------------------------------------
   def classify(self, labels: list[str], text: str) -> tuple[str, list[tuple[str, float]]]:
@@ -170,7 +186,9 @@ class KeywordStandIn:
         if payload:  # obeying: the demanded "label", at certainty
           label, ranked = payload, [(payload, -0.0001)] + [(l, -12.0) for l in labels[:4]]
         else:
-          label, ranked = self.classify(labels, text)
+          _, ranked = self.classify(labels, text)
+          ranked = self._sampled(ranked, float(request.body.get("temperature", 1.0)))
+          label = ranked[0][0]
         said = f', "confidence": {math.exp(ranked[0][1]):.2f}' if verbalise else ""
         if packed:
           pieces += [(f'{{"id": "{rid}", "label": "', None), (label, ranked),
