@@ -134,6 +134,13 @@ def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelin
     if kept:
       _LOGGER.warning("--calibration %s has no thresholds for stage(s) %s; they keep the "
                       "config's thresholds", m.calibration, kept)
+    from tierflow.calibration import signal_problem
+    for name, sc in calibration.stages.items():
+      why = signal_problem(sc.signals, run.small.samples, run.small.uses_logprobs)
+      if why:
+        raise ValueError(f"--calibration {m.calibration}: stage {name} was {why}: its "
+                         "threshold does not hold here; calibrate with the small tier as you "
+                         "run it")
     run = run.with_thresholds({name: sc.threshold for name, sc in calibration.stages.items()})
     from tierflow.learned_router import LearnedRouter
     run = run.with_routers({name: LearnedRouter.from_dict(sc.router)

@@ -102,6 +102,16 @@ def test_from_output_reads_a_previous_runs_ledger(broker, topic, output_dir, con
   assert cal.stages["classify"].n == 80 == len(conf)
   assert cal.matches_data({"classify": (conf, correct)})
   assert cal.stages["classify"].threshold == calibrate_threshold(conf, correct, 0.25, 0.1).threshold
+  assert cal.stages["classify"].signals == ("logprob",)
+  # A threshold on this scale does not hold for another signal: refused before any request.
+  other = config_file.replace(".yaml", "-samples.yaml")
+  with open(config_file) as f, open(other, "w") as g:
+    g.write(f.read().replace("top_logprobs: 10", "top_logprobs: 10\n    samples: 3"))
+  with pytest.raises(ValueError, match="classify was calibrated on logprob confidences, but "
+                     "the small tier asks 3 sample"):
+    launcher.launch("tickets", ["--bootstrap-servers", "127.0.0.1:1", "--topic", "x",
+                                "--output", str(tmp_path / "o"), "--config", other,
+                                "--calibration", str(out)])
 
 
 def test_too_small_sample_refuses_and_the_run_escalates_that_stage_everywhere(

@@ -1,5 +1,6 @@
 """Tests for tierflow.calibration: the guarantee, by simulation, and the file format."""
 
+import dataclasses
 import json
 import math
 import zlib
@@ -527,3 +528,29 @@ def test_crc_controls_the_expected_share_kept_wrong_by_simulation():
   assert np.mean(joint) <= 0.05 + 3 * np.std(joint) / math.sqrt(len(joint))
   assert np.mean(joint) >= 0.03  # not vacuous
   assert np.mean(kept_crc) > np.mean(kept_ltt)
+
+
+@pytest.mark.parametrize("signals, samples, logprobs, problem", [
+    (None, 3, False, None),  # files written before signals were recorded
+    (("logprob",), 1, True, None),
+    (("checks", "logprob"), 1, True, None),
+    (("checks", "verbalised"), 1, False, None),
+    (("agreement",), 3, False, None),
+    (("agreement",), 1, True, "asks 1 sample"),
+    (("logprob",), 2, True, "asks 2 sample(s) per record (confidence: agreement)"),
+    (("logprob",), 1, False, "gives none"),
+    (("verbalised",), 1, True, "gives logprobs"),
+])
+def test_a_threshold_holds_only_for_the_signal_it_was_calibrated_on(signals, samples, logprobs,
+                                                                   problem):
+  from tierflow.calibration import signal_problem
+  why = signal_problem(signals, samples, logprobs)
+  assert (why is None) if problem is None else (problem in why)
+
+
+def test_signals_round_trip_through_the_file(tmp_path):
+  sc = dataclasses.replace(calibrate_threshold([0.9] * 50, [True] * 50, 0.1, 0.1, stage="c"),
+                           signals=("agreement",))
+  cal = Calibration.create({"c": sc}, {"c": ([0.9] * 50, [True] * 50)}, source="t")
+  cal.save(tmp_path / "c.json")
+  assert Calibration.load(tmp_path / "c.json").stages["c"].signals == ("agreement",)

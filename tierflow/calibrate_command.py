@@ -106,7 +106,9 @@ def stage_samples(output_dir: str, labels: str, *,
     small_cost = np.nan_to_num(stage.col("small_cost_usd")[use])
     frontier_cost = np.nan_to_num(stage.col("frontier_only_cost_usd")[use])
     models = tuple(sorted({str(m) for m in stage.col("small_model")[use] if m}))
-    signals = tuple(sorted({str(m) for m in stage.col("confidence_signal")[use] if m}))
+    # Of the records with a confidence (a failed or unscored answer has no scale).
+    signals = tuple(sorted({str(g) for g, m in zip(stage.col("confidence_signal")[use],
+                                                   missing) if g and not m}))
     from tierflow.learned_router import ledger_answer
     answers = tuple(ledger_answer(None if a is None else str(a), f)
                     for a, f in zip(stage.col("small_answer")[use],
@@ -176,6 +178,7 @@ def calibrate_output(output_dir: str, labels: str, *, alpha: Optional[float] = N
         score, s.correct, _alpha_for(name, alphas, alpha), delta, method=method,
         small_cost=s.small_cost, frontier_cost=s.frontier_cost,
         fallback_coverage=fallback_coverage, stage=name)
+    sc = dataclasses.replace(sc, signals=s.signals or None)
     if fitted is not None:
       sc = dataclasses.replace(sc, router=fitted.to_dict(),
                                reason=sc.reason + "; on the learned router's cross-fitted score")

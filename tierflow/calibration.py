@@ -399,7 +399,10 @@ class StageCalibration:
   ``alpha`` if the observed coverage and error rates held; None if certified, or
   if the observed error reaches ``alpha`` at every threshold. ``router``, when set
   (``tierflow.learned_router.LearnedRouter.to_dict()``), means the threshold applies
-  to the learned router's score of each answer, not to its confidence.
+  to the learned router's score of each answer, not to its confidence. ``signals`` are
+  the small tier's confidence signals on the calibration records (``logprob``,
+  ``verbalised``, ``checks``, ``agreement``); a threshold holds for those only
+  (``signal_problem``).
   """
   threshold: float
   alpha: float
@@ -420,6 +423,7 @@ class StageCalibration:
   stage: Optional[str] = None
   labels_to_certify: Optional[int] = None
   router: Optional[dict] = None
+  signals: Optional[tuple] = None
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -453,7 +457,8 @@ class StageCalibration:
     if not isinstance(d, Mapping):
       raise ValueError(f"a stage calibration must be an object, got {type(d).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
-    optional = {"labels_to_certify", "router"}  # absent from files written before them
+    # absent from files written before them
+    optional = {"labels_to_certify", "router", "signals"}
     missing, unknown = names - set(d) - optional, set(d) - names
     if missing or unknown:
       raise ValueError(
@@ -486,7 +491,31 @@ class StageCalibration:
         raise ValueError(f"{key} must be a string, got {kw[key]!r}")
     if kw["stage"] is not None and not isinstance(kw["stage"], str):
       raise ValueError(f"stage must be a string or null, got {kw['stage']!r}")
+    signals = kw.get("signals")
+    if signals is not None:
+      if not isinstance(signals, (list, tuple)) or not all(isinstance(g, str) for g in signals):
+        raise ValueError(f"signals must be a list of strings or null, got {signals!r}")
+      kw["signals"] = tuple(signals)
     return cls(**kw)
+
+
+def signal_problem(signals: Optional[Sequence[str]], samples: int, logprobs: bool
+                   ) -> Optional[str]:
+  """Why a threshold calibrated on ``signals`` does not hold for a small tier asking
+  ``samples`` answers per record with or without ``logprobs``, or None if it does (or the
+  calibration does not say). A confidence of another kind has another scale."""
+  if not signals:
+    return None
+  cal = set(signals)
+  if ("agreement" in cal) != (samples > 1):
+    return (f"calibrated on {', '.join(sorted(cal))} confidences, but the small tier asks "
+            f"{samples} sample(s) per record" + (" (confidence: agreement)" if samples > 1
+                                                  else ""))
+  if samples == 1 and "logprob" in cal and not logprobs:
+    return "calibrated on logprob confidences, but the small tier gives none (no logprobs)"
+  if samples == 1 and logprobs and "verbalised" in cal and "logprob" not in cal:
+    return "calibrated on stated (verbalised) confidences, but the small tier gives logprobs"
+  return None
 
 
 def selective_risk(confidence: Sequence[float], correct: Sequence[bool],
