@@ -165,6 +165,12 @@ def test_samples_through_strict_endpoints_bill_every_request(broker, topic, outp
   assert all(min(abs(x - f) for f in (1 / 3, 2 / 3, 1)) < 1e-6 for x in shares), shares
   assert any(x < 0.99 for x in shares), "the samples never disagreed"
   assert any(r["final_tier"] == "small" for (_, st), r in b.items() if st == "classify")
+  # The report says what escalation was decided on.
+  from tierflow.report import build_report
+  report = build_report(output_dir, out_dir=str(tmp_path / "report"), charts=False)
+  assert {n: s["signals"] for n, s in report["stages"].items()} == {
+      "classify": ["agreement"], "extract": ["agreement"], "summarise": ["agreement"]}
+  assert "<td>agreement</td>" in (tmp_path / "report" / "report.html").read_text()
 
 
 def test_a_failed_sample_lowers_confidence_and_nothing_is_dropped(broker, topic, output_dir,

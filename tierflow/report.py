@@ -570,6 +570,8 @@ def _stages_json(run: RunData, scores: Mapping[str, StageScores],
     entry = {"kind": s.kind, "threshold": mode(s.col("threshold")[s.present]),
              "small_model": mode(s.col("small_model")[s.present]),
              "frontier_model": mode(s.col("frontier_model")[s.present]),
+             # what escalation was decided on (logprob, verbalised, checks, agreement)
+             "signals": sorted({str(g) for g in s.col("confidence_signal")[s.present] if g}),
              "failed": int((s.present & is_null(s.col("final_tier"))).sum()),
              "escalation": _escalation(s), "cost": _stage_cost(s),
              "quality": None, "oracle": None}

@@ -332,9 +332,10 @@ def _stage_tables(report: dict) -> str:
         _fmt(s["cost"]["routed_per_1k"], "usd"), _fmt(s["cost"]["frontier_only_per_1k"], "usd")]
        for n, s in stages.items()])
   esc = _table(
-      ["stage", "threshold", "sent to frontier", "low confidence", "no signal",
+      ["stage", "confidence", "threshold", "sent to frontier", "low confidence", "no signal",
        "small failed", "budget skipped", "frontier failed", "answer missing"],
-      [[html.escape(n), _fmt(s["threshold"]), _fmt(s["escalation"]["escalation_rate"], "rate"),
+      [[html.escape(n), html.escape(", ".join(s.get("signals") or []) or "none"),
+        _fmt(s["threshold"]), _fmt(s["escalation"]["escalation_rate"], "rate"),
         *(str(s["escalation"]["by_reason"][k]) for k in
           ("low_confidence", "no_confidence_signal", "small_failure", "budget_skipped")),
         str(s["escalation"]["frontier_failed"]), str(s["failed"])]
