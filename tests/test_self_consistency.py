@@ -216,3 +216,32 @@ def test_serve_local_sampling_draws_labels_at_the_requests_temperature():
                                              ).choices[0].message.content for _ in range(30)}
     assert labels() == {"billing", "shipping"}
     assert len(labels(temperature=0)) == 1
+
+
+def test_samples_on_a_claude_small_tier_send_nothing_claude_refuses(broker, topic, output_dir,
+                                                                   tmp_path, read_duckdb):
+  """Claude takes no temperature and gives no logprobs: its samples are plain repeats, read
+  at its own default temperature, and its stated confidence times their agreement."""
+  haiku = "claude-haiku-4-5"
+  with LocalProviderServer(KeywordStandIn(sampling=True, seed=2), models=(haiku, FRONTIER),
+                           emulate=("*",)) as s:
+    config = copy.deepcopy(BUNDLED)
+    config["budget_usd"] = None
+    config["models"]["small"] = {
+        "provider": "anthropic", "model": haiku, "base_url": s.anthropic_base_url,
+        "api_key_env": "", "batch_size": 4, "concurrency": 2, "max_retries": 0, "samples": 2}
+    config["models"]["frontier"].update(base_url=s.anthropic_base_url, api_key_env="")
+    path = tmp_path / "haiku.yaml"
+    path.write_text(yaml.safe_dump(config))
+    name = topic(partitions=1)
+    publish(broker.bootstrap_servers, name, sample_tickets()[:12])
+    summary = launcher.launch("tickets", ["--bootstrap-servers", broker.bootstrap_servers,
+                                          "--topic", name, "--output", output_dir,
+                                          "--config", str(path)])
+    small = [r for r in s.requests if r.model == haiku]
+    statuses = {r.status for r in s.requests}
+  assert statuses == {200} and summary.exit_code == 0 and summary.rejected == (0, 0)
+  assert len(small) == 2 * 3 * 3  # 2 samples x 3 stages x 3 packs
+  assert not any("temperature" in r.body for r in small)
+  rows = read_duckdb(f"{output_dir}/results", _STAGES)
+  assert len(rows) == 36 and {r["confidence_signal"] for r in rows} == {"agreement"}
