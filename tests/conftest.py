@@ -222,6 +222,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _no_root_handler_on_a_closed_stream():
+  """The CLI (``cli.main``) sets up the root logger with a handler on the stream of the
+  moment, in a test pytest's capture, which pytest closes after it. Beam's job-server log
+  threads outlive tests and wrote to it ('--- Logging error --- ValueError: I/O operation
+  on closed file' in CI logs). Handlers a test adds to the root logger go with it."""
+  root = logging.getLogger()
+  before = set(root.handlers)
+  yield
+  for handler in list(root.handlers):
+    if handler not in before and type(handler) is logging.StreamHandler:
+      root.removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_circuit_breakers():
   """Circuit breakers live per endpoint and process; a test's dead endpoint must not
   leave an open circuit for a later test whose server got the same port."""
