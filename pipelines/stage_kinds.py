@@ -55,6 +55,11 @@ _AVRO_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FIELD_TYPES = {"string": "string", "number": "double", "integer": "long", "boolean": "boolean"}
 
 
+def _content_words(text: str) -> list[str]:
+  """A summary's words that carry content: not stop words, longer than two letters."""
+  return [w for w in WORD.findall(text.casefold()) if w not in _STOP and len(w) > 2]
+
+
 class StageKind:
   """Base of the stage kinds; ``stage`` is the stage's ``StageConfig``."""
 
@@ -518,7 +523,7 @@ class Summarise(StageKind):
     words = summary.split()
     if len(words) > self.stage.max_words:  # an invalid answer, from either tier
       return None, 0.0, [f"{len(words)} words, over the {self.stage.max_words}-word limit"]
-    content = [w for w in WORD.findall(summary.casefold()) if w not in _STOP and len(w) > 2]
+    content = _content_words(summary)
     if not content:
       return summary, 0.0, ["summary has no content words"]
     src = set(WORD.findall(source.casefold()))
@@ -527,8 +532,7 @@ class Summarise(StageKind):
 
   def agreement(self, a: Any, b: Any) -> float:
     """Two summaries' overlap: F1 of their content words (ROUGE-1 without stop words)."""
-    wa, wb = (collections.Counter(w for w in WORD.findall((v or "").casefold())
-                                  if w not in _STOP and len(w) > 2) for v in (a, b))
+    wa, wb = (collections.Counter(_content_words(v or "")) for v in (a, b))
     common = sum((wa & wb).values())
     if not common:
       return 0.0

@@ -237,6 +237,8 @@ def test_agreement_benchmark_measures_against_an_independent_computation():
   ok = rng.random(200) < conf
   assert auroc(conf, ok) == pytest.approx(roc_auc_score(ok, conf))
   assert auroc(conf, np.ones(200, bool)) is None
+  # By hand: 4 right-wrong pairs, one tied (counts half).
+  assert auroc(np.array([0.9, 0.5, 0.5, 0.1]), np.array([True, True, False, False])) == 0.875
   # The most confident half, ties in record order.
   order = sorted(range(200), key=lambda i: (-conf[i], i))[:100]
   assert selective_accuracy(conf, ok, 0.5) == pytest.approx(ok[order].mean())

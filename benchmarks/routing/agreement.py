@@ -55,12 +55,11 @@ RESULTS = os.path.join(os.path.dirname(__file__), "..", "results")
 
 
 def auroc(score: np.ndarray, ok: np.ndarray) -> Optional[float]:
-  """P(a right answer scores above a wrong one), ties counting half."""
-  pos, neg = score[ok], score[~ok]
-  if not len(pos) or not len(neg):
+  """P(a right answer scores above a wrong one), ties counting half; None without both."""
+  from sklearn.metrics import roc_auc_score
+  if ok.all() or not ok.any():
     return None
-  greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-  return float(greater / (len(pos) * len(neg)))
+  return float(roc_auc_score(ok, score))
 
 
 def selective_accuracy(score: np.ndarray, ok: np.ndarray, coverage: float) -> float:
