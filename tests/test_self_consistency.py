@@ -16,6 +16,7 @@ from tierflow.pipelines.agreement import combine
 from tierflow.pipelines.ledger import TierOutcome
 from tierflow.pipelines.prompts import render_text
 from tierflow.prices import Usage, load_price_book
+from local_config import local_config
 from tierflow_local.loader import publish, sample_tickets
 from tierflow_local.provider_server import LocalProviderServer
 from tierflow_local.standin_model import KeywordStandIn
@@ -105,21 +106,19 @@ def test_samples_need_sampling_and_belong_to_the_small_tier(tmp_path):
 
 
 # --- through the pipeline, against the strict emulated gpt-5-nano ---------------------
-def _run(broker, topic, output_dir, server, tmp_path, samples, n=24):
-  config = copy.deepcopy(BUNDLED)
-  config["budget_usd"] = None
-  config["models"]["small"].update(base_url=server.openai_base_url, api_key_env="",
-                                   batch_size=4, concurrency=2, max_retries=0,
-                                   breaker_failures=0, samples=samples)
-  config["models"]["frontier"].update(base_url=server.anthropic_base_url, api_key_env="",
-                                      batch_size=4, max_retries=1)
-  path = tmp_path / f"tickets-{samples}.yaml"
-  path.write_text(yaml.safe_dump(config))
+def _run(broker, topic, output_dir, server, tmp_path, n=24, **small):
+  """The bundled tickets pipeline over ``n`` tickets, its small tier (gpt-5-nano unless
+  ``small`` says otherwise) and frontier on ``server``."""
+  config = local_config(
+      tmp_path / f"tickets-{len(list(tmp_path.iterdir()))}.yaml", server,
+      small={"model": SMALL, "batch_size": 4, "concurrency": 2, "max_retries": 0,
+             "breaker_failures": 0, **small},
+      frontier=dict(model=FRONTIER, batch_size=4, max_retries=1))
   name = topic(partitions=1)
   publish(broker.bootstrap_servers, name, sample_tickets()[:n])
   return launcher.launch("tickets", ["--bootstrap-servers", broker.bootstrap_servers,
                                      "--topic", name, "--output", output_dir,
-                                     "--config", str(path)])
+                                     "--config", config])
 
 
 _STAGES = "SELECT ticket_id, s.* FROM (SELECT ticket_id, unnest(stages) AS s FROM t)"
@@ -129,9 +128,9 @@ def test_samples_through_strict_endpoints_bill_every_request(broker, topic, outp
                                                              tmp_path, read_duckdb):
   with LocalProviderServer(KeywordStandIn(sampling=True, seed=7), models=(SMALL, FRONTIER),
                            emulate=("*",)) as s:
-    one = _run(broker, topic, str(tmp_path / "one"), s, tmp_path, 1)
+    one = _run(broker, topic, str(tmp_path / "one"), s, tmp_path, samples=1)
     small_one = sum(r.model == SMALL for r in s.requests)
-    three = _run(broker, topic, output_dir, s, tmp_path, 3)
+    three = _run(broker, topic, output_dir, s, tmp_path, samples=3)
     small_three = sum(r.model == SMALL for r in s.requests) - small_one
     statuses = {r.status for r in s.requests}
   assert statuses == {200}, "a request the real provider would refuse"
@@ -178,9 +177,9 @@ def test_a_failed_sample_lowers_confidence_and_nothing_is_dropped(broker, topic,
   """The stand-in answers alike every time, so a classify confidence is what one sample
   says, times 1 (both answered) or 1/2 (one failed); with both failed the record escalates."""
   with LocalProviderServer(KeywordStandIn(), models=(SMALL, FRONTIER), emulate=("*",)) as s:
-    _run(broker, topic, str(tmp_path / "one"), s, tmp_path, 1)
+    _run(broker, topic, str(tmp_path / "one"), s, tmp_path, samples=1)
     s.faults.add("server_error", count=-1, model=SMALL, probability=0.3, seed=3)
-    summary = _run(broker, topic, output_dir, s, tmp_path, 2)
+    summary = _run(broker, topic, output_dir, s, tmp_path, samples=2)
     failed = sum(r.status == 500 for r in s.requests)
   assert failed > 0 and summary.rows_written == 24
   said = {r["ticket_id"]: r["confidence"]
@@ -225,19 +224,8 @@ def test_samples_on_a_claude_small_tier_send_nothing_claude_refuses(broker, topi
   haiku = "claude-haiku-4-5"
   with LocalProviderServer(KeywordStandIn(sampling=True, seed=2), models=(haiku, FRONTIER),
                            emulate=("*",)) as s:
-    config = copy.deepcopy(BUNDLED)
-    config["budget_usd"] = None
-    config["models"]["small"] = {
-        "provider": "anthropic", "model": haiku, "base_url": s.anthropic_base_url,
-        "api_key_env": "", "batch_size": 4, "concurrency": 2, "max_retries": 0, "samples": 2}
-    config["models"]["frontier"].update(base_url=s.anthropic_base_url, api_key_env="")
-    path = tmp_path / "haiku.yaml"
-    path.write_text(yaml.safe_dump(config))
-    name = topic(partitions=1)
-    publish(broker.bootstrap_servers, name, sample_tickets()[:12])
-    summary = launcher.launch("tickets", ["--bootstrap-servers", broker.bootstrap_servers,
-                                          "--topic", name, "--output", output_dir,
-                                          "--config", str(path)])
+    summary = _run(broker, topic, output_dir, s, tmp_path, n=12, provider="anthropic",
+                   model=haiku, base_url=s.anthropic_base_url, price_as=haiku, samples=2)
     small = [r for r in s.requests if r.model == haiku]
     statuses = {r.status for r in s.requests}
   assert statuses == {200} and summary.exit_code == 0 and summary.rejected == (0, 0)
