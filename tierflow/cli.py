@@ -273,9 +273,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _root_cause(e: BaseException) -> str:
-  """The innermost error's last line (Beam wraps worker errors several times)."""
-  while e.__cause__ is not None or e.__context__ is not None:
-    e = e.__cause__ or e.__context__
+  """The innermost error's last line (Beam wraps worker errors several times); a chain
+  cut with ``raise ... from None`` ends where it was cut, as Python's traceback does."""
+  while True:
+    inner = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    if inner is None:
+      break
+    e = inner
   text = str(e).strip().splitlines()
   lines = [l for l in text if l.strip()]
   message = lines[-1].strip() if lines else ""

@@ -42,6 +42,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     return s.getsockname()[1]
 
 
+def _need_free_port(host: str, port: int) -> None:
+  """Refuses a port something already listens on: the readiness check would otherwise
+  reach that listener and take it for the broker."""
+  with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind((host, port))
+    except OSError as e:
+      raise RuntimeError(f"cannot start the embedded broker on {host}:{port}: "
+                         f"{e.strerror.lower()} (another broker?)") from None
+
+
 class EmbeddedBroker:
   """Starts and stops a Tansu broker on loopback, on a free port.
 
@@ -61,6 +73,7 @@ class EmbeddedBroker:
     self.startup_timeout = startup_timeout
     self._proc: subprocess.Popen | None = None
     self._log = None
+    self._failed = False
 
   @property
   def bootstrap_servers(self) -> str:
@@ -73,6 +86,7 @@ class EmbeddedBroker:
   def start(self) -> "EmbeddedBroker":
     if self._proc is not None:
       return self
+    _need_free_port(self.host, self.port)
     url = f"tcp://{self.host}:{self.port}"
     self._log = tempfile.NamedTemporaryFile(
         prefix="tansu-", suffix=".log", delete=False)
@@ -92,6 +106,7 @@ class EmbeddedBroker:
     last_error: Exception | None = None
     while time.monotonic() < deadline:
       if self._proc.poll() is not None:
+        self._failed = True
         raise RuntimeError(
             f"Tansu exited with code {self._proc.returncode}; see {self.log_path}")
       try:
@@ -103,8 +118,10 @@ class EmbeddedBroker:
       except Exception as e:  # noqa: BLE001 - not up yet
         last_error = e
         time.sleep(0.1)
+    self._failed = True
     self.stop()
-    raise RuntimeError(f"Tansu did not become ready in {self.startup_timeout}s: {last_error}")
+    raise RuntimeError(f"Tansu did not become ready in {self.startup_timeout}s: "
+                       f"{last_error}; see {self.log_path}")
 
   def create_topic(self, name: str, partitions: int = 1, config: dict | None = None) -> None:
     """Creates a topic (with topic ``config`` settings) and waits until its metadata shows
@@ -130,8 +147,12 @@ class EmbeddedBroker:
       consumer.close()
 
   def stop(self) -> None:
+    """Stops the broker. Its log is deleted unless the broker failed (exited on its own or
+    never became ready): then it is kept, and the error named its path."""
     if self._proc is None:
       return
+    if self._proc.poll() is not None:
+      self._failed = True
     self._proc.terminate()
     try:
       self._proc.wait(timeout=10)
@@ -141,6 +162,10 @@ class EmbeddedBroker:
     self._proc = None
     if self._log:
       self._log.close()
+      if self._failed:
+        _LOGGER.warning("the embedded broker failed; its log is kept at %s", self._log.name)
+      else:
+        Path(self._log.name).unlink(missing_ok=True)
 
   def __enter__(self) -> "EmbeddedBroker":
     return self.start()
