@@ -3,7 +3,10 @@ and ``tierflow run --calibration`` applying it."""
 
 import json
 import math
+import os
 import pathlib
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -121,6 +124,10 @@ def test_too_small_sample_refuses_and_the_run_escalates_that_stage_everywhere(
                    "--config", config_file, "--labels", str(LABELS), "--stage", "classify",
                    "--alpha", "0.05", "--out", str(out), "--strict"])
   printed = capsys.readouterr().out
+  # Without --work-dir the small tier's output goes to a temp dir that is kept and named.
+  work = re.search(r"\(no escalation\) -> (\S+)", printed).group(1)
+  assert os.path.isdir(f"{work}/results")
+  shutil.rmtree(work)
   assert code == 3
   assert "NOT CERTIFIED" in printed and "too small" in printed
   cal = Calibration.load(out)

@@ -167,7 +167,8 @@ def cmd_demo(args, rest) -> int:
     standin = stack.enter_context(LocalProviderServer(KeywordStandIn(), models=("standin-frontier",)))
     print(f"[4/5] frontier tier: STAND-IN (keyword rules behind the Anthropic Messages API) at "
           f"{standin.anthropic_base_url}; no frontier model is reachable offline")
-    config = _demo_config(os.path.join(tempfile.mkdtemp(prefix="tierflow-demo-"), "tickets.yaml"),
+    config_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tierflow-demo-config-"))
+    config = _demo_config(os.path.join(config_dir, "tickets.yaml"),
                           llama.base_url, MODEL_NAME, standin.anthropic_base_url)
     print(f"[5/5] running the tickets pipeline: classify -> extract -> summarise -> escalate "
           f"({n} records x 3 stages on a 135M model; a few minutes on 2 cores)")

@@ -15,9 +15,10 @@ import logging
 import os
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
+
+from tierflow_local.process_log import ProcessLog
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -72,8 +73,7 @@ class EmbeddedBroker:
     self.port = port or free_port(host)
     self.startup_timeout = startup_timeout
     self._proc: subprocess.Popen | None = None
-    self._log = None
-    self._failed = False
+    self._log: ProcessLog | None = None
 
   @property
   def bootstrap_servers(self) -> str:
@@ -81,15 +81,14 @@ class EmbeddedBroker:
 
   @property
   def log_path(self) -> str | None:
-    return self._log.name if self._log else None
+    return self._log.path if self._log else None
 
   def start(self) -> "EmbeddedBroker":
     if self._proc is not None:
       return self
     _need_free_port(self.host, self.port)
     url = f"tcp://{self.host}:{self.port}"
-    self._log = tempfile.NamedTemporaryFile(
-        prefix="tansu-", suffix=".log", delete=False)
+    self._log = ProcessLog("tansu-")
     self._proc = subprocess.Popen(
         [str(tansu_binary()), "broker",
          "--listener-url", url, "--advertised-listener-url", url,
@@ -106,7 +105,7 @@ class EmbeddedBroker:
     last_error: Exception | None = None
     while time.monotonic() < deadline:
       if self._proc.poll() is not None:
-        self._failed = True
+        self._log.failed()
         raise RuntimeError(
             f"Tansu exited with code {self._proc.returncode}; see {self.log_path}")
       try:
@@ -118,7 +117,7 @@ class EmbeddedBroker:
       except Exception as e:  # noqa: BLE001 - not up yet
         last_error = e
         time.sleep(0.1)
-    self._failed = True
+    self._log.failed()
     self.stop()
     raise RuntimeError(f"Tansu did not become ready in {self.startup_timeout}s: "
                        f"{last_error}; see {self.log_path}")
@@ -151,21 +150,8 @@ class EmbeddedBroker:
     never became ready): then it is kept, and the error named its path."""
     if self._proc is None:
       return
-    if self._proc.poll() is not None:
-      self._failed = True
-    self._proc.terminate()
-    try:
-      self._proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-      self._proc.kill()
-      self._proc.wait()
+    self._log.stop(self._proc, "the embedded broker")
     self._proc = None
-    if self._log:
-      self._log.close()
-      if self._failed:
-        _LOGGER.warning("the embedded broker failed; its log is kept at %s", self._log.name)
-      else:
-        Path(self._log.name).unlink(missing_ok=True)
 
   def __enter__(self) -> "EmbeddedBroker":
     return self.start()

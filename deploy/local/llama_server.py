@@ -11,12 +11,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from tierflow_local.broker import free_port
+from tierflow_local.process_log import ProcessLog
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -57,7 +57,7 @@ class LlamaServer:
     ok, why = available()
     if not ok:
       raise RuntimeError(why)
-    self._log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
+    self._log = ProcessLog("llama-server-")
     self._proc = subprocess.Popen(
         [str(binary_path()), "-m", str(model_path()), "--host", "127.0.0.1",
          "--port", str(self.port), "-c", str(self.context), "-t", str(self.threads),
@@ -67,25 +67,24 @@ class LlamaServer:
     deadline = time.monotonic() + self.startup_timeout
     while time.monotonic() < deadline:
       if self._proc.poll() is not None:
+        self._log.failed()
         raise RuntimeError(f"llama-server exited with code {self._proc.returncode}; "
-                           f"see {self._log.name}")
+                           f"see {self._log.path}")
       try:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
           if r.status == 200:
             return self
       except OSError:
         time.sleep(0.2)
+    self._log.failed()
     self.stop()
-    raise RuntimeError(f"llama-server not ready in {self.startup_timeout}s; see {self._log.name}")
+    raise RuntimeError(f"llama-server not ready in {self.startup_timeout}s; see {self._log.path}")
 
   def stop(self) -> None:
-    if self._proc is not None:
-      self._proc.terminate()
-      try:
-        self._proc.wait(timeout=10)
-      except subprocess.TimeoutExpired:
-        self._proc.kill()
-      self._proc = None
+    """Stops the server; its log is deleted unless the server failed."""
+    if self._log is not None:
+      self._log.stop(self._proc, "llama-server")
+    self._proc, self._log = None, None
 
   def __enter__(self):
     return self.start()
