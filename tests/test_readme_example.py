@@ -3,19 +3,22 @@
 import os
 import pathlib
 import re
+import tempfile
 
 import pyarrow.parquet as pq
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_the_readme_composition_example_runs_without_a_broker():
+def test_the_readme_composition_example_runs_without_a_broker(monkeypatch, tmp_path):
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its mkdtemp() lands in tmp_path
   text = README.read_text(encoding="utf-8")
   section = text.split("## Use tierflow's transforms in your own pipeline", 1)[1]
   [code] = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
   scope: dict = {}
   exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the documented example
   out = scope["out_dir"]
+  assert out.startswith(str(tmp_path))
   files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.endswith(".parquet")]
   rows = [r for f in files for r in pq.read_table(f).to_pylist()]
   assert sorted(r["ticket_id"] for r in rows) == ["T1", "T2"]
