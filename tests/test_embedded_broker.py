@@ -53,3 +53,14 @@ def test_tierflow_broker_on_a_taken_port_says_so_in_one_line(capsys):
   err = capsys.readouterr().err.strip()
   assert code != 0 and len(err.splitlines()) == 1
   assert f"127.0.0.1:{taken.port}: address already in use" in err
+
+
+def test_a_broker_not_ready_in_time_keeps_its_log_and_the_error_names_it():
+  broker = EmbeddedBroker(startup_timeout=0)
+  with pytest.raises(RuntimeError, match="did not become ready") as failure:
+    broker.start()
+  log = broker.log_path
+  try:
+    assert str(failure.value).endswith(f"see {log}") and os.path.exists(log)
+  finally:
+    os.unlink(log)

@@ -76,9 +76,10 @@ class LlamaServer:
             return self
       except OSError:
         time.sleep(0.2)
-    self._log.failed()
+    log = self._log
+    log.failed()
     self.stop()
-    raise RuntimeError(f"llama-server not ready in {self.startup_timeout}s; see {self._log.path}")
+    raise RuntimeError(f"llama-server not ready in {self.startup_timeout}s; see {log.path}")
 
   def stop(self) -> None:
     """Stops the server; its log is deleted unless the server failed."""
