@@ -21,7 +21,7 @@ def test_a_broker_that_died_keeps_its_log_and_says_where(caplog):
   log = broker.log_path
   os.kill(broker._proc.pid, signal.SIGKILL)
   broker._proc.wait()
-  with caplog.at_level("WARNING", logger="tierflow_local.process_log"):
+  with caplog.at_level("WARNING", logger="tierflow_local.processes"):
     broker.stop()
   try:
     assert os.path.exists(log)

@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tierflow_local.process_log import ProcessLog
+from tierflow_local.processes import ProcessLog
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from tierflow_local.broker import free_port
+from tierflow_local.processes import stop as _stop
 
 __all__ = ["ApacheKafka", "ApicurioRegistry", "EnginesMissing", "FlinkSessionCluster",
            "engines_dir", "flink_job_server_jar", "prism_binary"]
@@ -79,17 +80,6 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float)
         return
     time.sleep(0.1)
   raise RuntimeError(f"nothing listened on port {port} within {timeout}s; see {log}")
-
-
-def _stop(proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-  if proc is None or proc.poll() is not None:
-    return
-  proc.send_signal(sig)
-  try:
-    proc.wait(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    proc.wait()
 
 
 class ApacheKafka:

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from tierflow_local.broker import free_port
-from tierflow_local.process_log import ProcessLog
+from tierflow_local.processes import ProcessLog
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -76,16 +76,16 @@ class LlamaServer:
             return self
       except OSError:
         time.sleep(0.2)
-    log = self._log
-    log.failed()
+    self._log.failed()
     self.stop()
-    raise RuntimeError(f"llama-server not ready in {self.startup_timeout}s; see {log.path}")
+    raise RuntimeError(f"llama-server not ready in {self.startup_timeout}s; see {self._log.path}")
 
   def stop(self) -> None:
     """Stops the server; its log is deleted unless the server failed."""
-    if self._log is not None:
-      self._log.stop(self._proc, "llama-server")
-    self._proc, self._log = None, None
+    if self._proc is None:
+      return
+    self._log.stop(self._proc, "llama-server")
+    self._proc = None
 
   def __enter__(self):
     return self.start()
