@@ -2,20 +2,25 @@
 
 ``CommitOffsets`` follows the sink (``WriteBatches``): it receives a
 ``WrittenBatch`` only once all of that batch's files (results and dead
-letters) are renamed into place, and commits, per partition, the highest
-offset below which every offset of the run's range is accounted for. A batch
-covers every offset of its range, gaps such as transaction markers included,
-so "accounted for" means: its batch and every batch before it were written.
+letters) are renamed into place, and commits, per partition, the end of the
+contiguous written prefix: the highest offset below which every offset from
+the group's position on is written. A batch covers every offset of its range,
+gaps such as transaction markers included.
 
-It is an ordinary DoFn, not bundle finalization, so it works the same on
-every runner (Flink batch does not support bundle finalization, Beam #19526).
-A batch's end is committed when the batch starts where the group's committed
-offset is, or where this run's read of the partition started; a batch that
-arrives ahead of its predecessor waits (in this worker) until the predecessor
-is committed. The group's position therefore never passes a batch that was
-not written, whatever the order in which a runner delivers batches, and a
-write that fails or is killed never commits. A commit that fails raises, so
-the bundle fails instead of the run ending as if its progress were saved.
+What is written comes from the output itself when the transform is given it:
+the ``_progress`` index (``written_ranges``) holds every range any attempt,
+process or earlier run made durable, so batches a replay cut differently after
+a failure (overlapping ranges) and batches another worker wrote both count, and
+nothing in memory grows with the number of batches. Without an output, the
+ranges this worker wrote are kept as merged intervals.
+
+The chain starts at the group's committed offset, or, for a first commit, where
+this run's read of the partition began. The group's position therefore never
+passes a batch that was not written, whatever order a runner delivers batches
+in, and it never moves back. It is an ordinary DoFn, not bundle finalization, so
+it works the same on every runner (Flink batch does not support bundle
+finalization, Beam #19526). A commit that fails raises, so the bundle fails
+instead of the run ending as if its progress were saved.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from apache_beam.metrics import Metrics
 
 from tierflow.connectors.kafka_client import committed, retrying
 from tierflow.connectors.kafka_source import KafkaReadConfig, consumer
+from tierflow.connectors.written_ranges import WrittenRanges, contiguous_end, merge
 
 __all__ = ["CommitOffsets", "Committed"]
 
@@ -50,7 +56,7 @@ class _PartitionState:
   lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
   head: Optional[int] = None  # the group's offset as last committed or read back
   own: Optional[int] = None  # what this run last committed
-  pending: dict = dataclasses.field(default_factory=dict)  # written batches: start -> end
+  written: list = dataclasses.field(default_factory=list)  # merged ranges (no output given)
 
 
 # Per process, per run and partition: DoFn instances on several threads of one
@@ -65,15 +71,18 @@ def _state(run_id: str, topic: str, partition: int) -> _PartitionState:
 
 
 class _CommitFn(beam.DoFn):
-  def __init__(self, config: KafkaReadConfig, run_id: str, timeout_s: float = 60.0):
+  def __init__(self, config: KafkaReadConfig, run_id: str, output: Optional[str] = None,
+               timeout_s: float = 60.0):
     self._config = config
     self._run_id = run_id
+    self._output = output
     self._timeout_s = timeout_s
     self._commits = Metrics.counter(METRICS_NAMESPACE, "offset_commits")
     self._waiting = Metrics.counter(METRICS_NAMESPACE, "batches_waiting_for_predecessor")
 
   def setup(self):
     self._consumer = None
+    self._index = WrittenRanges(self._output) if self._output else None
 
   def teardown(self):
     if self._consumer is not None:
@@ -111,32 +120,39 @@ class _CommitFn(beam.DoFn):
           f"failed: {type(e).__name__}: {e}; the written files stay, and the next run "
           "re-reads from the last commit") from e
 
+  def _written(self, state: _PartitionState, ref) -> list:
+    """The partition's written ranges: the output's index, else this worker's own."""
+    if self._index is not None:
+      return WrittenRanges.done(self._index.entries(ref.topic, ref.partition))
+    state.written = merge([*state.written, (ref.start, ref.end)])
+    return state.written
+
   def process(self, written):
     ref = written.ref
     state = _state(self._run_id, ref.topic, ref.partition)
     with state.lock:
-      state.pending[ref.start] = ref.end
-      start = self._chain_start(state, ref)
-      if start is None:
+      ranges = self._written(state, ref)
+      if state.own is None and ref.start == ref.range_start:
+        # This run's first batch of the partition: the chain starts where the run began
+        # (the group's offset, or an explicit range's start under --commit-offsets always).
+        start = ref.range_start
+      else:
+        start = state.head
+        if start is None or contiguous_end(ranges, start) == start:
+          start = state.head = self._read_committed(ref.topic, ref.partition)
+        if start is None:  # nothing committed yet: the chain starts where this run began
+          start = ref.range_start
+      end = contiguous_end(ranges, start)
+      if end <= start:
         self._waiting.inc()
         _LOGGER.debug("batch %s waits for its predecessor before it is committed", ref.name)
         return
-      end = start
-      while end in state.pending:
-        end = state.pending.pop(end)
       self._commit(ref.topic, ref.partition, end)
       state.head = state.own = end
+      # Ranges wholly behind the group's position are no longer needed here.
+      state.written = [(s, e) for s, e in state.written if e > end]
       self._commits.inc()
     yield Committed(ref.topic, ref.partition, end)
-
-  def _chain_start(self, state: _PartitionState, ref) -> Optional[int]:
-    """Where the run may commit from: its own start (first commit only), or the group's
-    offset. Later commits never move the group back, whatever a runner re-delivers."""
-    if state.own is None and ref.range_start in state.pending:
-      return ref.range_start
-    if state.head not in state.pending:
-      state.head = self._read_committed(ref.topic, ref.partition)
-    return state.head if state.head in state.pending else None
 
 
 class CommitOffsets(beam.PTransform):
@@ -147,19 +163,24 @@ class CommitOffsets(beam.PTransform):
 
   Args:
     config: the read's ``KafkaReadConfig`` (brokers, group id, client settings).
+    output: the output ``WriteBatches`` writes to; its ``_progress`` index is what is
+      durable (default: the read's ``skip_written``). Without one, the ranges this
+      worker wrote are what counts.
   """
 
-  def __init__(self, config: KafkaReadConfig):
+  def __init__(self, config: KafkaReadConfig, output: Optional[str] = None):
     super().__init__()
     if not isinstance(config, KafkaReadConfig):
       raise TypeError("CommitOffsets takes the read's KafkaReadConfig")
     if not config.group_id:
       raise ValueError("committing offsets needs a group id")
     self._config = config
+    self._output = output or config.skip_written
     self._run_id = uuid.uuid4().hex
 
   def expand(self, written):
-    return written | "Commit" >> beam.ParDo(_CommitFn(self._config, self._run_id))
+    return written | "Commit" >> beam.ParDo(_CommitFn(self._config, self._run_id,
+                                                      self._output))
 
   def display_data(self):
     return {"group_id": self._config.group_id, "topic": self._config.topic}

@@ -216,6 +216,9 @@ class KafkaReadConfig:
     allow_deleted_offsets: offsets the broker deleted (retention, DeleteRecords)
       before they were read fail the read with ``OffsetsDeleted`` (default), or are
       skipped and counted (``offsets_deleted``) when True.
+    skip_written: an output directory: offsets its ``_progress`` index holds as written
+      are skipped (counted as ``offsets_already_written``), and a range a failed write
+      left unfinished is read again exactly as it was cut.
   """
   bootstrap_servers: str
   topic: str
@@ -237,6 +240,10 @@ class KafkaReadConfig:
   max_read_seconds: Optional[float] = None
   stall_timeout_s: float = 120.0
   allow_deleted_offsets: bool = False
+  # The output whose ``_progress`` index (``written_ranges``) says what is already
+  # durable: offsets written there are skipped, so a replay or re-run after a failure
+  # neither writes nor routes (and pays for) them again. None reads everything.
+  skip_written: Optional[str] = None
   # A bounded read hands the rest of its range back to the runner after each batch (a
   # checkpoint). FnApiRunner with several workers drops such deferred work
   # (apache/beam#19842): there the launcher sets this False and a partition's range is
@@ -518,6 +525,7 @@ class _ReadPartitionFn(beam.DoFn):
     self._errors = Metrics.counter(METRICS_NAMESPACE, "fetch_errors")
     self._deleted = Metrics.counter(METRICS_NAMESPACE, "offsets_deleted")
     self._covered = Metrics.counter(METRICS_NAMESPACE, "offsets_covered")
+    self._already = Metrics.counter(METRICS_NAMESPACE, "offsets_already_written")
 
   def setup(self):
     self._consumers: dict = {}  # (topic, partition) -> [consumer, next offset it will return]
@@ -541,17 +549,49 @@ class _ReadPartitionFn(beam.DoFn):
 
   def _read(self, element: PartitionRange, tracker, watermark):
     start = tracker.current_restriction().start
+    written = self._written(element)
     while True:
-      start = yield from self._read_batch(element, tracker, watermark, start)
+      start = self._past_written(element, tracker, start, written)
+      if start is None:
+        return
+      start = yield from self._read_batch(element, tracker, watermark, start, written)
       if start is None:
         return
       if self._config.checkpoint_between_batches or not element.bounded:
         tracker.defer_remainder(Duration(seconds=0))
         return
 
-  def _read_batch(self, element: PartitionRange, tracker, watermark, start: int):
+  def _written(self, element: PartitionRange) -> list:
+    """The output's markers for the partition (``written_ranges``); [] when not skipping."""
+    if not self._config.skip_written:
+      return []
+    from tierflow.connectors.written_ranges import WrittenRanges
+    return WrittenRanges(self._config.skip_written).entries(element.topic, element.partition)
+
+  def _past_written(self, element: PartitionRange, tracker, start: int, written: list
+                    ) -> Optional[int]:
+    """Claims the offsets from ``start`` on that the output already holds; returns where
+    reading goes on (None: nothing left, or the runner took the rest)."""
+    from tierflow.connectors.written_ranges import WrittenRanges, contiguous_end
+    stop = tracker.current_restriction().stop
+    end = min(contiguous_end(WrittenRanges.done(written), start), stop)
+    if end > start:
+      if not tracker.try_claim(end - 1):
+        return None
+      self._covered.inc(end - start)
+      self._already.inc(end - start)
+      _LOGGER.info("%s-%d: offsets [%d, %d) are already in the output; skipped",
+                   element.topic, element.partition, start, end)
+    return end if end < stop else None
+
+  def _read_batch(self, element: PartitionRange, tracker, watermark, start: int,
+                  written: list = ()):
     """Reads and yields one batch from ``start``; returns where the next batch starts
-    when the rest of the range is to be read now, else None (done, split, or deferred)."""
+    when the rest of the range is to be read now, else None (done, split, or deferred).
+
+    The batch ends before the next range the output has a marker for; a range a failed
+    write left unfinished (``.writing``) is read again as exactly that range, whatever
+    the time, so its files are replaced under the same names."""
     from confluent_kafka import KafkaError
     cfg = self._config
     topic, partition = element.topic, element.partition
@@ -560,6 +600,14 @@ class _ReadPartitionFn(beam.DoFn):
       return None
     bounded = restriction.stop != UNBOUNDED
     boundary = min(restriction.stop, next_boundary(start, cfg.offsets_per_batch))
+    exact = False  # re-reading an unfinished write's range: cut exactly where it was
+    for marker in written:
+      if marker.start == start and marker.state == "writing":
+        boundary, exact = min(restriction.stop, marker.end), True
+        break
+      if marker.start > start:
+        boundary = min(boundary, marker.start)
+        break
     entry = self._consumer_at(topic, partition, start)
     c = entry[0]
     offsets, stamps, keys, values = [], [], [], []
@@ -613,7 +661,7 @@ class _ReadPartitionFn(beam.DoFn):
         break
       if got:
         stalled_since = time.monotonic()
-      if bounded:
+      if bounded or exact:
         if not got and position < boundary and (
             time.monotonic() - stalled_since > cfg.stall_timeout_s):
           raise RuntimeError(

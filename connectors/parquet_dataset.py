@@ -9,16 +9,17 @@ readable with ``pyarrow.dataset``, DuckDB ``read_parquet('<output>/results/**/*.
 hive_partitioning=true)``, Spark and BigQuery external tables with Hive
 partitioning.
 
-``WriteBatches`` writes whole batches (``DecodedBatch``): a batch covers a
-fixed offset range of one partition (``kafka_source``), and each of its files
-is named after that range, so a re-run over the same range writes the same
-names and replaces its own files instead of adding to them. Every file is
-written under a hidden temporary name in its directory and renamed into
-place; a crash leaves at most a hidden ``.<name>.<hex>.inprogress`` file,
-which the next write of the same batch removes. Once every file of a batch
-is in place the transform emits a ``WrittenBatch``: the commit step
-(``kafka_commit``) moves the consumer group only past batches whose output is
-durable.
+``WriteBatches`` writes whole batches (``DecodedBatch``): a batch covers an
+offset range of one partition (``kafka_source``), and each of its files is
+named after that range. Every file is written under a hidden temporary name
+in its directory and renamed into place; a crash leaves at most a hidden
+``.<name>.<hex>.inprogress`` file, which the next write of the same batch
+removes. The output records each batch's range in its ``_progress`` index
+(``written_ranges``): offsets an earlier write made durable are never written
+again, whatever cut a replay makes after a failure, and a write a crash left
+half done is replaced or rolled back. Once every file of a batch is in place
+the transform emits a ``WrittenBatch``: the commit step (``kafka_commit``)
+moves the consumer group only past output that is durable.
 
 ``WriteParquetDataset`` writes plain dict rows (a library user's own
 PCollection), one file per (dt, topic, partition) and bundle, named after the
@@ -57,6 +58,8 @@ from apache_beam.transforms.display import DisplayDataItem
 
 from tierflow import progress, schemas
 from tierflow.connectors.decode import DEAD_LETTER_SCHEMA, BatchRef, DecodedBatch
+from tierflow.connectors.kafka_source import batch_name
+from tierflow.connectors.written_ranges import COMPACT_ABOVE, WrittenRanges, subtract
 from tierflow.files import rename_over
 
 __all__ = [
@@ -169,11 +172,14 @@ class WrittenBatch(NamedTuple):
     files: paths written (results and dead letters).
     rows: result rows written.
     dead_letters: dead-letter rows written.
+    already_written: offsets of the batch that an earlier write had made durable (a
+      replay cut differently after a failure): not written again.
   """
   ref: BatchRef
   files: tuple
   rows: int
   dead_letters: int
+  already_written: int = 0
 
 
 def check_accounted(ref: BatchRef, rows: pa.Table, dead_letters: pa.Table) -> None:
@@ -190,6 +196,11 @@ def check_accounted(ref: BatchRef, rows: pa.Table, dead_letters: pa.Table) -> No
         f"{missing}, unexpected {extra}); refusing to write it and move the group past it")
 
 
+def _offsets_in(table: pa.Table, start: int, end: int) -> pa.Table:
+  offsets = table.column("kafka_offset")
+  return table.filter(pc.and_(pc.greater_equal(offsets, start), pc.less(offsets, end)))
+
+
 class _WriteBatchFn(beam.DoFn):
   def __init__(self, output: str, results_schema: pa.Schema, results_dir: str,
                dead_letter_dir: str, partition_field: str, compression: str):
@@ -202,33 +213,77 @@ class _WriteBatchFn(beam.DoFn):
     self._rows = Metrics.counter(METRICS_NAMESPACE, "rows_written")
     self._dead = Metrics.counter(METRICS_NAMESPACE, "dead_letters_written")
     self._files = Metrics.counter(METRICS_NAMESPACE, "files_written")
+    self._already = Metrics.counter(METRICS_NAMESPACE, "offsets_already_written")
+    self._rolled_back = Metrics.counter(METRICS_NAMESPACE, "stale_writes_rolled_back")
 
   def setup(self):
     self._dead_schema = file_schema(DEAD_LETTER_SCHEMA, self._partition_field)
+    self._index = WrittenRanges(self._output)
 
-  def _write(self, subdir: str, table: pa.Table, schema: pa.Schema, name: str) -> list[str]:
-    paths = []
+  def _plan(self, subdir: str, table: pa.Table, schema: pa.Schema, name: str
+            ) -> list[tuple[str, str, pa.Table]]:
+    """(directory, file name, rows) of each file the table is written to, one per day."""
+    out = []
     for value, part in _split_by(table, self._partition_field):
       _check_partition_value(self._partition_field, value)
       directory = FileSystems.join(self._output, subdir, f"{self._partition_field}={value}")
-      paths.append(write_file(directory, f"{name}.parquet", part.cast(schema),
-                              self._compression))
+      out.append((directory, f"{name}.parquet", part.cast(schema)))
+    return out
+
+  def _write_range(self, ref: BatchRef, start: int, end: int, rows: pa.Table,
+                   dead_letters: pa.Table) -> list[str]:
+    """Writes the rows of offsets [start, end) under files named after that range, with
+    its ``.writing`` marker before and ``.done`` after (``written_ranges``)."""
+    name = batch_name(ref.topic, ref.partition, start, end)
+    plan = []
+    if rows.num_rows:
+      plan += self._plan(self._results_dir, rows, self._results_schema, name)
+    if dead_letters.num_rows:
+      plan += self._plan(self._dead_letter_dir, dead_letters, self._dead_schema, name)
+    paths = [FileSystems.join(d, n) for d, n, _ in plan]
+    self._index.begin(ref.topic, ref.partition, start, end, paths)
+    for directory, file_name, table in plan:
+      write_file(directory, file_name, table, self._compression)
+    self._index.finish(ref.topic, ref.partition, start, end)
     return paths
 
   def process(self, batch: DecodedBatch):
     ref = batch.ref
     check_accounted(ref, batch.rows, batch.dead_letters)
-    files = []
-    if batch.rows.num_rows:
-      files += self._write(self._results_dir, batch.rows, self._results_schema, ref.name)
-    if batch.dead_letters.num_rows:
-      files += self._write(self._dead_letter_dir, batch.dead_letters, self._dead_schema,
-                           ref.name)
-    self._rows.inc(batch.rows.num_rows)
-    self._dead.inc(batch.dead_letters.num_rows)
+    entries = self._index.entries(ref.topic, ref.partition)
+    done = WrittenRanges.done(entries)
+    pieces = subtract(ref.start, ref.end, done)
+    for entry in entries:  # what a failed attempt left half-written over this batch
+      if (entry.state == "writing" and entry.start < ref.end and ref.start < entry.end
+          and (entry.start, entry.end) not in pieces):
+        if subtract(entry.start, entry.end, done):
+          gone = self._index.roll_back(entry)
+          self._rolled_back.inc()
+          _LOGGER.warning("batch %s: rolled back an unfinished earlier write of offsets "
+                          "[%d, %d) (%d files) before writing it again", ref.name,
+                          entry.start, entry.end, len(gone))
+        else:
+          self._index.forget(entry)  # its range is done: only the marker was left
+    files, rows, dead = [], 0, 0
+    for start, end in pieces:
+      whole = (start, end) == (ref.start, ref.end)
+      part_rows = batch.rows if whole else _offsets_in(batch.rows, start, end)
+      part_dead = batch.dead_letters if whole else _offsets_in(batch.dead_letters, start, end)
+      files += self._write_range(ref, start, end, part_rows, part_dead)
+      rows += part_rows.num_rows
+      dead += part_dead.num_rows
+    already = (ref.end - ref.start) - sum(e - s for s, e in pieces)
+    if already:
+      self._already.inc(already)
+      _LOGGER.info("batch %s: %d of its offsets were already written; not written again",
+                   ref.name, already)
+    if pieces and sum(e.state == "done" for e in entries) + len(pieces) > COMPACT_ABOVE:
+      self._index.compact(ref.topic, ref.partition)
+    self._rows.inc(rows)
+    self._dead.inc(dead)
     self._files.inc(len(files))
-    progress.add(written=batch.rows.num_rows, dead_letters=batch.dead_letters.num_rows)
-    yield WrittenBatch(ref, tuple(files), batch.rows.num_rows, batch.dead_letters.num_rows)
+    progress.add(written=rows, dead_letters=dead)
+    yield WrittenBatch(ref, tuple(files), rows, dead, already)
 
 
 class WriteBatches(beam.PTransform):

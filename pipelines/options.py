@@ -267,6 +267,7 @@ class SourceSinkConfig:
           max_out_of_orderness_s=k.max_out_of_orderness_seconds,
           max_read_seconds=k.max_read_seconds,
           allow_deleted_offsets=k.allow_deleted_offsets,
+          skip_written=o.output.rstrip("/"),
           checkpoint_between_batches=not _drops_deferred_work(options),
       )
     except ValueError as e:

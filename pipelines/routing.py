@@ -465,13 +465,10 @@ class _RouteBatchFn(beam.DoFn):
         self._pool.ensure_period()
     rows = batch.rows.to_pylist()
     started = time.monotonic()
-    try:
-      routed = self._router.route(rows, self._pool,
-                                  batch_key=f"{ref.topic}/{ref.partition}/{ref.start}-{ref.end}")
-    except Exception as e:  # noqa: BLE001 - see _crashed
-      _LOGGER.exception("routing batch %s failed; its records are written as failed", ref.name)
-      routed = [_crashed(r, self._config, f"routing crashed: {type(e).__name__}: {e}")
-                for r in rows]
+    # A crash here is a bug, not a record's failure: the bundle fails (and is retried by
+    # the runner), so nothing of the batch is written or committed and a re-run retries it.
+    routed = self._router.route(rows, self._pool,
+                                batch_key=f"{ref.topic}/{ref.partition}/{ref.start}-{ref.end}")
     self._counters.route_millis.inc(int((time.monotonic() - started) * 1000))
     results, dead = [], []
     now = int(time.time() * 1000)

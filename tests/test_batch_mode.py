@@ -227,8 +227,8 @@ def test_killed_between_the_provider_accepting_and_the_id_recorded(
   created = lambda: [b for b in server.batches.created  # noqa: E731
                      if b.startswith("batch_" if tier == "small" else "msgbatch_")]
   monkeypatch.setattr(batch_api.ProviderBatch, "_save_state", killed_after_submit)
-  first = launcher.launch("tickets", argv)  # the routing step fails its offset batch
-  assert first.exit_code != 0
+  with pytest.raises(Exception, match="killed after the provider accepted"):
+    launcher.launch("tickets", argv)  # the run fails: nothing of the batch is written
   assert len(created()) == 1
   [state] = pathlib.Path(out).glob("_batches/**/*.json")
   assert "batch_id" not in state.read_text() and "submitting_since" in state.read_text()

@@ -76,7 +76,11 @@ def test_batches_land_in_day_partitions_named_after_their_offset_range(tmp_path)
   assert names[0] == "tickets-0000-00000000000000000000-00000000000000000049"
   assert visible_files(out) == sorted(
       [f"results/dt=2024-01-0{d}/{n}.parquet" for d in (1, 2) for n in names]
-      + [f"dead_letter/dt=2024-01-01/{names[0]}.parquet"])
+      + [f"dead_letter/dt=2024-01-01/{names[0]}.parquet"]
+      # the output's record of what is durable (connectors/written_ranges.py)
+      + [f"_progress/tickets/0/{0:020d}-{50:020d}.done",
+         f"_progress/tickets/0/{50:020d}-{100:020d}.done",
+         f"_progress/tickets/3/{1000:020d}-{1010:020d}.done"])
   assert hidden_files(out) == []
   # Types and values survive; dt comes back from the path; gaps and the bad record are
   # accounted for (the bad one in the dead letters), nothing else is missing.
@@ -101,12 +105,15 @@ def test_batches_land_in_day_partitions_named_after_their_offset_range(tmp_path)
   assert (n, days) == (107, 2)
 
 
-def test_rerunning_a_range_replaces_its_files_and_clears_leftovers(tmp_path):
+def test_a_write_a_crash_left_unfinished_is_replaced_and_its_leftovers_cleared(tmp_path):
   out = str(tmp_path / "out")
   batch = decoded(kafka_batch(1, 200, 260))
   write([batch], out)
   first = visible_files(out)
-  # A crashed earlier write left a hidden temporary file next to the batch's file.
+  # As if killed before the write finished: the marker still says writing, and a hidden
+  # temporary file of the batch is left next to its file.
+  done = os.path.join(out, "_progress", "tickets", "1", f"{200:020d}-{260:020d}.done")
+  os.rename(done, done[:-len(".done")] + ".writing")
   leftover = os.path.join(out, "results", "dt=2024-01-01",
                           f".{batch.ref.name}.parquet.0123abcd.inprogress")
   with open(leftover, "wb") as f:
@@ -114,8 +121,81 @@ def test_rerunning_a_range_replaces_its_files_and_clears_leftovers(tmp_path):
   write([batch], out)
   assert visible_files(out) == first
   assert hidden_files(out) == []
-  total = sum(pq.read_metadata(os.path.join(out, f)).num_rows for f in first)
+  total = sum(pq.read_metadata(os.path.join(out, f)).num_rows for f in first
+              if f.endswith(".parquet"))
   assert total == 60
+
+
+def write_expecting(batches, out, expected):
+  """Writes the batches; their WrittenBatches must be ``expected``: (name, rows + dead
+  letters written, offsets already written)."""
+  with beam.Pipeline(runner="FnApiRunner") as p:
+    written = p | beam.Create(batches) | WriteBatches(out, ROW_SCHEMA)
+    assert_that(written | beam.Map(lambda w: (w.ref.name, w.rows + w.dead_letters,
+                                              w.already_written)), equal_to(expected))
+
+
+def stored_offsets(out):
+  globs = [f"'{out}/{sub}/**/*.parquet'" for sub in ("results", "dead_letter")
+           if os.path.isdir(f"{out}/{sub}")]
+  return duckdb.sql(f"SELECT kafka_offset FROM read_parquet([{', '.join(globs)}], "
+                    "hive_partitioning=true) ORDER BY 1").fetchall()
+
+
+def test_a_replay_cut_differently_writes_only_what_is_not_durable(tmp_path):
+  """After a failure a streaming read replays from its checkpoint and cuts batches by
+  time, elsewhere than before: [0, 50) is durable, the replay brings [0, 80). Only
+  [50, 80) is written, under its own name; no offset is stored twice."""
+  out = str(tmp_path / "out")
+  write([decoded(kafka_batch(0, 0, 50, bad={7}))], out)
+  replay = decoded(kafka_batch(0, 0, 80, bad={7}))
+  write_expecting([replay], out, [(replay.ref.name, 30, 50)])
+  assert [o for (o,) in stored_offsets(out)] == list(range(80))
+  assert sorted(f for f in visible_files(out) if f.startswith("results/dt=2024-01-01")) == [
+      f"results/dt=2024-01-01/{batch_name('tickets', 0, 0, 50)}.parquet",
+      f"results/dt=2024-01-01/{batch_name('tickets', 0, 50, 80)}.parquet"]
+  # A replay wholly inside what is durable writes nothing at all.
+  before = visible_files(out)
+  inside = decoded(kafka_batch(0, 10, 40))
+  write_expecting([inside], out, [(inside.ref.name, 0, 30)])
+  assert visible_files(out) == before
+
+
+def test_an_unfinished_write_cut_otherwise_is_rolled_back_before_the_replay(tmp_path):
+  """A failed attempt renamed some files of [0, 60) into place and died: its marker still
+  says writing. The replay, cut at 50, deletes what that write put in place (the files
+  its marker lists) before writing [0, 50): no offset stored twice, none lost."""
+  out = str(tmp_path / "out")
+  write([decoded(kafka_batch(0, 0, 60))], out)
+  done = os.path.join(out, "_progress", "tickets", "0", f"{0:020d}-{60:020d}.done")
+  os.rename(done, done[:-len(".done")] + ".writing")
+  write([decoded(kafka_batch(0, 0, 50)), decoded(kafka_batch(0, 50, 60))], out)
+  assert [o for (o,) in stored_offsets(out)] == list(range(60))
+  assert sorted(os.listdir(os.path.dirname(done))) == [
+      f"{0:020d}-{50:020d}.done", f"{50:020d}-{60:020d}.done"]
+
+
+def test_the_progress_index_stays_small_and_never_loses_coverage(tmp_path):
+  from tierflow.connectors.written_ranges import COMPACT_ABOVE, WrittenRanges
+  out = str(tmp_path / "out")
+  batches = [decoded(kafka_batch(2, i * 5, i * 5 + 5)) for i in range(60)]
+  for chunk in range(0, 60, 10):  # ten bundles' worth at a time
+    write(batches[chunk:chunk + 10], out)
+    entries = WrittenRanges(out).entries("tickets", 2)
+    assert len(entries) <= COMPACT_ABOVE + 10
+    assert WrittenRanges.done(entries) == [(0, chunk * 5 + 50)]
+
+
+def test_interval_arithmetic():
+  from tierflow.connectors.written_ranges import contiguous_end, merge, subtract
+  assert merge([(5, 9), (0, 3), (3, 4), (8, 12), (20, 20)]) == [(0, 4), (5, 12)]
+  assert contiguous_end([(0, 4), (4, 7), (9, 10)], 0) == 7
+  assert contiguous_end([(0, 4), (4, 7)], 2) == 7
+  assert contiguous_end([(3, 4)], 0) == 0
+  assert contiguous_end([(0, 10), (2, 30)], 5) == 30  # overlaps allowed
+  assert subtract(0, 100, [(10, 20), (15, 30), (90, 200)]) == [(0, 10), (30, 90)]
+  assert subtract(0, 10, [(0, 10)]) == []
+  assert subtract(5, 8, []) == [(5, 8)]
 
 
 def test_a_batch_whose_output_does_not_account_for_its_records_is_refused(tmp_path):

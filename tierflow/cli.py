@@ -50,6 +50,9 @@ def _print_summary(summary: launcher.RunSummary) -> None:
   print(f"pipeline      {summary.pipeline} ({summary.state})")
   if summary.records_read >= 0:
     print(f"read          {summary.records_read} records")
+  if summary.offsets_already_written > 0:
+    print(f"skipped       {summary.offsets_already_written} offsets already in the output "
+          "(written by an earlier run or attempt; not read or paid for again)")
   print(f"results       {summary.output}/results  ({summary.rows_written} rows)")
   print(f"dead letters  {summary.output}/dead_letter  ({summary.dead_letters} rows)")
   if summary.records_routed > 0:

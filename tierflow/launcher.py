@@ -68,6 +68,7 @@ class RunSummary:
   rejected: tuple = (0, 0)  # (small, frontier) stage answers the provider refused
   offsets_in_range: int = -1  # a bounded run: the offsets its range holds (-1: unknown)
   offsets_covered: int = -1  # the offsets its batches covered (records, gaps, deleted)
+  offsets_already_written: int = 0  # offsets the output held already: skipped, not redone
   exit_code: int = EXIT_OK
   problems: tuple = ()
 
@@ -293,6 +294,9 @@ def launch(name: str, argv: Sequence[str], *, wait: bool = True) -> RunSummary:
                      for tier in ("small", "frontier")),
       offsets_in_range=_counter(result, "offsets_in_range", "tierflow.kafka"),
       offsets_covered=_counter(result, "offsets_covered", "tierflow.kafka"),
+      offsets_already_written=max(0, _counter(result, "offsets_already_written",
+                                              "tierflow.kafka"))
+      + max(0, _counter(result, "offsets_already_written", "tierflow.parquet")),
   )
   return judge(summary, max_failed, max_dead)
 

@@ -6,8 +6,9 @@ on loopback.
 ``ApacheKafka`` is a single-node KRaft broker (broker and controller in one JVM) on free
 ports, with its log directory in a temporary directory, so it survives a restart;
 ``ApicurioRegistry`` serves the Confluent-compatible API at ``/apis/ccompat/v7``;
-``FlinkSessionCluster`` is a standalone Flink 1.19 session cluster (a JobManager and a
-TaskManager, each its own JVM) from the jars PyPI's ``apache-flink-libraries`` ships.
+``FlinkSessionCluster`` is a standalone Flink 1.19 session cluster (a JobManager and one or
+more TaskManagers, each its own JVM, any of which a test can SIGKILL and restart) from the
+jars PyPI's ``apache-flink-libraries`` ships.
 """
 
 from __future__ import annotations
@@ -280,24 +281,40 @@ _FLINK_JAVA_OPENS = [
 
 
 class FlinkSessionCluster:
-  """A standalone Flink session cluster on loopback: one JobManager and one TaskManager
-  with ``slots`` task slots, each its own JVM (what ``start-cluster.sh`` starts; the
-  PyPI package has the jars but not the scripts). ``rest_address`` is what Beam's
-  ``--flink_master`` takes."""
+  """A standalone Flink session cluster on loopback: one JobManager and ``taskmanagers``
+  TaskManagers with ``slots`` task slots each, each its own JVM (what
+  ``start-cluster.sh`` starts; the PyPI package has the jars but not the scripts).
+  ``rest_address`` is what Beam's ``--flink_master`` takes.
 
-  def __init__(self, slots: int = 2, startup_timeout: float = 120.0):
+  For fault tests: ``kill_taskmanager(i)`` SIGKILLs one TaskManager and
+  ``start_taskmanager(i)`` starts it again. The cluster notices a lost TaskManager
+  within ``heartbeat_timeout_ms`` and restarts the job's tasks (fixed delay, 1 s)
+  from its last checkpoint on the slots left, spread evenly over TaskManagers.
+  """
+
+  def __init__(self, slots: int = 2, startup_timeout: float = 120.0, taskmanagers: int = 1,
+               heartbeat_timeout_ms: int = 6000):
     self.home = _need(engines_dir() / "flink-dist" / "deps" / "lib" / f"flink-dist-{FLINK_VERSION}.jar",
                       f"Flink {FLINK_VERSION} (PyPI apache-flink-libraries)").parents[1]
     self.slots = slots
+    self.taskmanagers = taskmanagers
+    self.heartbeat_timeout_ms = heartbeat_timeout_ms
     self.rest_port = free_port()
     self.rpc_port = free_port()
     self.dir = Path(tempfile.mkdtemp(prefix="flink-session-"))
     self.startup_timeout = startup_timeout
-    self._procs: list[subprocess.Popen] = []
+    self._jobmanager: Optional[subprocess.Popen] = None
+    self._taskmanagers: dict[int, subprocess.Popen] = {}
+    self._conf: Optional[Path] = None
 
   @property
   def rest_address(self) -> str:
     return f"localhost:{self.rest_port}"
+
+  @property
+  def log_dir(self) -> Path:
+    """Where the JobManager's and TaskManagers' logs are."""
+    return self.dir
 
   def _configure(self) -> Path:
     conf = self.dir / "conf"
@@ -310,7 +327,13 @@ class FlinkSessionCluster:
         "taskmanager.memory.process.size: 1728m", f"parallelism.default: {self.slots}",
         "rest.address: localhost", "rest.bind-address: localhost",
         f"rest.port: {self.rest_port}", f"io.tmp.dirs: {self.dir / 'tmp'}",
-        "blob.server.port: 0", ""]))
+        "blob.server.port: 0",
+        # A lost TaskManager is noticed within seconds (Flink's default is 50 s) and the
+        # job restarts from its last checkpoint on the slots left.
+        "heartbeat.interval: 1000", f"heartbeat.timeout: {self.heartbeat_timeout_ms}",
+        "restart-strategy.type: fixed-delay", "restart-strategy.fixed-delay.attempts: 1000",
+        "restart-strategy.fixed-delay.delay: 1 s", "cluster.evenly-spread-out-slots: true",
+        ""]))
     (conf / "log4j.properties").write_text("\n".join([
         "rootLogger.level = INFO", "rootLogger.appenderRef.file.ref = MainAppender",
         "appender.main.name = MainAppender", "appender.main.type = File",
@@ -330,32 +353,54 @@ class FlinkSessionCluster:
              for line in out.splitlines() if "BASH_JAVA_UTILS_EXEC_RESULT:" in line]
     return lines[0].split(), lines[1].split()
 
-  def start(self) -> "FlinkSessionCluster":
-    conf = self._configure()
-    for role, main, params in (
-        ("jobmanager", "org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint",
-         "GET_JM_RESOURCE_PARAMS"),
-        ("taskmanager", "org.apache.flink.runtime.taskexecutor.TaskManagerRunner",
-         "GET_TM_RESOURCE_PARAMS")):
-      jvm, dynamic = self._resource_params(conf, params)
-      log = open(self.dir / f"{role}.out", "ab")
-      self._procs.append(subprocess.Popen(
-          ["java", *jvm, *_FLINK_JAVA_OPENS, "-XX:TieredStopAtLevel=1",
-           f"-Dlog.file={self.dir / f'{role}.log'}",
-           f"-Dlog4j.configurationFile=file:{conf / 'log4j.properties'}",
-           "-cp", f"{self.home / 'lib'}/*", main, "--configDir", str(conf), *dynamic],
-          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+  def _start(self, role: str, main: str, params: str) -> subprocess.Popen:
+    jvm, dynamic = self._resource_params(self._conf, params)
+    log = open(self.dir / f"{role}.out", "ab")
+    return subprocess.Popen(
+        ["java", *jvm, *_FLINK_JAVA_OPENS, "-XX:TieredStopAtLevel=1",
+         f"-Dlog.file={self.dir / f'{role}.log'}",
+         f"-Dlog4j.configurationFile=file:{self._conf / 'log4j.properties'}",
+         "-cp", f"{self.home / 'lib'}/*", main, "--configDir", str(self._conf), *dynamic],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+  def start_taskmanager(self, index: int = 0) -> None:
+    """Starts TaskManager ``index`` (again) and waits until its slots are offered."""
+    proc = self._taskmanagers.get(index)
+    if proc is not None and proc.poll() is None:
+      return
+    self._taskmanagers[index] = self._start(
+        f"taskmanager-{index}", "org.apache.flink.runtime.taskexecutor.TaskManagerRunner",
+        "GET_TM_RESOURCE_PARAMS")
+    self._wait_for_slots(self.slots * self.live_taskmanagers())
+
+  def kill_taskmanager(self, index: int = 0) -> None:
+    """SIGKILLs TaskManager ``index`` (a lost machine: no clean shutdown)."""
+    _stop(self._taskmanagers.get(index), signal.SIGKILL)
+
+  def live_taskmanagers(self) -> int:
+    return sum(1 for p in self._taskmanagers.values() if p.poll() is None)
+
+  def _wait_for_slots(self, slots: int) -> None:
     deadline = time.monotonic() + self.startup_timeout
     while time.monotonic() < deadline:
-      for proc in self._procs:
-        if proc.poll() is not None:
-          raise RuntimeError(f"a Flink process exited with {proc.returncode}; see {self.dir}")
+      if self._jobmanager.poll() is not None:
+        raise RuntimeError(f"the JobManager exited with {self._jobmanager.returncode}; "
+                           f"see {self.dir}")
       overview = self.rest("/overview")
-      if overview and overview.get("slots-total") == self.slots:
-        return self
+      if overview and overview.get("slots-total") == slots:
+        return
       time.sleep(0.5)
-    raise RuntimeError(f"the Flink cluster did not offer {self.slots} slots within "
+    raise RuntimeError(f"the Flink cluster did not offer {slots} slots within "
                        f"{self.startup_timeout}s; see {self.dir}")
+
+  def start(self) -> "FlinkSessionCluster":
+    self._conf = self._configure()
+    self._jobmanager = self._start(
+        "jobmanager", "org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint",
+        "GET_JM_RESOURCE_PARAMS")
+    for index in range(self.taskmanagers):
+      self.start_taskmanager(index)
+    return self
 
   def rest(self, path: str, method: str = "GET") -> Optional[dict]:
     """A call to Flink's REST API; None while it does not answer."""
@@ -376,9 +421,10 @@ class FlinkSessionCluster:
     self.rest(f"/jobs/{job_id}?mode=cancel", method="PATCH")
 
   def stop(self) -> None:
-    for proc in reversed(self._procs):
+    for proc in self._taskmanagers.values():
       _stop(proc)
-    self._procs.clear()
+    _stop(self._jobmanager)
+    self._taskmanagers.clear()
     shutil.rmtree(self.dir, ignore_errors=True)
 
   def __enter__(self) -> "FlinkSessionCluster":

@@ -1,0 +1,295 @@
+"""Failures where users run tierflow: a Flink session cluster losing machines mid-stream.
+
+The cluster is Flink 1.19 with two TaskManagers (two slots each), jobs run at parallelism
+2 with Python workers from an external worker pool (as ``deploy/flink`` runs them on
+Kubernetes), submitted by ``deploy/flink/submit.sh``, against Apache Kafka 4.4. Each test
+breaks something mid-run (a TaskManager SIGKILLed, the worker pool SIGKILLed, the job
+cancelled and resubmitted, the broker restarted) and then checks, by ``(partition,
+offset)``: no record lost, none stored twice, the group's commits at the end of what was
+sent and still moving after more records, and the frontier spend within the cap.
+"""
+
+import collections
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import duckdb
+import pytest
+import yaml
+
+from tierflow_local.broker import free_port
+from tierflow_local.engines import FlinkSessionCluster, flink_job_server_jar
+from tierflow_local.loader import sample_tickets
+from tierflow_local.provider_server import LocalProviderServer
+from tierflow_local.standin_model import KeywordStandIn
+
+pytestmark = [pytest.mark.slow, pytest.mark.engines]
+
+SUBMIT_SH = os.path.join(os.path.dirname(__file__), os.pardir, "deploy", "flink", "submit.sh")
+PARTITIONS = 4
+_SEQ = iter(range(10_000))
+
+
+# --- the cluster and its workers ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster():
+  with FlinkSessionCluster(taskmanagers=2, slots=2) as c:
+    yield c
+
+
+class WorkerPool:
+  """Beam's Python worker pool (``worker_pool_main``), as a TaskManager's sidecar runs it;
+  ``kill()`` SIGKILLs it with every SDK worker it started, ``start()`` brings it back on
+  the same port."""
+
+  def __init__(self):
+    self.port = free_port()
+    self._proc = None
+
+  @property
+  def address(self) -> str:
+    return f"localhost:{self.port}"
+
+  def start(self) -> "WorkerPool":
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    self._proc = subprocess.Popen(
+        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+         f"--service_port={self.port}"], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    import socket
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+      with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", self.port)) == 0:
+          return self
+      time.sleep(0.2)
+    raise RuntimeError("the worker pool did not listen within 60 s")
+
+  def kill(self) -> None:
+    """The pool and its SDK workers (one process group) die at once."""
+    if self._proc is not None and self._proc.poll() is None:
+      os.killpg(self._proc.pid, signal.SIGKILL)
+      self._proc.wait()
+
+  def stop(self) -> None:
+    if self._proc is not None and self._proc.poll() is None:
+      os.killpg(self._proc.pid, signal.SIGTERM)
+      try:
+        self._proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        self.kill()
+
+
+@pytest.fixture(scope="module")
+def pool():
+  p = WorkerPool().start()
+  yield p
+  p.stop()
+
+
+@pytest.fixture(scope="module")
+def endpoints():
+  with LocalProviderServer(KeywordStandIn(), models=("small", "frontier")) as server:
+    yield server
+
+
+# --- Kafka -------------------------------------------------------------------------------------
+
+
+def new_topic(kafka, prefix):
+  name = f"{prefix}-{next(_SEQ)}-{os.getpid()}"
+  kafka.create_topic(name, PARTITIONS)
+  return name
+
+
+class Feed:
+  """Produces records to a topic: ``send(n)`` now, or ``start(n, seconds)`` spread over
+  time in a thread. ``sent`` counts records per partition (their end offsets)."""
+
+  def __init__(self, kafka, topic, make_value):
+    from confluent_kafka import Producer
+    self.topic = topic
+    self._make = make_value
+    self._producer = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 5,
+                               "logger": logging.getLogger("test.producer")})
+    self.sent = collections.Counter()
+    self._n = 0
+    self._thread = None
+    self._lock = threading.Lock()
+
+  def send(self, n):
+    with self._lock:
+      for _ in range(n):
+        partition = self._n % PARTITIONS
+        now = int(time.time() * 1000)
+        self._producer.produce(self.topic, self._make(self._n, now), partition=partition,
+                               timestamp=now)
+        self.sent[partition] += 1
+        self._n += 1
+      self._producer.flush(30)
+
+  def start(self, n, seconds):
+    def run():
+      rounds = max(1, int(seconds * 4))
+      for r in range(rounds):
+        self.send(n // rounds + (1 if r < n % rounds else 0))
+        time.sleep(seconds / rounds)
+    self._thread = threading.Thread(target=run, daemon=True)
+    self._thread.start()
+
+  def join(self):
+    if self._thread is not None:
+      self._thread.join()
+
+
+def ticket_value(i, now):
+  t = sample_tickets()[i % 240]
+  return json.dumps({**t, "ticket_id": f"{t['ticket_id']}-{i}", "created_at": now}).encode()
+
+
+def committed(kafka, group, topic):
+  from confluent_kafka import Consumer, TopicPartition
+  c = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": group,
+                "logger": logging.getLogger("test.watch")})
+  try:
+    found = c.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
+    return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+  finally:
+    c.close()
+
+
+# --- the output --------------------------------------------------------------------------------
+
+
+def stored(out):
+  """Counter of (partition, offset) over results and dead letters, and the result rows'
+  frontier spend."""
+  seen, spend = collections.Counter(), 0.0
+  for sub in ("results", "dead_letter"):
+    files = [f for d, _, fs in os.walk(f"{out}/{sub}") for f in fs
+             if f.endswith(".parquet") and not f.startswith(".")]
+    if not files:
+      continue
+    rows = duckdb.sql(f"SELECT * FROM read_parquet('{out}/{sub}/**/*.parquet', "
+                      "hive_partitioning=true, union_by_name=true)").fetchdf()
+    seen.update(zip(rows["kafka_partition"], rows["kafka_offset"]))
+    if sub == "results" and "frontier_cost_usd" in rows:
+      spend += float(rows["frontier_cost_usd"].sum())
+  return seen, spend
+
+
+def files_in(out):
+  return sum(1 for d, _, fs in os.walk(f"{out}/results") for f in fs
+             if f.endswith(".parquet") and not f.startswith("."))
+
+
+# --- submitting ------------------------------------------------------------------------------
+
+
+def submit_streaming(cluster, pool, kafka, topic, out, group, pipeline="passthrough",
+                     extra=""):
+  """Submits a streaming job with deploy/flink/submit.sh; returns its Flink job id."""
+  before = {j["id"] for j in cluster.jobs()}
+  env = dict(os.environ, PYTHON=sys.executable, FLINK_MASTER=cluster.rest_address,
+             FLINK_JOB_SERVER_JAR=str(flink_job_server_jar()), WORKER_POOL=pool.address,
+             BOOTSTRAP_SERVERS=kafka.bootstrap_servers, TOPIC=topic, OUTPUT=out,
+             PIPELINE=pipeline, PARALLELISM="2", SDK_WORKER_PARALLELISM="1",
+             GROUP_ID=group, CHECKPOINT_MS="2000",
+             EXTRA_ARGS=f"--flush-seconds 1 --rows-per-file 500 {extra}".strip())
+  done = subprocess.run(["bash", SUBMIT_SH, "streaming"], env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline:
+    new = [j for j in cluster.jobs() if j["id"] not in before]
+    if new:
+      return new[0]["id"]
+    time.sleep(0.5)
+  raise AssertionError("the job did not appear on the cluster")
+
+
+def job_status(cluster, job):
+  return {j["id"]: j["status"] for j in cluster.jobs()}.get(job)
+
+
+def restarts(cluster, job) -> int:
+  """How many times Flink restarted the job's tasks (its ``numRestarts`` metric)."""
+  found = cluster.rest(f"/jobs/{job}/metrics?get=numRestarts") or []
+  return int(float(found[0]["value"])) if found else 0
+
+
+def wait_until(what, check, timeout=180, every=1.0):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    value = check()
+    if value:
+      return value
+    time.sleep(every)
+  raise AssertionError(f"timed out waiting for {what}")
+
+
+def check_exactly_once(kafka, out, group, feed, cluster, job, timeout=240):
+  """Waits until every record sent is stored and the group committed the end of every
+  partition; then asserts no record is stored twice."""
+
+  def caught_up():
+    seen, _ = stored(out)
+    done = len(seen) == sum(feed.sent.values())
+    return done and committed(kafka, group, feed.topic) == dict(feed.sent)
+
+  try:
+    wait_until("every record stored and committed", caught_up, timeout=timeout, every=2)
+  except AssertionError:
+    seen, _ = stored(out)
+    raise AssertionError(
+        f"stored {len(seen)} of {sum(feed.sent.values())} records (sent {dict(feed.sent)}), "
+        f"committed {committed(kafka, group, feed.topic)}, job {job_status(cluster, job)}; "
+        f"logs in {cluster.log_dir}") from None
+  seen, spend = stored(out)
+  duplicates = {k: n for k, n in seen.items() if n > 1}
+  assert not duplicates, f"{sum(n - 1 for n in duplicates.values())} duplicate rows, e.g. " \
+                         f"{sorted(duplicates)[:5]}"
+  want = {(p, o) for p, n in feed.sent.items() for o in range(n)}
+  assert set(seen) == want
+  return spend
+
+
+# --- streaming passthrough, a TaskManager lost -------------------------------------------------
+
+KILL_POINTS = {
+    "at the first file": lambda out, commits: files_in(out) >= 1,
+    "after the first commit": lambda out, commits: sum(commits.values()) > 0,
+    "with many files written": lambda out, commits: files_in(out) >= 12,
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_streaming_passthrough_survives_a_lost_taskmanager(cluster, pool, kafka_broker,
+                                                           tmp_path, point):
+  topic = new_topic(kafka_broker, "tm-kill")
+  out, group = str(tmp_path / "out"), f"g-{topic}"
+  feed = Feed(kafka_broker, topic, ticket_value)
+  job = submit_streaming(cluster, pool, kafka_broker, topic, out, group)
+  try:
+    feed.start(4000, seconds=12)
+    wait_until(point, lambda: KILL_POINTS[point](out, committed(kafka_broker, group, topic)),
+               every=0.2)
+    cluster.kill_taskmanager(0)
+    time.sleep(3)
+    cluster.start_taskmanager(0)
+    feed.join()
+    check_exactly_once(kafka_broker, out, group, feed, cluster, job)
+    feed.send(400)  # the commits keep moving after the restart
+    check_exactly_once(kafka_broker, out, group, feed, cluster, job, timeout=120)
+    assert job_status(cluster, job) == "RUNNING"
+    assert restarts(cluster, job) >= 1  # the failure really hit the job
+  finally:
+    cluster.cancel(job)
