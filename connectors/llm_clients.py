@@ -23,12 +23,15 @@ from collections import deque
 from typing import TYPE_CHECKING, Optional
 
 from tierflow.connectors.circuit_breaker import CircuitBreaker, CircuitOpen
+from tierflow.connectors.kafka_ledger import USE_WITHIN_S
 from tierflow.prices import Usage
 
 if TYPE_CHECKING:
   from tierflow.config import ModelConfig
+  from tierflow.connectors.kafka_ledger import LedgerConfig
 
 __all__ = ["TokenInfo", "ModelReply", "ModelCallError", "ModelClient", "RateLimiter",
+           "SharedRateLimiter",
            "estimate_tokens", "kind_of_status"]
 
 _LOGGER = logging.getLogger(__name__)
@@ -74,8 +77,8 @@ class ModelCallError(Exception):
 class RateLimiter:
   """Requests- and tokens-per-minute limits over a sliding 60 s window (thread-safe).
 
-  The limits are this process's share (the pipeline divides the configured ones by the
-  worker count) and adapt to the provider: a 429 halves them (``throttled``), each
+  The limits are this process's own (``SharedRateLimiter`` shares them between processes
+  through the ledger) and adapt to the provider: a 429 halves them (``throttled``), each
   answered request raises them by one request (and its tokens) per minute (``answered``)
   back up to the share: additive increase, multiplicative decrease.
   """
@@ -148,6 +151,73 @@ class RateLimiter:
       waited += wait
 
 
+class SharedRateLimiter:
+  """An endpoint's rpm/tpm limits shared by every worker process through the ledger
+  (``kafka_ledger``): a process claims a few requests' worth of the window at a time
+  and sends them within ``USE_WITHIN_S``; the ledger grants claims only while the last
+  minute's grants, from every process, leave room. A process that died or restarted
+  leaves its grants in the window. A 429 (someone else on the key) halves the limits
+  this process claims under; answered requests grow them back (AIMD), as ``RateLimiter``.
+  """
+
+  min_factor = RateLimiter.min_factor
+
+  def __init__(self, ledger, scope: str, rpm: Optional[int], tpm: Optional[int],
+               clock=time.monotonic, sleep=time.sleep):
+    self.rpm, self.tpm = rpm, tpm
+    self._ledger, self._scope = ledger, scope
+    self._clock, self._sleep = clock, sleep
+    self._lock = threading.Lock()
+    self._grants: deque = deque()  # [expires (monotonic), requests left, tokens left]
+    self.factor = 1.0
+
+  def throttled(self) -> None:
+    with self._lock:
+      self.factor = max(self.min_factor, self.factor / 2)
+
+  def answered(self) -> None:
+    if self.rpm and self.factor < 1:
+      with self._lock:
+        self.factor = min(1.0, self.factor + 1 / self.rpm)
+
+  def _take(self, tokens: int) -> bool:
+    now = self._clock()
+    while self._grants and (self._grants[0][0] <= now or self._grants[0][1] <= 0):
+      self._grants.popleft()
+    for grant in self._grants:
+      if grant[1] >= 1 and grant[2] >= tokens:
+        grant[1] -= 1
+        grant[2] -= tokens
+        return True
+    return False
+
+  def acquire(self, tokens: int) -> float:
+    """Blocks until this process holds a grant for a request of ``tokens``; returns
+    seconds waited."""
+    if not self.rpm and not self.tpm:
+      return 0.0
+    waited = 0.0
+    while True:
+      with self._lock:
+        if self._take(tokens):
+          return waited
+        rpm = max(1, int(self.rpm * self.factor)) if self.rpm else 0
+        tpm = max(1, int(self.tpm * self.factor)) if self.tpm else 0
+        tokens = min(tokens, tpm) if tpm else tokens
+        chunk = max(1, min(16, rpm // 32)) if rpm else 16
+        if tpm:
+          chunk = max(1, min(chunk, tpm // max(1, tokens) // 8))
+        asked = self._clock()
+        granted, retry_s = self._ledger.claim_rate(self._scope, chunk, chunk * tokens, rpm, tpm)
+        if granted:
+          # Used within USE_WITHIN_S of the claim, less what the claim's round trip took.
+          self._grants.append([asked + USE_WITHIN_S - 0.5, chunk, chunk * tokens])
+          continue
+      wait = min(max(retry_s, 0.05), 5.0)
+      self._sleep(wait)
+      waited += wait
+
+
 _LIMITERS: dict = {}
 _BREAKERS: dict = {}
 _LIMITERS_LOCK = threading.Lock()
@@ -161,7 +231,15 @@ def _per_process(registry: dict, key: tuple, make):
     return registry[key]
 
 
-def _limiter_for(cfg: "ModelConfig") -> RateLimiter:
+def _limiter_for(cfg: "ModelConfig", ledger: Optional["LedgerConfig"] = None):
+  """The endpoint's limiter: shared by every worker process through the ledger when one
+  is given (the pipelines'), else this process's own."""
+  if ledger is not None and (cfg.rpm or cfg.tpm):
+    from tierflow.connectors.kafka_ledger import ledger_for
+    scope = f"rate/{cfg.provider}/{cfg.base_url or 'default'}/{cfg.model}"
+    return _per_process(_LIMITERS, (scope, cfg.rpm, cfg.tpm, ledger.bootstrap_servers,
+                                    ledger.topic),
+                        lambda: SharedRateLimiter(ledger_for(ledger), scope, cfg.rpm, cfg.tpm))
   return _per_process(_LIMITERS, (cfg.provider, cfg.base_url, cfg.model, cfg.rpm, cfg.tpm),
                       lambda: RateLimiter(cfg.rpm, cfg.tpm))
 
@@ -241,9 +319,10 @@ class ModelClient:
 
   max_retry_wait_s = 60.0
 
-  def __init__(self, cfg: "ModelConfig", sleep=time.sleep):
+  def __init__(self, cfg: "ModelConfig", sleep=time.sleep,
+               ledger: Optional["LedgerConfig"] = None):
     self.cfg = cfg
-    self.limiter = _limiter_for(cfg)
+    self.limiter = _limiter_for(cfg, ledger)
     self.breaker = _breaker_for(cfg)
     self._sleep = sleep
     key = _api_key(cfg)

@@ -9,6 +9,7 @@ results and dead letters are written.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Optional
 
@@ -17,10 +18,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from tierflow import schemas
 from tierflow.config import RunConfig, load_config
+from tierflow.connectors.kafka_ledger import DEFAULT_TOPIC, LedgerConfig
 from tierflow.pipelines.budget import Budget
 from tierflow.pipelines.options import (KafkaSourceOptions, ParquetSinkOptions,
-                                        RunLimitsOptions, SourceSinkConfig, _add, _Unprefixed,
-                                        direct_workers)
+                                        RunLimitsOptions, SourceSinkConfig, _add, _Unprefixed)
 from tierflow.pipelines.routing import RouteBatches
 from tierflow.pipelines.transforms import ReadAndDecode, WriteAndCommit
 from tierflow.prices import PriceBook, load_price_book
@@ -41,10 +42,20 @@ class ModelOptions(PipelineOptions):
     _add(parser, "calibration", default=None,
          help="calibration file from `tierflow calibrate`: its thresholds replace the config's")
     _add(parser, "budget-usd", type=float, default=None,
-         help="override the config's budget cap for frontier escalations (per run; per "
-              "--budget-period for streaming runs)")
-    _add(parser, "budget-period", default="day", choices=("day", "hour", "none"),
-         help="streaming runs: the budget applies per period of processing time (UTC)")
+         help="override the config's budget cap for frontier escalations: per "
+              "--budget-period of processing time, one account for every worker process "
+              "and every run that shares --budget-account")
+    _add(parser, "budget-period", default="auto", choices=("auto", "day", "hour", "none"),
+         help="the budget applies per UTC day or hour, or once (none); auto: per day for "
+              "runs from the group's offsets (streaming or bounded), once for an explicit "
+              "offset or time range")
+    _add(parser, "budget-account", default=None,
+         help="the budget's account in the ledger (default: the consumer group, and for an "
+              "explicit range the group and the range)")
+    _add(parser, "ledger-topic", default=None,
+         help="the Kafka topic (one partition, created when missing) where every worker "
+              "process keeps the budget's account and the models' rate-limit windows "
+              "(default: tierflow-ledger)")
     _add(parser, "batch-tiers", default=None,
          help="tiers sent through the providers' batch APIs at their batch discount "
               "(bounded runs): small, frontier, small,frontier or none; default: each "
@@ -54,11 +65,6 @@ class ModelOptions(PipelineOptions):
               "go synchronously (or fail: batch_fallback); default: the config's (24 h)")
     _add(parser, "batch-poll-seconds", type=float, default=None,
          help="seconds between checks of a submitted batch (default: the config's, 30)")
-    _add(parser, "workers-hint", type=int, default=None,
-         help="how many worker processes share the models' rpm/tpm limits (each takes "
-              "limit / workers) and a streaming run's budget (each gets budget / workers "
-              "per period); default: --direct_num_workers (multi_processing), --parallelism "
-              "(Flink) or --max_num_workers/--num_workers (Dataflow), else 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,7 @@ class ModelPipelineConfig:
   price_book: PriceBook
   calibration_version: Optional[str] = None
   budget: Budget = Budget()
+  ledger: Optional[LedgerConfig] = None
 
   @property
   def output(self) -> str:
@@ -97,25 +104,22 @@ def _with_batch_settings(run: RunConfig, m) -> RunConfig:
   return run
 
 
-def workers_of(options: PipelineOptions, hint: Optional[int] = None) -> int:
-  """How many worker processes share the limits: ``hint`` if given, else what the runner's
-  own options say (on Dataflow, VMs: with several SDK processes per VM pass the hint)."""
-  if hint is not None:
-    if hint < 1:
-      raise ValueError("--workers-hint must be >= 1")
-    return hint
-  mode, direct = direct_workers(options)
-  if mode == "multi_processing":
-    return max(1, direct)
-  opts = options.get_all_options(retain_unknown_options=True)
-  for name in ("parallelism", "max_num_workers", "num_workers"):
-    try:
-      value = int(opts.get(name) or 0)
-    except (TypeError, ValueError):
-      continue
-    if value > 0:
-      return value
-  return 1
+def _budget(run: RunConfig, io: SourceSinkConfig, m) -> Budget:
+  """The run's budget: its account (the group, and an explicit range's bounds) and period."""
+  src = io.source
+  explicit = any(v is not None for v in (src.start_offset, src.end_offset, src.start_time_ms,
+                                         src.end_time_ms))
+  account = m.budget_account
+  if not account:
+    account = src.group_id or f"tierflow.{src.topic}"
+    if explicit:
+      bounds = [src.start_offset, src.start_time_ms, src.end_offset, src.end_time_ms]
+      account += "@" + ",".join("" if b is None else json.dumps(b, sort_keys=True)
+                                for b in bounds)
+  period = m.budget_period
+  if period == "auto":
+    period = "none" if explicit else "day"
+  return Budget(run.budget_usd, None if period == "none" else period, account)
 
 
 def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelineConfig:
@@ -151,8 +155,6 @@ def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelin
       raise ValueError("--budget-usd must be >= 0")
     run = dataclasses.replace(run, budget_usd=m.budget_usd)
   run = _with_batch_settings(run, m)
-  workers = workers_of(options, m.workers_hint)
-  run = run.with_limits_shared_by(workers)
   io = SourceSinkConfig.from_options(options, pipeline=pipeline, default_schema=run.schema,
                                      default_rows_per_file=MODEL_ROWS_PER_FILE)
   if io.schema.get("name") != schemas.load(run.schema).get("name"):
@@ -163,10 +165,10 @@ def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelin
     raise ValueError(f"batch mode ({', '.join(batched)} tier) is for bounded runs: a "
                      "streaming run cannot wait hours for its answers; use --bounded, or "
                      "--batch-tiers none")
-  budget = Budget(run.budget_usd, None if m.budget_period == "none" else m.budget_period,
-                  workers)
+  ledger = LedgerConfig(io.source.bootstrap_servers, m.ledger_topic or DEFAULT_TOPIC,
+                        io.source.consumer_config)
   return ModelPipelineConfig(io, run, load_price_book(run.price_book), calibration_version,
-                             budget)
+                             _budget(run, io, m), ledger)
 
 
 def build_pipeline(p: beam.Pipeline, config: ModelPipelineConfig) -> None:
@@ -174,7 +176,7 @@ def build_pipeline(p: beam.Pipeline, config: ModelPipelineConfig) -> None:
   read = ReadAndDecode(config.io)
   route = RouteBatches(config.run, config.price_book, input_row_schema=read.row_schema,
                        budget=config.budget, calibration_version=config.calibration_version,
-                       batch_state_dir=f"{config.output}/_batches")
+                       batch_state_dir=f"{config.output}/_batches", ledger=config.ledger)
   _ = (p
        | "Read" >> read
        | "Route" >> route

@@ -51,7 +51,8 @@ from tierflow.config import RunConfig
 from tierflow.connectors.decode import DecodedBatch, dead_letter, dead_letter_table
 from tierflow.connectors.llm_clients import ModelCallError, ModelClient
 from tierflow.pipelines.agreement import combine
-from tierflow.pipelines.budget import Budget, BudgetPool, pool_for, strict_cost
+from tierflow.connectors.kafka_ledger import LedgerConfig
+from tierflow.pipelines.budget import Budget, BudgetPool, budget_for, check_budget, strict_cost
 from tierflow.pipelines.ledger import (RoutedRecord, StageOutcome, TierOutcome, ledger_row,
                                        result_schema, row_json)
 from tierflow.pipelines.prompts import build_prompt, parse_reply, render_text, split_usage
@@ -75,11 +76,12 @@ class Router:
   """
 
   def __init__(self, config: RunConfig, price_book: PriceBook,
-               batch_state_dir: Optional[str] = None):
+               batch_state_dir: Optional[str] = None, ledger: Optional[LedgerConfig] = None):
     for model in (config.small, config.frontier):
       price_book.price(model.price_key)  # fail at construction, not on a worker
     self.config = config
     self._batch_state_dir = batch_state_dir
+    self._ledger = ledger
     self._book = price_book
     self._models = {"small": config.small, "frontier": config.frontier}
     self._prices = {t: price_book.price(m.price_key) for t, m in self._models.items()}
@@ -102,7 +104,7 @@ class Router:
   def _client(self, tier: str) -> ModelClient:
     client = self._clients.get(tier)
     if client is None:
-      client = self._clients[tier] = ModelClient(self._models[tier])
+      client = self._clients[tier] = ModelClient(self._models[tier], ledger=self._ledger)
     return client
 
   # --- one request ------------------------------------------------------------------
@@ -438,8 +440,9 @@ def _crashed(row: Mapping[str, Any], config: RunConfig, reason: str) -> RoutedRe
 class _RouteBatchFn(beam.DoFn):
   def __init__(self, config: RunConfig, book: PriceBook, budget: Budget, run_id: str,
                result_avro: dict, calibration_version: Optional[str],
-               batch_state_dir: Optional[str] = None):
+               batch_state_dir: Optional[str] = None, ledger: Optional[LedgerConfig] = None):
     self._batch_state_dir = batch_state_dir
+    self._ledger = ledger
     self._config = config
     self._book = book
     self._budget = budget
@@ -448,9 +451,9 @@ class _RouteBatchFn(beam.DoFn):
     self._calibration = calibration_version
 
   def setup(self):
-    self._router = Router(self._config, self._book, self._batch_state_dir).open()
+    self._router = Router(self._config, self._book, self._batch_state_dir,
+                          self._ledger).open()
     self._arrow = schemas.to_arrow(self._result_avro)
-    self._pool = pool_for(self._run_id, self._budget) if self._budget.capped else None
     self._counters = _Counters()
 
   def teardown(self):
@@ -458,17 +461,18 @@ class _RouteBatchFn(beam.DoFn):
 
   def process(self, batch: DecodedBatch):
     ref = batch.ref
-    if self._pool is not None:
-      if ref.run_offsets:
-        self._pool.earn(self._budget.usd * (ref.end - ref.start) / ref.run_offsets)
-      else:
-        self._pool.ensure_period()
     rows = batch.rows.to_pylist()
     started = time.monotonic()
+    pool = budget_for(self._run_id, self._budget, self._ledger, ref.end - ref.start,
+                      ref.run_offsets)
     # A crash here is a bug, not a record's failure: the bundle fails (and is retried by
     # the runner), so nothing of the batch is written or committed and a re-run retries it.
-    routed = self._router.route(rows, self._pool,
-                                batch_key=f"{ref.topic}/{ref.partition}/{ref.start}-{ref.end}")
+    try:
+      routed = self._router.route(rows, pool, batch_key=f"{ref.topic}/{ref.partition}/"
+                                                        f"{ref.start}-{ref.end}")
+    finally:
+      if pool is not None:
+        pool.close()  # what the batch's leases did not spend goes back to the account
     self._counters.route_millis.inc(int((time.monotonic() - started) * 1000))
     results, dead = [], []
     now = int(time.time() * 1000)
@@ -500,13 +504,18 @@ class RouteBatches(beam.PTransform):
     batch_state_dir: where a batch-mode tier keeps its submitted batch ids (any Beam
       filesystem; one small file per offset batch and tier), so a re-run of a killed
       run polls them instead of paying twice. Required when a tier is in batch mode.
+    ledger: the ledger (``kafka_ledger.LedgerConfig``) every worker process shares: the
+      budget's account and the models' rpm/tpm windows. Required for a shared budget;
+      without it rate limits apply per process.
   """
 
   def __init__(self, config: RunConfig, price_book: Optional[PriceBook] = None, *,
                input_row_schema: Mapping[str, Any], budget: Budget = Budget(),
                calibration_version: Optional[str] = None,
-               batch_state_dir: Optional[str] = None):
+               batch_state_dir: Optional[str] = None, ledger: Optional[LedgerConfig] = None):
     super().__init__()
+    check_budget(budget, ledger)
+    self._ledger = ledger
     if batch_state_dir is None and "batch" in (config.small.mode, config.frontier.mode):
       raise ValueError("a tier in batch mode needs batch_state_dir (where batch ids are "
                        "kept, so a re-run never pays twice)")
@@ -526,7 +535,7 @@ class RouteBatches(beam.PTransform):
   def expand(self, batches):
     return batches | "Route" >> beam.ParDo(_RouteBatchFn(
         self._config, self._book, self._budget, self._run_id, self._result_avro,
-        self._calibration, self._batch_state_dir))
+        self._calibration, self._batch_state_dir, self._ledger))
 
 
 # --- dict rows: a library user's path --------------------------------------------------
@@ -549,26 +558,28 @@ class _TieredHandler(ModelHandler):
   """A RunInference handler whose 'model' is a ``Router`` over (row, timestamp) pairs."""
 
   def __init__(self, config: RunConfig, book: PriceBook, budget: Budget,
-               expected_records: Optional[int], run_id: str):
+               expected_records: Optional[int], run_id: str,
+               ledger: Optional[LedgerConfig] = None):
     super().__init__()
     self._config = config
     self._book = book
     self._budget = budget
     self._expected = expected_records
     self._run_id = run_id
+    self._ledger = ledger
 
   def load_model(self) -> Router:
-    return Router(self._config, self._book).open()
+    return Router(self._config, self._book, ledger=self._ledger).open()
 
   def run_inference(self, batch, model: Router, inference_args=None):
-    pool = pool_for(self._run_id, self._budget) if self._budget.capped else None
-    if pool is not None:
-      if self._expected:
-        pool.earn(self._budget.usd * len(batch) / self._expected)
-      else:
-        pool.ensure_period()
+    pool = budget_for(self._run_id, self._budget, self._ledger, len(batch),
+                      self._expected or 0)
     rows = [row for row, _ in batch]
-    routed = model.route(rows, pool)
+    try:
+      routed = model.route(rows, pool)
+    finally:
+      if pool is not None:
+        pool.close()
     return [PredictionResult(pair, rec) for pair, rec in zip(batch, routed)]
 
   def batch_elements_kwargs(self):
@@ -610,18 +621,22 @@ class RouteThroughTiers(beam.PTransform):
   Args:
     config: the run config.
     price_book: prices (default: the config's, else the bundled book).
-    budget: the frontier spend cap.
-    expected_records: how many rows the run will route (bounded input); each
-      row earns ``budget.usd / expected_records`` of the cap for its worker.
-      Without it the cap applies per worker process (``budget.workers``
-      shares) and per ``budget.period``.
+    budget: the frontier spend cap: one account in ``ledger`` shared by every worker
+      process (``Budget(usd, account=...)``), or ``Budget(usd, per_process=True)``.
+    expected_records: how many rows the run will route (bounded input): the spend is
+      paced over them (at most ``usd * routed / expected_records`` at any time).
     calibration_version: written on every row.
+    ledger: the ``kafka_ledger.LedgerConfig`` the budget's account and the models'
+      rate windows live in, shared by every worker process.
   """
 
   def __init__(self, config: RunConfig, price_book: Optional[PriceBook] = None, *,
                budget: Budget = Budget(), expected_records: Optional[int] = None,
-               calibration_version: Optional[str] = None):
+               calibration_version: Optional[str] = None,
+               ledger: Optional[LedgerConfig] = None):
     super().__init__()
+    check_budget(budget, ledger)
+    self._ledger = ledger
     if not isinstance(config, RunConfig):
       raise TypeError("RouteThroughTiers takes a tierflow RunConfig (tierflow.config)")
     if expected_records is not None and expected_records < 1:
@@ -640,7 +655,7 @@ class RouteThroughTiers(beam.PTransform):
 
   def expand(self, rows) -> RoutedOutputs:
     handler = _TieredHandler(self._config, self._book, self._budget, self._expected,
-                             self._run_id)
+                             self._run_id, self._ledger)
     main, dlq = (rows
                  | "KeepTimestamps" >> beam.Map(_stamp)
                  | "Route" >> RunInference(handler).with_exception_handling())

@@ -11,8 +11,10 @@ import pytest
 
 from tierflow.connectors.parquet_dataset import hive_partitioning
 
-# kafka-python logs every reconnect and group-less consumer at WARNING/ERROR.
+# kafka-python logs every reconnect and group-less consumer at WARNING/ERROR; librdkafka
+# (the ledger's clients, which live as long as the process) too, once a test's broker stops.
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
+logging.getLogger("tierflow.kafka.librdkafka").setLevel(logging.CRITICAL)
 # Beam logs its job servers (Flink, Prism) starting and stopping at WARNING, the last
 # at interpreter exit, after pytest has closed its streams.
 logging.getLogger("apache_beam.utils.subprocess_server").setLevel(logging.ERROR)

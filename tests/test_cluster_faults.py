@@ -30,6 +30,7 @@ from tierflow_local.provider_server import LocalProviderServer
 from tierflow_local.standin_model import KeywordStandIn
 
 pytestmark = [pytest.mark.slow, pytest.mark.engines]
+logging.getLogger("test.producer").setLevel(logging.CRITICAL)  # a restarted broker is noisy
 
 SUBMIT_SH = os.path.join(os.path.dirname(__file__), os.pardir, "deploy", "flink", "submit.sh")
 PARTITIONS = 4
@@ -97,8 +98,23 @@ def pool():
 
 @pytest.fixture(scope="module")
 def endpoints():
-  with LocalProviderServer(KeywordStandIn(), models=("small", "frontier")) as server:
+  with LocalProviderServer(KeywordStandIn(), models=("small", "frontier"),
+                           max_logged_requests=1_000_000) as server:
     yield server
+
+
+def billed_at_the_endpoint(server, since: float, model="frontier",
+                           price_as="claude-sonnet-4-6") -> float:
+  """What the frontier endpoint billed since ``since`` (its answers' usage at list price):
+  the money really spent, including work a failure threw away before it was written."""
+  from tierflow.prices import Usage, load_price_book
+  price = load_price_book().price(price_as)
+  return sum(price.cost(Usage(input_tokens=q.usage.get("input_tokens", 0),
+                              output_tokens=q.usage.get("output_tokens", 0),
+                              cache_read_tokens=q.usage.get("cache_read_input_tokens", 0),
+                              cache_write_tokens=q.usage.get("cache_creation_input_tokens", 0)))
+             for q in server.requests
+             if q.model == model and q.status == 200 and q.usage and q.received_at >= since)
 
 
 # --- Kafka -------------------------------------------------------------------------------------
@@ -291,5 +307,163 @@ def test_streaming_passthrough_survives_a_lost_taskmanager(cluster, pool, kafka_
     check_exactly_once(kafka_broker, out, group, feed, cluster, job, timeout=120)
     assert job_status(cluster, job) == "RUNNING"
     assert failures(cluster, job) >= 1  # the failure really hit the job
+  finally:
+    cluster.cancel(job)
+
+
+# --- streaming tickets: models, a budget, a TaskManager lost -----------------------------------
+
+
+def tickets_config(tmp_path, endpoints, budget):
+  from local_config import local_config
+  return local_config(tmp_path / "tickets.yaml", endpoints, budget=budget,
+                      small=dict(batch_size=4, concurrency=2),
+                      frontier=dict(batch_size=2, concurrency=2))
+
+
+def spend_and_approvals(out):
+  """(frontier spend, escalations approved, escalations skipped for the budget)."""
+  [(spend, approved, skipped)] = duckdb.sql(
+      f"SELECT coalesce(sum(s.frontier_cost_usd), 0), count(*) FILTER (WHERE "
+      f"s.frontier_cost_usd > 0), count(*) FILTER (WHERE s.budget_skipped) FROM (SELECT "
+      f"unnest(stages) AS s FROM read_parquet('{out}/results/**/*.parquet', "
+      "hive_partitioning=true))").fetchall()
+  return spend, approved, skipped
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_streaming_tickets_survive_a_lost_taskmanager_within_the_budget(
+    cluster, pool, kafka_broker, endpoints, tmp_path, point):
+  cap = 0.08  # escalating every stage of these tickets would cost about twice as much
+  topic = new_topic(kafka_broker, "tm-kill-tickets")
+  out, group = str(tmp_path / "out"), f"g-{topic}"
+  started = time.time()
+  feed = Feed(kafka_broker, topic, ticket_value)
+  job = submit_streaming(cluster, pool, kafka_broker, topic, out, group, pipeline="tickets",
+                         extra=f"--config {tickets_config(tmp_path, endpoints, cap)} "
+                               "--rows-per-file 40")
+  try:
+    feed.start(600, seconds=12)
+    wait_until(point, lambda: KILL_POINTS[point](out, committed(kafka_broker, group, topic)),
+               every=0.2)
+    cluster.kill_taskmanager(0)
+    time.sleep(3)
+    cluster.start_taskmanager(0)
+    feed.join()
+    spend = check_exactly_once(kafka_broker, out, group, feed, cluster, job)
+    feed.send(60)
+    spend = check_exactly_once(kafka_broker, out, group, feed, cluster, job, timeout=120)
+    assert failures(cluster, job) >= 1
+    spent, approved, skipped = spend_and_approvals(out)
+    billed = billed_at_the_endpoint(endpoints, started)
+    print(f"cap ${cap}: billed ${billed:.4f} at the endpoint, ${spent:.4f} in the output, "
+          f"{approved} escalations approved, {skipped} skipped")
+    assert billed <= cap and skipped > 0  # the cap bound, and held
+    assert approved >= 0.8 * cap / (spent / approved)  # and was used
+  finally:
+    cluster.cancel(job)
+
+
+# --- a bounded tickets backfill: a TaskManager or the worker pool lost --------------------------
+
+
+def submit_backfill(cluster, pool, kafka, topic, out, group, config):
+  """Starts deploy/flink/submit.sh backfill over every record so far, in a thread (it waits
+  for the job); returns (thread, result holder)."""
+  env = dict(os.environ, PYTHON=sys.executable, FLINK_MASTER=cluster.rest_address,
+             FLINK_JOB_SERVER_JAR=str(flink_job_server_jar()), WORKER_POOL=pool.address,
+             BOOTSTRAP_SERVERS=kafka.bootstrap_servers, TOPIC=topic, OUTPUT=out,
+             PIPELINE="tickets", PARALLELISM="2", SDK_WORKER_PARALLELISM="1",
+             EXTRA_ARGS=f"--config {config} --rows-per-file 40 --group-id {group} "
+                        "--commit-offsets always")
+  result = {}
+
+  def run():
+    result["done"] = subprocess.run(
+        ["bash", SUBMIT_SH, "backfill", "0", str(int(time.time() * 1000) + 86_400_000)],
+        env=env, capture_output=True, text=True, timeout=900)
+
+  thread = threading.Thread(target=run)
+  thread.start()
+  return thread, result
+
+
+@pytest.mark.parametrize("lost", ["a TaskManager", "the worker pool"])
+def test_a_backfill_survives_a_lost_taskmanager_or_worker_pool_within_the_budget(
+    cluster, pool, kafka_broker, endpoints, tmp_path, lost):
+  cap = 0.08
+  topic = new_topic(kafka_broker, "backfill-kill")
+  out, group = str(tmp_path / "out"), f"g-{topic}"
+  feed = Feed(kafka_broker, topic, ticket_value)
+  feed.send(600)
+  started = time.time()
+  before = {j["id"] for j in cluster.jobs()}
+  thread, result = submit_backfill(cluster, pool, kafka_broker, topic, out, group,
+                                   tickets_config(tmp_path, endpoints, cap))
+  wait_until("the first file", lambda: files_in(out) >= 1, every=0.2, timeout=300)
+  if lost == "a TaskManager":
+    cluster.kill_taskmanager(1)
+    time.sleep(3)
+    cluster.start_taskmanager(1)
+  else:
+    pool.kill()
+    time.sleep(3)
+    pool.start()
+  thread.join(900)
+  done = result["done"]
+  assert done.returncode == 0, done.stderr[-3000:]
+  [job] = [j["id"] for j in cluster.jobs() if j["id"] not in before]
+  assert job_status(cluster, job) == "FINISHED" and failures(cluster, job) >= 1
+  seen, _ = stored(out)
+  assert not [k for k, n in seen.items() if n > 1], "rows stored twice"
+  assert set(seen) == {(p, o) for p, n in feed.sent.items() for o in range(n)}
+  assert committed(kafka_broker, group, topic) == dict(feed.sent)
+  spent, approved, skipped = spend_and_approvals(out)
+  billed = billed_at_the_endpoint(endpoints, started)
+  print(f"{lost} lost: billed ${billed:.4f}, output ${spent:.4f}, {approved} approved, "
+        f"{skipped} skipped")
+  assert billed <= cap and skipped > 0
+  assert approved >= 0.8 * cap / (spent / approved)
+
+
+# --- a job cancelled and resubmitted; the broker restarted ---------------------------------------
+
+
+def test_a_streaming_job_cancelled_and_resubmitted_writes_every_record_once(
+    cluster, pool, kafka_broker, tmp_path):
+  topic = new_topic(kafka_broker, "resubmit")
+  out, group = str(tmp_path / "out"), f"g-{topic}"
+  feed = Feed(kafka_broker, topic, ticket_value)
+  job = submit_streaming(cluster, pool, kafka_broker, topic, out, group)
+  feed.start(3000, seconds=10)
+  wait_until("several files", lambda: files_in(out) >= 6, every=0.2)
+  cluster.cancel(job)  # no savepoint: the new job knows only the group and the output
+  wait_until("the job cancelled", lambda: job_status(cluster, job) == "CANCELED")
+  feed.join()
+  feed.send(300)
+  job = submit_streaming(cluster, pool, kafka_broker, topic, out, group)
+  try:
+    check_exactly_once(kafka_broker, out, group, feed, cluster, job)
+    feed.send(300)
+    check_exactly_once(kafka_broker, out, group, feed, cluster, job, timeout=120)
+  finally:
+    cluster.cancel(job)
+
+
+def test_a_streaming_job_rides_out_a_broker_restart(cluster, pool, kafka_broker, tmp_path):
+  topic = new_topic(kafka_broker, "broker-restart")
+  out, group = str(tmp_path / "out"), f"g-{topic}"
+  feed = Feed(kafka_broker, topic, ticket_value)
+  job = submit_streaming(cluster, pool, kafka_broker, topic, out, group)
+  try:
+    feed.send(1000)
+    wait_until("the first commit", lambda: committed(kafka_broker, group, topic), every=0.2)
+    kafka_broker.stop()
+    time.sleep(5)
+    kafka_broker.start()
+    feed.send(1000)
+    check_exactly_once(kafka_broker, out, group, feed, cluster, job)
+    feed.send(200)
+    check_exactly_once(kafka_broker, out, group, feed, cluster, job, timeout=120)
   finally:
     cluster.cancel(job)

@@ -39,8 +39,8 @@ PARAMS = {p["name"]: p for p in METADATA["parameters"]}
 # Parameters main.py consumes itself, and parameters only the model pipelines
 # (tickets, documents) declare: passthrough does not take them.
 CONSUMED_BY_MAIN = {"pipeline"}
-MODEL_PIPELINE_ONLY = {"config", "calibration", "budget_period", "workers_hint", "batch_tiers",
-                       "max_batch_wait"}
+MODEL_PIPELINE_ONLY = {"config", "calibration", "budget_period", "budget_account",
+                       "ledger_topic", "batch_tiers", "max_batch_wait"}
 MODEL_PIPELINES = ("tickets", "documents")
 
 # One valid value per template parameter (a new parameter needs a sample here).
@@ -70,7 +70,8 @@ SAMPLES = {
     "max_dead_letter_fraction": "0.5",
     "preflight": "never",
     "budget_period": "hour",
-    "workers_hint": "8",
+    "budget_account": "tierflow.tickets.nightly",
+    "ledger_topic": "tierflow-ledger",
     "batch_tiers": "small,frontier",
     "max_batch_wait": "43200.0",
 }

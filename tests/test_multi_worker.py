@@ -14,10 +14,7 @@ import pytest
 import yaml
 
 from tierflow import launcher
-from tierflow.config import RunConfig
 from tierflow.connectors.llm_clients import RateLimiter
-from tierflow.pipelines.model_pipeline import workers_of
-from apache_beam.options.pipeline_options import PipelineOptions
 from local_config import local_config
 from tierflow_local.loader import publish, sample_tickets
 from tierflow_local.provider_server import LocalProviderServer, RateLimit
@@ -49,26 +46,6 @@ def test_aimd_halves_on_429_and_grows_back():
   assert not waits
   lim.acquire(10)  # the fifth request of the minute waits for the window
   assert waits and waits[0] == pytest.approx(RateLimiter.window_s)
-
-
-@pytest.mark.parametrize("argv, expected", [
-    ([], 1),
-    (["--direct_running_mode=multi_processing", "--direct_num_workers=4"], 4),
-    (["--direct_running_mode=multi_threading", "--direct_num_workers=4"], 1),
-    (["--parallelism=6"], 6),
-    (["--max_num_workers=10", "--num_workers=3"], 10),
-])
-def test_workers_from_the_runners_options(argv, expected):
-  assert workers_of(PipelineOptions(argv)) == expected
-  assert workers_of(PipelineOptions(argv), 2) == 2
-
-
-def test_limits_are_shared():
-  run = RunConfig.from_dict({**copy.deepcopy(CONFIG), "models": {
-      "small": {**CONFIG["models"]["small"], "model": "gpt-5-nano", "rpm": 100, "tpm": 10_000},
-      "frontier": {**CONFIG["models"]["frontier"], "model": "claude-sonnet-4-6"}}})
-  shared = run.with_limits_shared_by(4)
-  assert (shared.small.rpm, shared.small.tpm, shared.frontier.rpm) == (25, 2_500, None)
 
 
 def _config(tmp_path, server, budget=None, small_rpm=None):

@@ -82,7 +82,7 @@ def test_route_batches_answers_every_row_and_dead_letters_failures(server):
                         [None] * 6, values)
   decoded = decode_batch(batch, codec, schemas.to_arrow(decode.row_schema))
   route = tf.RouteBatches(config_for(server), input_row_schema=decode.row_schema,
-                          budget=tf.Budget(usd=10.0))
+                          budget=tf.Budget(usd=10.0, per_process=True))
   with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
     out = p | beam.Create([decoded]) | route
     assert_that(out | beam.Map(lambda b: (b.rows.num_rows, b.dead_letters.num_rows,

@@ -246,7 +246,8 @@ def run_small_tier(pipeline: str, records: str, work_dir: str, *,
   decode = DecodeBatches(JsonCodec(schema))
   # A budget of 0: records that would escalate (a failed small answer) are marked
   # budget_skipped and keep what the small tier said; no frontier request is made.
-  route = RouteBatches(run, book, input_row_schema=decode.row_schema, budget=Budget(0.0))
+  route = RouteBatches(run, book, input_row_schema=decode.row_schema,
+                       budget=Budget(0.0, per_process=True))
   with beam.Pipeline(runner=runner, options=PipelineOptions([])) as p:
     _ = (p | "Records" >> beam.Create([batch])
          | "Decode" >> decode

@@ -84,8 +84,9 @@ class ModelConfig(_Strict):
       self-hosted or stand-in model, the model it stands in for.
     batch_size: records packed into one request.
     concurrency: requests in flight at once per worker.
-    rpm / tpm: requests / tokens per minute for the whole run: each worker process takes
-      its share (``--workers-hint``) and halves it on a 429, growing back as requests pass.
+    rpm / tpm: requests / tokens per minute for every worker process together: in the
+      pipelines they share one window through the ledger (``kafka_ledger``); a 429 halves
+      what a process claims under, growing back as requests pass.
     max_retries: retries of a failed request (they honour ``retry-after``).
     logprobs: ask for token logprobs; default: where the model returns them. Without
       them the stages ask the model to state its confidence (``verbalised``).
@@ -311,17 +312,6 @@ class RunConfig:
       raise ValueError(f"tier must be small or frontier, not {tier!r}")
     model = ModelConfig(**{**getattr(self, tier).model_dump(), **changes})
     return dataclasses.replace(self, **{tier: model})
-
-  def with_limits_shared_by(self, workers: int) -> "RunConfig":
-    """A copy whose models' ``rpm``/``tpm`` are one worker's share of ``workers``, so
-    all workers together stay under the limits of a shared key."""
-    if workers <= 1:
-      return self
-    share = lambda v: None if v is None else max(1, v // workers)  # noqa: E731
-    changed = {tier: getattr(self, tier).model_copy(update={
-        "rpm": share(getattr(self, tier).rpm), "tpm": share(getattr(self, tier).tpm)})
-        for tier in ("small", "frontier")}
-    return dataclasses.replace(self, **changed)
 
   def with_routers(self, routers: Mapping[str, Any]) -> "RunConfig":
     unknown = sorted(set(routers) - {s.name for s in self.stages})

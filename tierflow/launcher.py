@@ -195,11 +195,19 @@ def _is_file(path: str) -> bool:
 
 def preflight(config) -> None:
   """Checks before reading: the output is writable, the brokers answer (within about
-  10 s), the topic exists. Raises ValueError with a one-line reason."""
+  10 s), the topic exists, and a model pipeline's ledger topic exists or can be created.
+  Raises ValueError with a one-line reason."""
   from tierflow.connectors.kafka_source import check_broker
   io = _io(config)
   check_output(io.output)
   check_broker(io.source)
+  ledger = getattr(config, "ledger", None)
+  if ledger is not None:
+    from tierflow.connectors.kafka_ledger import Ledger, LedgerUnavailable
+    try:
+      Ledger(ledger).ensure_topic()
+    except LedgerUnavailable as e:
+      raise ValueError(str(e)) from None
 
 
 def _counter(result, name: str, namespace: Optional[str] = None) -> int:

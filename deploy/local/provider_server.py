@@ -825,6 +825,7 @@ class RequestRecord:
   status: int | None = None
   fault: str | None = None
   duration_s: float | None = None
+  usage: dict | None = None  # what the answer billed (its "usage" object)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -1184,11 +1185,14 @@ class LocalProviderServer:
     hit = self._cache_hit(flavour, parsed.cache, rules)
     if flavour == OPENAI:
       cached = parsed.cache.tokens if hit and parsed.cache else 0
-      return _json_out(200, _openai_body(request, result, cached, empty, reasoning))
-    created = parsed.cache.tokens if parsed.cache and hit is False else 0
-    read = parsed.cache.tokens if parsed.cache and hit else 0
-    long_ttl = bool(parsed.cache and parsed.cache.long_ttl)
-    return _json_out(200, _anthropic_body(request, result, created, read, long_ttl, empty))
+      payload = _openai_body(request, result, cached, empty, reasoning)
+    else:
+      created = parsed.cache.tokens if parsed.cache and hit is False else 0
+      read = parsed.cache.tokens if parsed.cache and hit else 0
+      long_ttl = bool(parsed.cache and parsed.cache.long_ttl)
+      payload = _anthropic_body(request, result, created, read, long_ttl, empty)
+    record.usage = payload["usage"]
+    return _json_out(200, payload)
 
   def _rules(self, model: str | None) -> ModelRules | None:
     if model is None or not self.emulate:
