@@ -467,3 +467,41 @@ def test_a_streaming_job_rides_out_a_broker_restart(cluster, pool, kafka_broker,
     check_exactly_once(kafka_broker, out, group, feed, cluster, job, timeout=120)
   finally:
     cluster.cancel(job)
+
+
+# --- a job that cannot recover says why in one line --------------------------------------------
+
+
+def test_a_job_whose_taskmanagers_are_gone_fails_in_one_line(kafka_broker, pool, tmp_path,
+                                                             capsys):
+  """Both TaskManagers SIGKILLed and never back, two restarts allowed: `tierflow run`
+  exits 1 with one line naming the lost TaskManager, the restarts and the file holding
+  the whole error, not the last line of a Java stack trace."""
+  from tierflow import cli
+  topic = new_topic(kafka_broker, "unrecoverable")
+  Feed(kafka_broker, topic, ticket_value).send(40_000)
+  out = str(tmp_path / "out")
+  with FlinkSessionCluster(taskmanagers=2, restart_attempts=2) as doomed:
+    def kill_when_writing():
+      wait_until("the first file", lambda: files_in(out) >= 1, every=0.2, timeout=300)
+      doomed.kill_taskmanager(0)
+      doomed.kill_taskmanager(1)
+    killer = threading.Thread(target=kill_when_writing, daemon=True)
+    killer.start()
+    code = cli.main(["run", "passthrough", "--bootstrap-servers", kafka_broker.bootstrap_servers,
+                     "--topic", topic, "--output", out, "--rows-per-file", "200",
+                     "--runner", "FlinkRunner", "--flink_master", doomed.rest_address,
+                     "--flink_version", "1.19", "--environment_type", "EXTERNAL",
+                     "--environment_config", pool.address, "--parallelism", "2",
+                     f"--flink_job_server_jar={flink_job_server_jar()}",
+                     "--flink_submit_uber_jar"])
+    killer.join()
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if l.startswith("tierflow:")]
+  assert code == 1 and len(lines) == 1, err[-3000:]
+  [line] = lines
+  assert "a TaskManager was lost" in line and "failed after 2 restarts" in line, line
+  assert "\tat " not in err and "java." not in line
+  log = line.rsplit("(full error: ", 1)[1].rstrip(")")
+  assert "NoResourceAvailableException" in open(log).read()
+  os.unlink(log)

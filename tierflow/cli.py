@@ -39,11 +39,20 @@ def _setup_logging(verbosity: int) -> None:
   # matter surface as exceptions in tierflow's own code.
   for name in ("kafka", "tierflow.kafka.librdkafka"):
     logging.getLogger(name).setLevel(logging.CRITICAL if verbosity < 2 else logging.DEBUG)
-  # Beam logs a failing bundle's traceback several times before it raises; the CLI
-  # prints the cause in one line instead (-v shows everything).
+  # Beam logs a failing bundle's traceback several times before it raises, and a portable
+  # runner's job messages (a Java stack trace) on the root logger; the CLI prints the
+  # cause in one line instead (-v shows everything).
   logging.getLogger("apache_beam").setLevel(logging.CRITICAL if verbosity < 1 else logging.NOTSET)
+  if verbosity < 1:
+    for handler in logging.getLogger().handlers:
+      handler.addFilter(_not_job_messages)
   from tierflow import _quiet
   _quiet.install()
+
+
+def _not_job_messages(record: logging.LogRecord) -> bool:
+  """False for the job messages Beam's portable runner logs on the root logger."""
+  return not (record.name == "root" and record.pathname.endswith("portable_runner.py"))
 
 
 def _print_summary(summary: launcher.RunSummary) -> None:
@@ -261,8 +270,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("tierflow: interrupted; nothing past the last commit was committed", file=sys.stderr)
     return 130
   except Exception as e:  # noqa: BLE001 - a failed run: one line, the traceback with -v
+    from tierflow.engine_errors import EngineFailure
     if args.verbosity > 0:
       logging.getLogger("tierflow").exception("the run failed")
+    if isinstance(e, EngineFailure):  # already one line, naming the file with the rest
+      print(f"tierflow: the run failed: {e}", file=sys.stderr)
+      return launcher.EXIT_FAILED
     print(f"tierflow: the run failed: {_root_cause(e)}"
           + ("" if args.verbosity > 0 else " (-v for the traceback)"), file=sys.stderr)
     return launcher.EXIT_FAILED

@@ -275,15 +275,40 @@ def judge(summary: RunSummary, max_failed: float, max_dead: Optional[float]) -> 
   return dataclasses.replace(summary, exit_code=code, problems=tuple(problems))
 
 
+def _on_an_engine(options: PipelineOptions) -> bool:
+  """Whether the run goes to an engine (Flink, Prism, Dataflow), not Beam's local runners."""
+  from tierflow.pipelines.options import direct_workers
+  return direct_workers(options)[0] == ""
+
+
+def _name_the_job(options: PipelineOptions, pipeline: str) -> str:
+  """The job's name (``--job_name``), set to a unique one if not given, so its failures can
+  be looked up on the engine."""
+  from apache_beam.options.pipeline_options import GoogleCloudOptions
+  cloud = options.view_as(GoogleCloudOptions)
+  if not cloud.job_name:
+    cloud.job_name = f"tierflow-{pipeline}-{uuid.uuid4().hex[:8]}"
+  return cloud.job_name
+
+
 def launch(name: str, argv: Sequence[str], *, wait: bool = True) -> RunSummary:
   from tierflow._memory import limit_malloc_arenas
   limit_malloc_arenas()  # before the runner and the Kafka clients start their threads
   p, config = build(name, argv)
   max_failed, max_dead = limits_of(p.options)
-  result = p.run()
-  if not wait:
-    return RunSummary(name, _io(config).output, str(result.state), -1, -1, -1, {})
-  result.wait_until_finish()
+  engine = _on_an_engine(p.options)
+  job_name = _name_the_job(p.options, name) if engine else None
+  from tierflow.engine_errors import describe, flink_rest_address
+  rest = flink_rest_address(p.options) if engine else None  # before the runner rewrites it
+  try:
+    result = p.run()
+    if not wait:
+      return RunSummary(name, _io(config).output, str(result.state), -1, -1, -1, {})
+    result.wait_until_finish()
+  except Exception as e:  # noqa: BLE001 - an engine's error, in one line
+    if not engine:
+      raise
+    raise describe(e, rest, job_name) from None
   summary = RunSummary(
       pipeline=name,
       output=_io(config).output,

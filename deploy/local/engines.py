@@ -293,12 +293,13 @@ class FlinkSessionCluster:
   """
 
   def __init__(self, slots: int = 2, startup_timeout: float = 120.0, taskmanagers: int = 1,
-               heartbeat_timeout_ms: int = 6000):
+               heartbeat_timeout_ms: int = 6000, restart_attempts: int = 1000):
     self.home = _need(engines_dir() / "flink-dist" / "deps" / "lib" / f"flink-dist-{FLINK_VERSION}.jar",
                       f"Flink {FLINK_VERSION} (PyPI apache-flink-libraries)").parents[1]
     self.slots = slots
     self.taskmanagers = taskmanagers
     self.heartbeat_timeout_ms = heartbeat_timeout_ms
+    self.restart_attempts = restart_attempts
     self.rest_port = free_port()
     self.rpc_port = free_port()
     self.dir = Path(tempfile.mkdtemp(prefix="flink-session-"))
@@ -331,7 +332,10 @@ class FlinkSessionCluster:
         # A lost TaskManager is noticed within seconds (Flink's default is 50 s) and the
         # job restarts from its last checkpoint on the slots left.
         "heartbeat.interval: 1000", f"heartbeat.timeout: {self.heartbeat_timeout_ms}",
-        "restart-strategy.type: fixed-delay", "restart-strategy.fixed-delay.attempts: 1000",
+        "restart-strategy.type: fixed-delay",
+        f"restart-strategy.fixed-delay.attempts: {self.restart_attempts}",
+        # A restart that finds no free slot fails within seconds (Flink's default: 5 min).
+        "slot.request.timeout: 15000",
         "restart-strategy.fixed-delay.delay: 1 s", "cluster.evenly-spread-out-slots: true",
         ""]))
     (conf / "log4j.properties").write_text("\n".join([
