@@ -197,6 +197,7 @@ class Ledger:
     self._thread: Optional[threading.Thread] = None
     self._stopped = threading.Event()
     self._started = False
+    self._start_lock = threading.Lock()
 
   # -- setup
   def ensure_topic(self) -> None:
@@ -225,10 +226,13 @@ class Ledger:
             "with --ledger-topic") from None
 
   def start(self) -> "Ledger":
-    with self._lock:
-      if self._started:
-        return self
-      self._started = True
+    with self._start_lock:  # every thread waits until the first has it ready
+      if not self._started:
+        self._start()
+        self._started = True
+    return self
+
+  def _start(self) -> None:
     from confluent_kafka import Producer
     from tierflow.connectors.kafka_client import client_settings, resolve_secret_settings
     self.ensure_topic()
@@ -242,9 +246,9 @@ class Ledger:
                                     name="tierflow-ledger")
     self._thread.start()
     if not ready.wait(self.config.timeout_s):
+      self._stopped.set()
       raise LedgerUnavailable(f"the ledger topic {self.config.topic} could not be read within "
                               f"{self.config.timeout_s:.0f}s")
-    return self
 
   def _read(self, ready: threading.Event) -> None:
     from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition

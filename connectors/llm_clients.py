@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from tierflow.connectors.circuit_breaker import CircuitBreaker, CircuitOpen
 from tierflow.connectors.kafka_ledger import USE_WITHIN_S
@@ -57,6 +57,9 @@ class ModelReply:
   model: str
   finish_reason: str
   latency_s: float = 0.0
+  # Earlier attempts of this request that failed in a way the provider may still have
+  # billed (a timeout, a dropped connection, an unreadable answer).
+  uncertain_attempts: int = 0
 
   @property
   def truncated(self) -> bool:
@@ -72,6 +75,7 @@ class ModelCallError(Exception):
     self.kind = kind
     self.message = message
     self.status = status
+    self.uncertain_attempts = 0  # attempts the provider may have billed (see ModelReply)
 
 
 class RateLimiter:
@@ -288,6 +292,8 @@ def _worker_header() -> dict:
 
 
 _RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# Failures after which the provider may have processed (and billed) the request.
+_MAYBE_BILLED = frozenset({"timeout", "connection", "malformed"})
 
 
 def retry_after_seconds(headers) -> Optional[float]:
@@ -361,11 +367,16 @@ class ModelClient:
 
   def complete(self, system: str, user: str, max_tokens: int, *,
                top_logprobs: Optional[int] = None,
-               answer_schema: Optional[dict] = None) -> ModelReply:
+               answer_schema: Optional[dict] = None,
+               before_uncertain_retry: Optional[Callable[[], bool]] = None) -> ModelReply:
     """One chat completion; ``top_logprobs`` overrides the model's (0: chosen tokens only).
 
     Every failed attempt counts towards the endpoint's circuit breaker; once it is open
     the request stops retrying and fails with ``circuit_open``, as do requests after it.
+    An attempt that timed out, lost its connection or came back unreadable may have been
+    billed; the reply (or the error) counts them (``uncertain_attempts``), and
+    ``before_uncertain_retry`` is asked before another attempt is sent after one (the
+    budget reserves it): False stops retrying.
     """
     breaker = self.breaker
     if breaker is not None:
@@ -377,27 +388,44 @@ class ModelClient:
     body = self.request_body(system, user, max_tokens, top_logprobs=top_logprobs,
                              answer_schema=answer_schema)
     start = time.monotonic()
-    attempt = 0
+    attempt = uncertain = 0
     while True:
       self.limiter.acquire(tokens)  # every attempt is a request the provider counts
       try:
-        reply = self.reply_from_body(_json_body(self._post(body)))
+        raw = self._post(body)
+        try:
+          reply = self.reply_from_body(_json_body(raw))
+        except ModelCallError as e:
+          e.uncertain_attempts = uncertain + 1  # answered, so billed, but unreadable
+          raise
         if breaker is not None:
           breaker.succeeded()
         self.limiter.answered()
-        return dataclasses.replace(reply, latency_s=time.monotonic() - start)
+        return dataclasses.replace(reply, latency_s=time.monotonic() - start,
+                                   uncertain_attempts=uncertain)
       except ModelCallError:
         raise
       except Exception as e:  # noqa: BLE001 - mapped to a per-request failure
         error = self._classify(e)
+        if error.kind in _MAYBE_BILLED:
+          uncertain += 1
+        error.uncertain_attempts = uncertain
         if error.kind == "rate_limit":
           self.limiter.throttled()
         wait = self._wait_before_retry(e, attempt) if attempt < self.cfg.max_retries else None
+        if (wait is not None and error.kind in _MAYBE_BILLED
+            and before_uncertain_retry is not None and not before_uncertain_retry()):
+          stopped = ModelCallError(error.kind, f"{error.message}; not retried: the budget "
+                                   "cannot cover another attempt", error.status)
+          stopped.uncertain_attempts = uncertain
+          raise stopped from e
         if breaker is not None:
           breaker.failed(error.kind, error.message)
           if wait is not None and breaker.is_open:
-            raise ModelCallError("circuit_open", f"{breaker.name}: circuit opened; "
-                                 f"last: {error}") from e
+            opened = ModelCallError("circuit_open", f"{breaker.name}: circuit opened; "
+                                    f"last: {error}")
+            opened.uncertain_attempts = uncertain
+            raise opened from e
         if wait is None:
           raise error from e
         attempt += 1

@@ -124,16 +124,49 @@ class Router:
   def _request(self, tier: str, stage: str, texts: Sequence[str]
                ) -> tuple[list[TierOutcome], bool]:
     """(one outcome per text, whether the endpoint answered at all)."""
+    outcomes, answered, _ = self._call(tier, stage, texts)
+    return outcomes, answered
+
+  def _call(self, tier: str, stage: str, texts: Sequence[str],
+            before_uncertain_retry=None) -> tuple[list[TierOutcome], bool, int]:
+    """``_request``, and how many of its attempts may have been billed unseen (timed out,
+    connection lost, unreadable answer; see ``ModelClient.complete``)."""
     kind = self._kinds[stage]
     model = self._models[tier]
     system, user, max_tokens = self._prompt(tier, stage, texts)
     try:
       reply = self._client(tier).complete(system, user, max_tokens,
                                           top_logprobs=kind.alternatives,
-                                          answer_schema=self._schema(tier, stage, texts))
+                                          answer_schema=self._schema(tier, stage, texts),
+                                          before_uncertain_retry=before_uncertain_retry)
     except ModelCallError as e:
-      return [TierOutcome(tier, model.model, error=str(e)) for _ in texts], False
-    return self._outcomes(tier, stage, texts, reply, system, user, "sync"), True
+      return ([TierOutcome(tier, model.model, error=str(e)) for _ in texts], False,
+              e.uncertain_attempts)
+    outcomes = self._outcomes(tier, stage, texts, reply, system, user, "sync")
+    return outcomes, True, reply.uncertain_attempts
+
+  def _frontier_call(self, stage: str, texts: Sequence[str], pool: Optional[BudgetPool],
+                     reserved: float) -> tuple[list[TierOutcome], bool, float, float]:
+    """A synchronous frontier request under the budget: (outcomes, answered, what to
+    charge, what was reserved). Each attempt that may have been billed unseen is charged
+    at its strict cost, and one is retried only once the pool has reserved it again."""
+    extra = [0.0]
+
+    def reserve_again() -> bool:
+      if pool is None:
+        return True
+      if pool.try_reserve(reserved):
+        extra[0] += reserved
+        return True
+      return False
+
+    outcomes, answered, uncertain = self._call("frontier", stage, texts, reserve_again)
+    if uncertain:
+      for o in outcomes:
+        o.notes = (*o.notes, f"{uncertain} attempt(s) timed out or were lost after sending; "
+                   "charged to the budget at their strict cost")
+    charge = sum(o.cost_usd for o in outcomes) + uncertain * reserved
+    return outcomes, answered, charge, reserved + extra[0]
 
   def _schema(self, tier: str, stage: str, texts: Sequence[str]) -> Optional[dict]:
     """The answer's JSON schema for structured output: single-record requests only (a
@@ -195,16 +228,20 @@ class Router:
     return out
 
   def _frontier_request(self, stage: str, texts: Sequence[str], pool: Optional[BudgetPool],
-                        first: Optional[tuple[list[TierOutcome], bool]] = None
-                        ) -> tuple[list[TierOutcome], float]:
-    """(outcomes, cost of the packed request) of a frontier request (``first``: its
-    answer, already had from a batch); records that fail inside a packed answer are
-    retried alone, synchronously, each retry reserving and settling its own budget."""
-    outcomes, answered = first if first is not None else self._request(
-        "frontier", stage, texts)
-    packed_cost = sum(o.cost_usd for o in outcomes)
+                        first: Optional[tuple[list[TierOutcome], bool]] = None,
+                        reserved: float = 0.0) -> tuple[list[TierOutcome], float, float]:
+    """(outcomes, what to charge the packed request, what it reserved in all) of a
+    frontier request that reserved ``reserved`` (``first``: its answer, already had from
+    a batch); records that fail inside a packed answer are retried alone, synchronously,
+    each retry reserving and settling its own budget."""
+    if first is not None:
+      outcomes, answered = first
+      packed_cost, reserved_all = sum(o.cost_usd for o in outcomes), reserved
+    else:
+      outcomes, answered, packed_cost, reserved_all = self._frontier_call(
+          stage, texts, pool, reserved)
     if len(texts) < 2 or not answered:
-      return outcomes, packed_cost
+      return outcomes, packed_cost, reserved_all
     out = []
     for text, first in zip(texts, outcomes):
       if first.ok:
@@ -215,9 +252,9 @@ class Router:
         first.notes = (*first.notes, "not retried alone: budget cap reached")
         out.append(first)
         continue
-      [second], _ = self._request("frontier", stage, [text])
+      [second], _, charge, reserved_alone = self._frontier_call(stage, [text], pool, reserved)
       if pool is not None:
-        pool.settle(reserved, second.cost_usd)
+        pool.settle(reserved_alone, charge)
       merged = TierOutcome(
           "frontier", second.model, second.value, second.confidence, second.signal,
           second.notes, second.error, first.usage + second.usage,
@@ -227,7 +264,7 @@ class Router:
       else:
         merged.notes = (f"retried alone after: {first.error[:160]}", *second.notes)
       out.append(merged)
-    return out, packed_cost
+    return out, packed_cost, reserved_all
 
   # --- a list of records ----------------------------------------------------------
   def route(self, rows: Sequence[Mapping[str, Any]], pool: Optional[BudgetPool] = None,
@@ -303,18 +340,19 @@ class Router:
         pack, reserved = self._take(queues, stage, outcomes, taken)
         if not pack:
           continue
-        future = ex.submit(self._frontier_request, stage, [texts[i] for i in pack], pool)
+        future = ex.submit(self._frontier_request, stage, [texts[i] for i in pack], pool,
+                           None, reserved)
         in_flight[future] = (stage, pack, reserved)
       if not in_flight:
         continue
       done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
       for future in done:
-        stage, pack, reserved = in_flight.pop(future)
-        results, packed_cost = future.result()
+        stage, pack, _ = in_flight.pop(future)
+        results, packed_cost, reserved_all = future.result()
         for i, outcome in zip(pack, results):
           outcomes[i][stage].frontier = outcome
         if pool is not None:  # retries settled their own reservations
-          pool.settle(reserved, packed_cost)
+          pool.settle(reserved_all, packed_cost)
 
   def _escalation_queues(self, outcomes: list[dict]) -> dict:
     """Per stage, its escalations with the least trustworthy small answers first."""
@@ -382,12 +420,12 @@ class Router:
       return
     answers = self._batched("frontier", jobs, batch_key)
     for (stage, pack, reserved), first in zip(approved, answers):
-      results, packed_cost = self._frontier_request(
-          stage, [texts[i] for i in pack], pool, first=first)
+      results, packed_cost, reserved_all = self._frontier_request(
+          stage, [texts[i] for i in pack], pool, first=first, reserved=reserved)
       for i, outcome in zip(pack, results):
         outcomes[i][stage].frontier = outcome
       if pool is not None:
-        pool.settle(reserved, packed_cost)
+        pool.settle(reserved_all, packed_cost)
 
 
 class _Counters:
