@@ -22,7 +22,8 @@ from typing import Callable, Optional
 __all__ = ["CircuitBreaker", "CircuitOpen", "TRIPPING_KINDS"]
 
 # ModelCallError kinds that say the endpoint is unusable (429 is a rate, not a fault).
-TRIPPING_KINDS = frozenset({"connection", "timeout", "server_error", "auth", "bad_request"})
+TRIPPING_KINDS = frozenset({"connection", "timeout", "server_error", "auth", "bad_request",
+                            "not_found"})
 
 
 class CircuitOpen(Exception):

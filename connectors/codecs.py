@@ -221,6 +221,8 @@ class Codec:
       row[name] = _to_millis(value, name) if name in self._millis else value
     if missing:
       raise DecodeError("missing_field", f"required field(s) missing: {', '.join(missing)}")
+    for name, value in row.items():
+      _check_text(value, name)
     try:
       fastavro.validation.validate(row, self._parsed, raise_errors=True)
     except fastavro.validation.ValidationError as e:
@@ -319,6 +321,7 @@ class JsonCodec(Codec):
                                              unexpected_field_behavior="ignore"))
       if parsed.num_rows != len(indices):
         raise ValueError("row count differs from value count")
+      _check_utf8(parsed)  # pyarrow's reader copies string bytes unchecked
     except Exception:  # noqa: BLE001 - a bad value somewhere: narrow it down
       if retry and len(indices) > _RETRY_GROUP:
         for k in range(0, len(indices), _RETRY_GROUP):
@@ -357,6 +360,33 @@ class JsonCodec(Codec):
       bad = bad.to_pylist()
     return (pa.Table.from_arrays([c.cast(f.type) for c, f in zip(table.columns, self.arrow_schema)],
                                  schema=self.arrow_schema), bad)
+
+
+def _check_utf8(table: pa.Table) -> None:
+  """Raises ValueError if a string column holds bytes that are not UTF-8 (Parquet
+  readers such as DuckDB then refuse the whole file)."""
+  for column in table.columns:
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+      for chunk in column.chunks:
+        chunk.validate(full=True)
+
+
+def _check_text(value: Any, field: str) -> None:
+  """Raises DecodeError for a string no UTF-8 file can hold: a lone surrogate (JSON's
+  ``\\ud800`` escapes decode to one), at any depth of the value."""
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise DecodeError("invalid_unicode", f"field {field!r} holds a lone surrogate "
+                        f"(U+{ord(value[e.start]):04X}), which UTF-8 cannot encode") from None
+  elif isinstance(value, dict):
+    for k, v in value.items():
+      _check_text(k, field)
+      _check_text(v, field)
+  elif isinstance(value, (list, tuple)):
+    for v in value:
+      _check_text(v, field)
 
 
 def _avro_read(value: bytes, writer: dict, reader: dict) -> Any:

@@ -114,7 +114,8 @@ def dead_letter(meta: Mapping[str, Any], stage: str, error_type: str, reason: st
       "dt": meta["dt"],
       "stage": stage,
       "error_type": error_type,
-      "reason": reason[:4000],
+      # A reason may quote the bad text itself: kept readable, never invalid UTF-8.
+      "reason": reason[:4000].encode("utf-8", "backslashreplace").decode("utf-8"),
       "raw_key": key,
       "raw_value": value,
       "failed_at": int(time.time() * 1000) if failed_at is None else failed_at,

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
   from tierflow.connectors.kafka_ledger import LedgerConfig
 
 __all__ = ["TokenInfo", "ModelReply", "ModelCallError", "ModelClient", "RateLimiter",
-           "SharedRateLimiter",
+           "SharedRateLimiter", "TierUnavailable", "systemic",
            "estimate_tokens", "kind_of_status"]
 
 _LOGGER = logging.getLogger(__name__)
@@ -76,6 +77,31 @@ class ModelCallError(Exception):
     self.message = message
     self.status = status
     self.uncertain_attempts = 0  # attempts the provider may have billed (see ModelReply)
+
+
+class TierUnavailable(RuntimeError):
+  """A tier failed records for a cause that is not theirs (a refused key or parameter, an
+  endpoint down or timing out, an open circuit). Raised instead of writing those records
+  as failed, so nothing past them is written or committed and a re-run retries them."""
+
+
+# Failures no record causes: auth, a parameter the model refuses, the model missing, the
+# endpoint down, slow or refusing work after every retry, or a circuit open because of it.
+_SYSTEMIC = frozenset({"auth", "bad_request", "not_found", "circuit_open", "connection",
+                       "timeout", "server_error", "rate_limit"})
+_RECORDS_OWN_400 = ("context length", "context window", "too long", "too many tokens",
+                    "maximum context", "prompt is too long", "max_tokens")
+
+
+def systemic(error: Optional[str]) -> bool:
+  """Whether a stage's error (``TierOutcome.error``: ``"kind: message"``) came from the
+  tier, not from the record: then every record would fail the same way."""
+  if not error:
+    return False
+  kind, _, message = error.partition(":")
+  if kind == "bad_request" and any(w in message.lower() for w in _RECORDS_OWN_400):
+    return False  # this record is too long for the model
+  return kind in _SYSTEMIC
 
 
 class RateLimiter:
@@ -272,7 +298,12 @@ def kind_of_status(status: Optional[int]) -> str:
     return "rate_limit"
   if status in (401, 403):
     return "auth"
+  if status == 404:
+    return "not_found"
   return "server_error" if (status or 500) >= 500 else "bad_request"
+
+
+_KEYLIKE = re.compile(r"\b(?:sk|pk|rk|key|sess)-[\w*.-]{3,}", re.I)
 
 
 def _provider_message(e) -> str:
@@ -283,7 +314,8 @@ def _provider_message(e) -> str:
   message = error.get("message") if isinstance(error, dict) else None
   if not isinstance(message, str):
     return ""
-  return " ".join(message.split())[:200]
+  # Providers quote a refused key half-masked ("sk-proj-****abcd"): none of it is kept.
+  return _KEYLIKE.sub("[key]", " ".join(message.split()))[:200]
 
 
 def _worker_header() -> dict:
@@ -365,6 +397,21 @@ class ModelClient:
   def __repr__(self) -> str:  # never the key
     return f"ModelClient({self.cfg.provider}:{self.cfg.model})"
 
+  def check(self, timeout_s: float = 10.0) -> None:
+    """Asks the endpoint for its models (a call no provider bills): raises
+    ``ModelCallError`` when it cannot be reached or refuses the key. An endpoint without
+    a models list (404, 405) passes: it answered."""
+    sdk = self._sdk
+    try:
+      self._client.with_options(timeout=timeout_s, max_retries=0).models.list()
+    except sdk.APIStatusError as e:
+      if e.status_code in (404, 405):
+        return
+      raise self._classify(e) from None
+    except (sdk.APITimeoutError, sdk.APIConnectionError) as e:
+      raise ModelCallError("connection", f"cannot reach {self.cfg.base_url or 'the API'} "
+                           f"({type(e).__name__})") from None
+
   def complete(self, system: str, user: str, max_tokens: int, *,
                top_logprobs: Optional[int] = None,
                answer_schema: Optional[dict] = None,
@@ -445,7 +492,9 @@ class ModelClient:
       if kind == "rate_limit":
         return ModelCallError(kind, "429 after retries", status)
       if kind == "auth":
-        return ModelCallError(kind, f"{status} {type(e).__name__}", status)
+        said = _provider_message(e)
+        return ModelCallError(kind, f"HTTP {status} {type(e).__name__}"
+                              + (f": {said}" if said else ""), status)
       said = _provider_message(e)
       return ModelCallError(kind, f"HTTP {status}" + (f" {said}" if said else ""), status)
     return ModelCallError("malformed", f"{type(e).__name__}: {str(e)[:200]}")
@@ -493,9 +542,16 @@ class ModelClient:
     """A ``ModelReply`` from the provider's answer body (``ModelCallError`` if malformed)."""
     if not isinstance(body, dict):
       raise ModelCallError("malformed", "answer is not a JSON object")
-    if self.cfg.provider == "openai":
-      return self._openai_reply(body)
-    return self._anthropic_reply(body)
+    reply = self._openai_reply(body) if self.cfg.provider == "openai" else \
+        self._anthropic_reply(body)
+    try:  # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 file can hold
+      reply.text.encode("utf-8")
+    except UnicodeEncodeError:
+      raise ModelCallError("malformed", "answer holds a lone surrogate (not Unicode text)") \
+          from None
+    model = reply.model if isinstance(reply.model, str) else self.cfg.model
+    return dataclasses.replace(
+        reply, model=model.encode("utf-8", "backslashreplace").decode("utf-8")[:200])
 
   def _post(self, body: dict):
     """Sends a request body; the raw response, read as JSON by the caller: building the

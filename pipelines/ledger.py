@@ -46,7 +46,8 @@ class TierOutcome:
   def rejected(self) -> bool:
     """The provider refused the request itself (4xx other than 429: a parameter the
     model does not take, a bad key): a setup problem, not a hard record."""
-    return self.error is not None and self.error.startswith(("bad_request:", "auth:"))
+    return self.error is not None and self.error.startswith(
+        ("bad_request:", "auth:", "not_found:"))
 
 
 @dataclasses.dataclass
@@ -80,6 +81,7 @@ class StageOutcome:
 class RoutedRecord:
   row: dict
   stages: dict  # stage name -> StageOutcome
+  injection_suspected: bool = False  # the text holds instructions addressed to a model
 
 
 def routed_part(config) -> dict:
@@ -103,7 +105,7 @@ def ledger_row(routed: RoutedRecord, config, book: PriceBook,
   """(the result row, whether the record failed: a stage with no answer at all)."""
   frontier_price = book.price(config.frontier.price_key)
   out = dict(routed.row)
-  ledgers, reasons, errors = [], [], []
+  ledgers, reasons, errors, unverified = [], [], [], []
   totals = dict(cost=0.0, small=0.0, frontier=0.0, frontier_only=0.0, tin=0, tout=0)
   for stage in config.stages:
     kind = stage.kind_impl
@@ -124,6 +126,13 @@ def ledger_row(routed: RoutedRecord, config, book: PriceBook,
              or (small.error if small is not None else None)
              or ("budget cap reached" if st.budget_skipped else "no answer"))
       errors.append(f"{stage.name}: {why}")
+    unverified_reason = None
+    if final is not None and final.tier == "small" and st.reason:
+      # The small answer fell short and the frontier did not check it: kept, not ok.
+      unverified_reason = ("budget cap reached" if st.budget_skipped else
+                           f"frontier failed ({frontier.error[:160]})"
+                           if frontier is not None and not frontier.ok else "not escalated")
+      unverified.append(f"{stage.name}: {unverified_reason}")
     small_cost = small.cost_usd if small else 0.0
     frontier_cost = frontier.cost_usd if frontier else 0.0
     # What this stage would have cost on the frontier alone: its actual frontier cost
@@ -150,6 +159,7 @@ def ledger_row(routed: RoutedRecord, config, book: PriceBook,
         "threshold": float(stage.threshold), "route_score": st.score,
         "escalated": st.approved,
         "escalation_reason": st.reason, "budget_skipped": st.budget_skipped,
+        "unverified_reason": unverified_reason,
         "small_model": small.model if small else config.small.model,
         "small_input_tokens": su.input_tokens, "small_output_tokens": su.output_tokens,
         "small_cache_read_tokens": su.cache_read_tokens,
@@ -171,11 +181,14 @@ def ledger_row(routed: RoutedRecord, config, book: PriceBook,
         "frontier_error": frontier.error if frontier else None,
         "cost_usd": stage_cost, "frontier_only_cost_usd": frontier_only,
     })
+  status = "failed" if errors else "unverified" if unverified else "ok"
   out.update({
-      "status": "failed" if errors else "ok",
-      "error": "; ".join(errors)[:2000] if errors else None,
+      "status": status,
+      "error": ("; ".join(errors)[:2000] if errors else
+                "unverified: " + "; ".join(unverified)[:2000] if unverified else None),
       "escalated": any(l["escalated"] for l in ledgers), "escalation_reasons": reasons,
       "budget_skipped": any(l["budget_skipped"] for l in ledgers),
+      "injection_suspected": routed.injection_suspected,
       "cost_usd": totals["cost"], "small_cost_usd": totals["small"],
       "frontier_cost_usd": totals["frontier"],
       "frontier_only_cost_usd": totals["frontier_only"],

@@ -155,6 +155,14 @@ class RunLimitsOptions(PipelineOptions):
     _add(parser, "max-failed-fraction", type=float, default=0.0,
          help="model pipelines: exit 3 when more than this fraction of records failed in "
               "the model stages (default 0: any failure)")
+    _add(parser, "max-unverified-fraction", type=float, default=0.0,
+         help="model pipelines: exit 3 when more than this fraction of records kept a small "
+              "answer below its threshold because the frontier failed on it (status "
+              "unverified; default 0). Records kept for the budget cap are reported, not "
+              "counted here")
+    _add(parser, "max-small-failed-fraction", type=float, default=0.5,
+         help="model pipelines: exit 3 when the small tier failed more than this fraction of "
+              "its stage answers (they escalate, at the frontier's price; default 0.5)")
     _add(parser, "max-dead-letter-fraction", type=float, default=None,
          help="exit 4 when more than this fraction of the records read were dead-lettered "
               "as undecodable (default: no limit; bad input is data to route aside)")

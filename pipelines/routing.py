@@ -49,8 +49,10 @@ from apache_beam.utils.timestamp import Timestamp
 from tierflow import progress, schemas
 from tierflow.config import RunConfig
 from tierflow.connectors.decode import DecodedBatch, dead_letter, dead_letter_table
-from tierflow.connectors.llm_clients import ModelCallError, ModelClient
+from tierflow.connectors.llm_clients import (ModelCallError, ModelClient, TierUnavailable,
+                                             systemic)
 from tierflow.pipelines.agreement import combine
+from tierflow.pipelines.injection import guard, suspected
 from tierflow.connectors.kafka_ledger import LedgerConfig
 from tierflow.pipelines.budget import Budget, BudgetPool, budget_for, check_budget, strict_cost
 from tierflow.pipelines.ledger import (RoutedRecord, StageOutcome, TierOutcome, ledger_row,
@@ -179,7 +181,7 @@ class Router:
                 user: str, billing: str) -> list[TierOutcome]:
     """One outcome per text from a reply, each with its share of the billed usage."""
     kind = self._kinds[stage]
-    answers = parse_reply(kind, reply, texts)
+    answers = [guard(kind.kind, a, t) for a, t in zip(parse_reply(kind, reply, texts), texts)]
     framing = max(0, len(reply.text) - sum(a.answer_chars for a in answers))
     shared = len(system) + len(user) - sum(len(t) for t in texts)
     shares = split_usage(reply.usage, [len(t) for t in texts], shared,
@@ -273,14 +275,15 @@ class Router:
     these rows (e.g. their offset range) for a batch-mode tier's state file."""
     texts = [render_text(self.config.text, r) for r in rows]
     outcomes = [{s.name: StageOutcome() for s in self.config.stages} for _ in rows]
+    suspects = [suspected(t) for t in texts]
     if rows:
       self._small(texts, outcomes, batch_key)
-      self._decide(outcomes)
+      self._decide(outcomes, suspects)
       if self._models["frontier"].mode == "batch":
         self._frontier_batched(texts, outcomes, pool, batch_key)
       else:
         self._frontier(texts, outcomes, pool)
-    return [RoutedRecord(dict(r), o) for r, o in zip(rows, outcomes)]
+    return [RoutedRecord(dict(r), o, s) for r, o, s in zip(rows, outcomes, suspects)]
 
   def _small(self, texts: list[str], outcomes: list[dict], batch_key: Optional[str] = None
              ) -> None:
@@ -303,12 +306,15 @@ class Router:
       for r, i in enumerate(pack):
         outcomes[i][name].small = combine(self._kinds[name], [results[r] for results in samples])
 
-  def _decide(self, outcomes: list[dict]) -> None:
-    for record in outcomes:
+  def _decide(self, outcomes: list[dict], suspects: Sequence[bool]) -> None:
+    for record, suspect in zip(outcomes, suspects):
       for stage in self.config.stages:
         st = record[stage.name]
         small = st.small
-        if not small.ok:
+        if suspect:
+          st.reason = ("the record holds instructions addressed to a model (possible "
+                       "prompt injection)")
+        elif not small.ok:
           st.reason = f"small tier failed ({small.error[:120]})"
         elif small.confidence is None:
           st.reason = "no confidence signal"
@@ -441,6 +447,11 @@ class _Counters:
     self.route_millis = c("route_millis")  # time spent routing (the model stage's span)
     # stage answers whose request the provider refused (4xx other than 429)
     self.rejected = {"small": c("small_rejected"), "frontier": c("frontier_rejected")}
+    self.unverified = c("records_unverified")  # a small answer kept: the frontier failed
+    self.injection = c("records_injection_suspected")
+    self.budget_kept = c("records_kept_for_budget")  # a small answer kept: budget reached
+    self.small_answers, self.small_failed = c("small_answers"), c("small_failed")
+    self._c = c
 
   def count(self, routed: list[RoutedRecord], rows: list[dict]) -> None:
     self.records.inc(len(routed))
@@ -459,8 +470,23 @@ class _Counters:
         n = sum(1 for st in sts if getattr(st, tier) is not None and getattr(st, tier).rejected)
         if n:
           counter.inc(n)
-      if row["status"] != "ok":
+      if row["status"] == "failed":
         self.failed.inc()
+      if rec.injection_suspected:
+        self.injection.inc()
+      why = [l["unverified_reason"] for l in row["stages"] if l["unverified_reason"]]
+      if any(w != "budget cap reached" for w in why):
+        self.unverified.inc()
+      elif why:
+        self.budget_kept.inc()
+      smalls = [st.small for st in sts if st.small is not None]
+      self.small_answers.inc(len(smalls))
+      for small in smalls:
+        if not small.ok:
+          self.small_failed.inc()
+          kind = small.error.partition(":")[0]
+          if kind.isidentifier() and len(kind) < 32:  # a ModelCallError kind, not text
+            self._c(f"small_failed.{kind}").inc()
       self.micro_usd.inc(int(round(row["cost_usd"] * 1e6)))
       self.frontier_micro_usd.inc(int(round(row["frontier_cost_usd"] * 1e6)))
 
@@ -503,11 +529,8 @@ class _RouteBatchFn(beam.DoFn):
     started = time.monotonic()
     pool = budget_for(self._run_id, self._budget, self._ledger, ref.end - ref.start,
                       ref.run_offsets)
-    # A crash here is a bug, not a record's failure: the bundle fails (and is retried by
-    # the runner), so nothing of the batch is written or committed and a re-run retries it.
     try:
-      routed = self._router.route(rows, pool, batch_key=f"{ref.topic}/{ref.partition}/"
-                                                        f"{ref.start}-{ref.end}")
+      routed = self._route(rows, pool, f"{ref.topic}/{ref.partition}/{ref.start}-{ref.end}")
     finally:
       if pool is not None:
         pool.close()  # what the batch's leases did not spend goes back to the account
@@ -520,13 +543,88 @@ class _RouteBatchFn(beam.DoFn):
       if failed:
         dead.append(dead_letter(row, "route", "model_failure", row["error"] or "no answer",
                                 None, row_json(rec.row), failed_at=now))
+    stop_if_a_tier_is_down(routed, results, self._config, ref.name)
     self._counters.count(routed, results)
-    table = pa.Table.from_pylist(results, schema=self._arrow)
+    table = self._table(results, routed)
     if dead:
       dead_letters = pa.concat_tables([batch.dead_letters, dead_letter_table(dead)])
     else:
       dead_letters = batch.dead_letters
     yield batch.replace(rows=table, dead_letters=dead_letters)
+
+  def _route(self, rows: list, pool, batch_key: str) -> list[RoutedRecord]:
+    """Routes the batch. If routing raises, each record is routed alone: a record that
+    still fails alone fails with the reason (it never stops the run); if every one does,
+    the error is not a record's and it raises (the bundle fails, nothing is written)."""
+    try:
+      return self._router.route(rows, pool, batch_key=batch_key)
+    except TierUnavailable:
+      raise
+    except Exception as e:  # noqa: BLE001 - find the record(s) at fault
+      if len(rows) < 2 or "batch" in (self._config.small.mode, self._config.frontier.mode):
+        raise
+      _LOGGER.warning("routing batch %s failed (%s: %s); routing its records one by one",
+                      batch_key, type(e).__name__, e)
+      out, crashed = [], 0
+      for row in rows:
+        try:
+          out += self._router.route([row], pool)
+        except TierUnavailable:
+          raise
+        except Exception as alone:  # noqa: BLE001 - this record's own failure
+          crashed += 1
+          out.append(_crashed(row, self._config, f"routing failed on this record: "
+                                                 f"{type(alone).__name__}: {alone}"))
+      if crashed == len(rows):
+        raise
+      return out
+
+  def _table(self, results: list[dict], routed: list[RoutedRecord]) -> pa.Table:
+    """The result rows as Arrow; a row Arrow refuses is written as failed, with why."""
+    try:
+      return pa.Table.from_pylist(results, schema=self._arrow)
+    except Exception:  # noqa: BLE001 - find the row(s) at fault
+      pass
+    tables = []
+    for row, rec in zip(results, routed):
+      try:
+        tables.append(pa.Table.from_pylist([row], schema=self._arrow))
+      except Exception as e:  # noqa: BLE001
+        bad, _ = ledger_row(_crashed(rec.row, self._config,
+                                     f"result not writable: {type(e).__name__}: {e}"),
+                            self._config, self._book, self._calibration)
+        tables.append(pa.Table.from_pylist([bad], schema=self._arrow))
+    return pa.concat_tables(tables)
+
+
+def stop_if_a_tier_is_down(routed: Sequence[RoutedRecord], rows: Sequence[Mapping[str, Any]],
+                           config: RunConfig, batch: str) -> None:
+  """Raises ``TierUnavailable`` when records failed (or stayed unverified) because a tier
+  failed for a cause that is not theirs (``llm_clients.systemic``): written as failed,
+  they would be committed past and never retried."""
+  from urllib.parse import urlparse
+  hit = []
+  for rec, row in zip(routed, rows):
+    if row["status"] == "ok":
+      continue
+    for stage in config.stages:
+      st = rec.stages[stage.name]
+      if st.final is not None and not (st.final.tier == "small" and st.reason
+                                       and not st.budget_skipped):
+        continue  # this stage is answered (or kept for the budget): not what failed
+      for tier in ("frontier", "small"):
+        outcome = getattr(st, tier)
+        if outcome is not None and systemic(outcome.error):
+          hit.append((tier, outcome.error))
+  if not hit:
+    return
+  tier, error = hit[0]
+  model = getattr(config, tier)
+  where = urlparse(model.base_url).netloc if model.base_url else "the provider's API"
+  raise TierUnavailable(
+      f"{tier} tier ({model.model} at {where}) failed {len(hit)} stage answer(s) of batch "
+      f"{batch} for a cause that is not the records': {error[:300]}. Nothing of the batch "
+      "was written or committed; the next run retries it")
 
 
 class RouteBatches(beam.PTransform):

@@ -111,7 +111,11 @@ def _stage(name: str, i: int, truth: dict, rng) -> dict:
       "final_tier": tier, "final_model": {"small": SMALL, "frontier": FRONTIER}.get(tier),
       "confidence": conf, "confidence_signal": None if conf is None else "logprob",
       "threshold": t, "escalated": escalated, "escalation_reason": reason,
-      "budget_skipped": budget_skipped, "small_model": SMALL,
+      "budget_skipped": budget_skipped,
+      "unverified_reason": None if not (tier == "small" and reason) else
+      "budget cap reached" if budget_skipped else
+      "frontier failed (server_error: 529 overloaded)" if frontier_failed else "not escalated",
+      "small_model": SMALL,
       "small_input_tokens": 300, "small_output_tokens": 20, "small_cache_read_tokens": 0,
       "small_cache_write_tokens": 0, "small_reasoning_tokens": 0, "small_cost_usd": small_cost,
       "small_billing_mode": "sync", "small_answer": small_answer,
@@ -147,7 +151,8 @@ def make_rows(n: int = 240, seed: int = 7) -> tuple[list[dict], list[dict]]:
         "ticket_id": truth["ticket_id"], "created_at": T0_MS + 1000 * i,
         "subject": f"subject {i}", "body": f"body {i}", "channel": "email",
         "customer_id": None,
-        "status": "failed" if failed else "ok",
+        "status": "failed" if failed else "unverified" if any(
+            s["unverified_reason"] for s in stages) else "ok",
         "error": "; ".join(f"{s}: failed" for s in failed) or None,
         "label": finals["classify"], "label_confidence": None,
         "extraction": json.loads(finals["extract"]) if finals["extract"] else None,
@@ -155,6 +160,7 @@ def make_rows(n: int = 240, seed: int = 7) -> tuple[list[dict], list[dict]]:
         "summary": finals["summarise"], "summary_confidence": None,
         "escalated": any(s["escalated"] for s in stages), "escalation_reasons": reasons,
         "budget_skipped": any(s["budget_skipped"] for s in stages),
+        "injection_suspected": False,
         "cost_usd": sum(s["cost_usd"] for s in stages),
         "small_cost_usd": sum(s["small_cost_usd"] for s in stages),
         "frontier_cost_usd": sum(s["frontier_cost_usd"] for s in stages),

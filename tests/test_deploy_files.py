@@ -106,7 +106,7 @@ def _load(path: Path, name: str):
 def no_preflight(monkeypatch):
   """These builds name brokers and buckets that do not exist here; the launcher's checks
   before reading are tested against real ones in test_launcher.py."""
-  monkeypatch.setattr(launcher, "preflight", lambda config: None)
+  monkeypatch.setattr(launcher, "preflight", lambda config, options=None: None)
 
 @pytest.fixture(scope="module")
 def dataflow_main():

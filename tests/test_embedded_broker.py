@@ -64,3 +64,33 @@ def test_a_broker_not_ready_in_time_keeps_its_log_and_the_error_names_it():
     assert str(failure.value).endswith(f"see {log}") and os.path.exists(log)
   finally:
     os.unlink(log)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_tierflow_broker_stops_its_broker_on_sigterm_and_sighup(sig):
+  """`tierflow broker` on a free port (printed), stopped by a signal as a service manager
+  stops it: the Tansu process goes with it and the port is free again."""
+  import re
+  import socket
+  import subprocess
+  import sys
+  import time
+  proc = subprocess.Popen([sys.executable, "-m", "tierflow.cli", "broker"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stdout.readline()
+    port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+    assert children, "no broker process under tierflow broker"
+    proc.send_signal(sig)
+    assert proc.wait(timeout=30) == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{c}") for c in children):
+      time.sleep(0.1)
+    assert not [c for c in children if os.path.exists(f"/proc/{c}")], "the broker was orphaned"
+    with socket.socket() as s:
+      assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing listens there any more
+  finally:
+    if proc.poll() is None:
+      proc.kill()

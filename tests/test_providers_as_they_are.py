@@ -237,6 +237,9 @@ def test_circuit_breaker_opens_probes_and_closes():
 
 
 def test_dead_endpoints_end_a_run_in_seconds(broker, topic, output_dir, tmp_path):
+  """Both endpoints dead: the run is refused before reading (preflight); without the
+  preflight it stops at the first batch, in seconds (circuit breaker), writing and
+  committing nothing (it was 569 s and 200 failed records before the breaker)."""
   dead = f"http://127.0.0.1:{free_port()}"
   config = copy.deepcopy(BUNDLED)
   config["budget_usd"] = None
@@ -246,12 +249,18 @@ def test_dead_endpoints_end_a_run_in_seconds(broker, topic, output_dir, tmp_path
                                       max_retries=4)
   path = tmp_path / "tickets.yaml"
   path.write_text(yaml.safe_dump(config))
+  with pytest.raises(ValueError, match=r"small tier .* cannot reach"):
+    _run(broker, topic, output_dir, str(path), n=200)
+  name = topic(partitions=1)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:200])
   started = time.monotonic()
-  summary = _run(broker, topic, output_dir, str(path), n=200)
+  with pytest.raises(launcher.RunFailed, match="not the records'"):
+    launcher.launch("tickets", ["--bootstrap-servers", broker.bootstrap_servers, "--topic",
+                                name, "--output", output_dir, "--config", str(path),
+                                "--preflight", "never"])
   took = time.monotonic() - started
-  assert summary.exit_code == launcher.EXIT_MODEL_FAILURES
-  assert summary.records_failed == 200 and summary.rows_written == 200
-  assert took < 30, f"{took:.0f} s against dead endpoints"  # was 569 s for 200 records
+  assert took < 30, f"{took:.0f} s against dead endpoints"
+  assert not list(pathlib.Path(output_dir).glob("results/**/*.parquet"))
 
 
 def test_single_record_extraction_is_constrained_to_the_fields_schema():

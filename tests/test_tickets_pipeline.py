@@ -208,7 +208,9 @@ def test_budget_cap_holds(run_tickets, read_duckdb):
   skipped = [r for r in rows if r["budget_skipped"]]
   assert skipped and all("budget cap reached" in " ".join(r["escalation_reasons"])
                          for r in skipped)
-  assert {r["status"] for r in skipped} == {"ok"}  # the small answer is kept, marked
+  # The small answer is kept, and said to be unverified: the frontier never checked it.
+  assert {r["status"] for r in skipped} == {"unverified"}
+  assert all("budget cap reached" in r["error"] for r in skipped)
 
 
 def test_no_api_key_in_logs_or_output(run_tickets, endpoints, caplog, capfd):
@@ -223,13 +225,16 @@ def test_no_api_key_in_logs_or_output(run_tickets, endpoints, caplog, capfd):
       assert SECRET.encode() not in pathlib.Path(root, f).read_bytes()
 
 
-def test_wrong_key_fails_records_not_the_pipeline(run_tickets, monkeypatch, read_duckdb):
+def test_a_wrong_key_stops_the_run_not_each_record(run_tickets, monkeypatch, read_duckdb):
+  """A key the endpoints refuse is a setup problem, not 4 failed records: refused before
+  reading (preflight), or, unchecked, stopped at the first batch with nothing written or
+  committed, so the next run with the right key answers those records."""
   monkeypatch.setenv("TIERFLOW_TEST_KEY", "sk-wrong")
-  summary, out = run_tickets(n=4)
-  rows = read_duckdb(f"{out}/results")
-  assert len(rows) == 4 and {r["status"] for r in rows} == {"failed"}
-  assert all("auth" in r["error"] for r in rows)
-  assert summary.dead_letters == 4
+  with pytest.raises(ValueError, match=r"small tier .*auth: HTTP 401"):
+    run_tickets(n=4)
+  with pytest.raises(Exception, match="not the records'") as stopped:
+    run_tickets(n=4, extra=("--preflight", "never"))
+  assert "sk-wrong" not in str(stopped.value)
 
 
 @pytest.mark.slow

@@ -66,7 +66,14 @@ def _print_summary(summary: launcher.RunSummary) -> None:
   print(f"dead letters  {summary.output}/dead_letter  ({summary.dead_letters} rows)")
   if summary.records_routed > 0:
     print(f"model stages  {summary.records_routed} records routed, "
-          f"{summary.records_failed} failed")
+          f"{summary.records_failed} failed, {summary.records_unverified} unverified")
+  if summary.records_injection_suspected > 0:
+    print(f"injection     {summary.records_injection_suspected} records hold instructions "
+          "addressed to a model: none kept its small answers, answers repeating them were "
+          "refused (injection_suspected)")
+  if summary.records_kept_for_budget > 0:
+    print(f"budget        {summary.records_kept_for_budget} records kept a small answer below "
+          "its threshold: the budget cap was reached (status unverified)")
   if summary.committed_offsets:
     offsets = " ".join(f"p{p}={o}" for p, o in sorted(summary.committed_offsets.items()))
     print(f"committed     {offsets}  (the next run resumes here)")
@@ -109,13 +116,21 @@ def cmd_broker(args, rest) -> int:
   _local()
   from tierflow_local.broker import EmbeddedBroker
   from tierflow_local.loader import publish, sample_tickets
+  import signal
+
+  def stop(signum, frame):  # SIGTERM and SIGHUP stop it as Ctrl-C does: broker and all
+    raise KeyboardInterrupt
+
+  for sig in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, stop)
   with EmbeddedBroker(port=args.port) as broker:
     for topic in args.topic or []:
       broker.create_topic(topic, args.partitions)
       if args.sample:
         n = publish(broker.bootstrap_servers, topic, sample_tickets(), fmt=args.format)
         print(f"published {n} sample tickets to {topic}")
-    print(f"embedded Kafka broker (Tansu, in memory) on {broker.bootstrap_servers}; Ctrl-C stops it")
+    print(f"embedded Kafka broker (Tansu, in memory) on {broker.bootstrap_servers}; Ctrl-C "
+          "(or SIGTERM) stops it")
     sys.stdout.flush()
     try:
       while True:
@@ -222,7 +237,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   demo.set_defaults(func=cmd_demo)
 
   broker = sub.add_parser("broker", help="start the embedded Kafka broker until Ctrl-C")
-  broker.add_argument("--port", type=int, default=9092)
+  broker.add_argument("--port", type=int, default=None,
+                      help="port on 127.0.0.1 (default: a free one, printed)")
   broker.add_argument("--topic", action="append", help="create this topic (repeatable)")
   broker.add_argument("--partitions", type=int, default=4)
   broker.add_argument("--sample", action="store_true", help="publish the sample tickets")
@@ -273,6 +289,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tierflow.engine_errors import EngineFailure
     if args.verbosity > 0:
       logging.getLogger("tierflow").exception("the run failed")
+    down = _tier_unavailable(e)
+    if down:  # a tier failed records for a cause not theirs: nothing past them committed
+      print(f"tierflow: the run stopped: {down}", file=sys.stderr)
+      return launcher.EXIT_MODEL_FAILURES
     if isinstance(e, EngineFailure):  # already one line, naming the file with the rest
       print(f"tierflow: the run failed: {e}", file=sys.stderr)
       return launcher.EXIT_FAILED
@@ -287,6 +307,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # #39862). Seen here in `tierflow demo`, every time with ARROW_DEFAULT_MEMORY_POOL=system.
     import gc
     gc.collect()
+
+
+def _tier_unavailable(e: BaseException) -> Optional[str]:
+  """The message of a ``TierUnavailable`` behind ``e`` (raised on a worker, so perhaps
+  only as text in an engine's error), else None."""
+  from tierflow.connectors.llm_clients import TierUnavailable
+  import re
+  seen, found = e, None
+  while seen is not None and found is None:
+    if isinstance(seen, TierUnavailable):
+      found = str(seen).splitlines()[0]
+    seen = seen.__cause__ or seen.__context__
+  if found is None:
+    m = re.search(r"TierUnavailable: ([^\n]+)", str(e))
+    found = m.group(1) if m else None
+  return re.sub(r" \[while running '[^']*'\]$", "", found) if found else None
 
 
 def _root_cause(e: BaseException) -> str:

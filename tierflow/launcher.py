@@ -50,6 +50,11 @@ PIPELINES = {
 EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_MODEL_FAILURES, EXIT_DEAD_LETTERS = 0, 1, 2, 3, 4
 
 
+class RunFailed(RuntimeError):
+  """The run failed while running (its cause is ``__cause__``), as opposed to a
+  ``ValueError`` raised before reading (a rejection, exit 2)."""
+
+
 @dataclasses.dataclass
 class RunSummary:
   pipeline: str
@@ -69,6 +74,12 @@ class RunSummary:
   offsets_in_range: int = -1  # a bounded run: the offsets its range holds (-1: unknown)
   offsets_covered: int = -1  # the offsets its batches covered (records, gaps, deleted)
   offsets_already_written: int = 0  # offsets the output held already: skipped, not redone
+  records_unverified: int = 0  # kept a small answer below threshold: the frontier failed
+  records_kept_for_budget: int = 0  # kept a small answer below threshold: the budget cap
+  small_answers: int = 0  # stage answers asked of the small tier
+  small_failed: int = 0  # of them, failed (then escalated)
+  small_failures: tuple = ()  # (kind, count), most frequent first
+  records_injection_suspected: int = 0  # texts with instructions addressed to a model
   exit_code: int = EXIT_OK
   problems: tuple = ()
 
@@ -159,7 +170,7 @@ def build(name: str, argv: Sequence[str]) -> tuple[beam.Pipeline, object]:
       lambda o: SourceSinkConfig.from_options(o, pipeline=name))
   config = make_config(options)
   if _Unprefixed(options.view_as(RunLimitsOptions)).preflight == "auto":
-    preflight(config)
+    preflight(config, options)
   p = beam.Pipeline(options=options)
   module.build_pipeline(p, config)
   return p, config
@@ -175,6 +186,15 @@ def check_output(output: str) -> None:
   from apache_beam.io.filesystems import FileSystems
   if _is_file(output):
     raise ValueError(f"--output {output} is a file, not a directory")
+  import os
+  local = None if "://" in output and not output.startswith("file://") else \
+      output.removeprefix("file://")
+  made = []  # local directories the probe creates: removed again (a rejected run leaves
+  if local is not None:  # nothing behind; the run itself creates what it writes)
+    parent = os.path.abspath(local)
+    while parent and not os.path.exists(parent):
+      made.append(parent)
+      parent = os.path.dirname(parent)
   probe = FileSystems.join(output, f".tierflow-write-check-{uuid.uuid4().hex}")
   try:
     with FileSystems.create(probe) as f:
@@ -184,6 +204,12 @@ def check_output(output: str) -> None:
     cause = e.__cause__ or e
     reason = getattr(cause, "strerror", None) or str(cause).splitlines()[0][:200]
     raise ValueError(f"--output {output} is not writable: {reason}") from None
+  finally:
+    for directory in made:
+      try:
+        os.rmdir(directory)
+      except OSError:
+        pass
 
 
 def _is_file(path: str) -> bool:
@@ -193,14 +219,42 @@ def _is_file(path: str) -> bool:
   return os.path.isfile(path.removeprefix("file://"))
 
 
-def preflight(config) -> None:
+def check_tiers(run, keys_here: bool = True) -> None:
+  """Raises ValueError, naming the tier, when a model's key variable is not set or its
+  endpoint cannot be reached or refuses the key (one unbilled call: its models list).
+  ``keys_here``: the run executes here; on an engine the key may live only on the
+  workers, so a key missing here is a warning, not an error."""
+  import os
+  from urllib.parse import urlparse
+  from tierflow.connectors.llm_clients import ModelCallError, ModelClient
+  for tier in ("small", "frontier"):
+    model = getattr(run, tier)
+    where = urlparse(model.base_url).netloc if model.base_url else f"the {model.provider} API"
+    name = f"{tier} tier ({model.model} at {where})"
+    if model.api_key_env and not os.environ.get(model.api_key_env):
+      if keys_here:
+        raise ValueError(f"{name}: {model.api_key_env} is not set (the config's api_key_env)")
+      _LOGGER.warning("%s: %s is not set here; it must be on the workers", name,
+                      model.api_key_env)
+      continue
+    try:
+      ModelClient(model).check()
+    except ModelCallError as e:
+      raise ValueError(f"{name}: {e}") from None
+
+
+def preflight(config, options=None) -> None:
   """Checks before reading: the output is writable, the brokers answer (within about
-  10 s), the topic exists, and a model pipeline's ledger topic exists or can be created.
+  10 s), the topic exists, and for a model pipeline that each tier's key is set and its
+  endpoint answers and accepts it, and that the ledger topic exists or can be created.
   Raises ValueError with a one-line reason."""
   from tierflow.connectors.kafka_source import check_broker
   io = _io(config)
   check_output(io.output)
   check_broker(io.source)
+  run = getattr(config, "run", None)
+  if run is not None:
+    check_tiers(run, keys_here=not _on_an_engine(options) if options is not None else True)
   ledger = getattr(config, "ledger", None)
   if ledger is not None:
     from tierflow.connectors.kafka_ledger import Ledger, LedgerUnavailable
@@ -234,22 +288,57 @@ def metrics_dict(result) -> dict:
   return out
 
 
-def limits_of(options: PipelineOptions) -> tuple[float, Optional[float]]:
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """When a finished run counts as failed (``RunLimitsOptions``; the README's exit codes)."""
+  max_failed: float = 0.0
+  max_dead: Optional[float] = None
+  max_unverified: float = 0.0
+  max_small_failed: float = 0.5
+
+
+def limits_of(options: PipelineOptions) -> Limits:
   limits = _Unprefixed(options.view_as(RunLimitsOptions))
-  for name, value in (("--max-failed-fraction", limits.max_failed_fraction),
-                      ("--max-dead-letter-fraction", limits.max_dead_letter_fraction)):
+  out = Limits(limits.max_failed_fraction, limits.max_dead_letter_fraction,
+               limits.max_unverified_fraction, limits.max_small_failed_fraction)
+  for name, value in (("--max-failed-fraction", out.max_failed),
+                      ("--max-dead-letter-fraction", out.max_dead),
+                      ("--max-unverified-fraction", out.max_unverified),
+                      ("--max-small-failed-fraction", out.max_small_failed)):
     if value is not None and not 0 <= value <= 1:
       raise ValueError(f"{name} must be between 0 and 1")
-  return limits.max_failed_fraction, limits.max_dead_letter_fraction
+  return out
 
 
-def judge(summary: RunSummary, max_failed: float, max_dead: Optional[float]) -> RunSummary:
+def _small_failures(result) -> tuple:
+  """(kind, count) of the small tier's failed answers, most frequent first."""
+  found = [(k.split(".small_failed.", 1)[1], v) for k, v in metrics_dict(result).items()
+           if ".small_failed." in k and v]
+  return tuple(sorted(found, key=lambda kv: -kv[1]))
+
+
+def judge(summary: RunSummary, limits: Limits) -> RunSummary:
   """Sets the summary's exit code and problems from its counts and the limits."""
   problems, code = [], EXIT_OK
-  if summary.records_routed > 0 and summary.records_failed > max_failed * summary.records_routed:
-    problems.append(f"{summary.records_failed} of {summary.records_routed} records failed in "
+  max_failed, max_dead = limits.max_failed, limits.max_dead
+  routed = summary.records_routed
+  if routed > 0 and summary.records_failed > max_failed * routed:
+    problems.append(f"{summary.records_failed} of {routed} records failed in "
                     f"the model stages (limit {max_failed:.2%}, --max-failed-fraction)")
     code = EXIT_MODEL_FAILURES
+  if routed > 0 and summary.records_unverified > limits.max_unverified * routed:
+    problems.append(f"{summary.records_unverified} of {routed} records kept a small answer "
+                    "below its threshold because the frontier failed on it (status "
+                    f"unverified; limit {limits.max_unverified:.2%}, --max-unverified-fraction)")
+    code = code or EXIT_MODEL_FAILURES
+  if (summary.small_answers > 0
+      and summary.small_failed > limits.max_small_failed * summary.small_answers):
+    kinds = ", ".join(f"{k} {n}" for k, n in summary.small_failures[:4])
+    problems.append(f"the small tier failed {summary.small_failed} of {summary.small_answers} "
+                    f"stage answers ({kinds}); they escalated to the frontier, at its price "
+                    f"(limit {limits.max_small_failed:.0%}, --max-small-failed-fraction; "
+                    "see small_error in the results)")
+    code = code or EXIT_MODEL_FAILURES
   if (max_dead is not None and summary.records_read > 0
       and summary.decode_dead_letters > max_dead * summary.records_read):
     problems.append(f"{summary.decode_dead_letters} of {summary.records_read} records were "
@@ -295,7 +384,7 @@ def launch(name: str, argv: Sequence[str], *, wait: bool = True) -> RunSummary:
   from tierflow._memory import limit_malloc_arenas
   limit_malloc_arenas()  # before the runner and the Kafka clients start their threads
   p, config = build(name, argv)
-  max_failed, max_dead = limits_of(p.options)
+  limits = limits_of(p.options)
   engine = _on_an_engine(p.options)
   job_name = _name_the_job(p.options, name) if engine else None
   from tierflow.engine_errors import describe, flink_rest_address
@@ -306,9 +395,10 @@ def launch(name: str, argv: Sequence[str], *, wait: bool = True) -> RunSummary:
       return RunSummary(name, _io(config).output, str(result.state), -1, -1, -1, {})
     result.wait_until_finish()
   except Exception as e:  # noqa: BLE001 - an engine's error, in one line
-    if not engine:
-      raise
-    raise describe(e, rest, job_name) from None
+    if engine:
+      raise describe(e, rest, job_name) from None
+    # Whatever it raised, the run had started: not a rejection before reading (exit 2).
+    raise RunFailed(f"{type(e).__name__}: {e}") from e
   summary = RunSummary(
       pipeline=name,
       output=_io(config).output,
@@ -330,8 +420,16 @@ def launch(name: str, argv: Sequence[str], *, wait: bool = True) -> RunSummary:
       offsets_already_written=max(0, _counter(result, "offsets_already_written",
                                               "tierflow.kafka"))
       + max(0, _counter(result, "offsets_already_written", "tierflow.parquet")),
+      records_unverified=max(0, _counter(result, "records_unverified", "tierflow.routing")),
+      records_kept_for_budget=max(0, _counter(result, "records_kept_for_budget",
+                                              "tierflow.routing")),
+      small_answers=max(0, _counter(result, "small_answers", "tierflow.routing")),
+      small_failed=max(0, _counter(result, "small_failed", "tierflow.routing")),
+      small_failures=_small_failures(result),
+      records_injection_suspected=max(0, _counter(result, "records_injection_suspected",
+                                                  "tierflow.routing")),
   )
-  return judge(summary, max_failed, max_dead)
+  return judge(summary, limits)
 
 
 def _committed(config) -> Optional[dict]:

@@ -376,7 +376,10 @@ def _run_summary(run: RunData) -> dict:
   dts = sorted({d for d in r["_dt"] if d})
   return {
       "records": run.n,
-      "failed": int((r["status"] != "ok").sum()),
+      "failed": int((r["status"] == "failed").sum()),
+      # kept a small answer below its threshold: the frontier failed, or the budget cap
+      "unverified": int((r["status"] == "unverified").sum()),
+      "injection_suspected": int(sum(1 for v in r["injection_suspected"] if v)),
       "escalated": int(r["escalated"].sum()),
       "escalation_rate": _ratio(r["escalated"].sum(), run.n),
       "budget_skipped": int(r["budget_skipped"].sum()),

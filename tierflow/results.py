@@ -25,7 +25,7 @@ __all__ = ["ID_FIELDS", "RunData", "StageData", "dataset_files", "read_dead_lett
 
 ID_FIELDS = ("ticket_id", "doc_id", "record_id")
 RECORD_COLUMNS = ("record_id", "status", "label", "extraction", "summary", "escalated",
-                  "budget_skipped", "cost_usd", "small_cost_usd", "frontier_cost_usd",
+                  "budget_skipped", "injection_suspected", "cost_usd", "small_cost_usd", "frontier_cost_usd",
                   "frontier_only_cost_usd", "price_book_version", "calibration_version")
 STAGE_FIELDS = ("stage", "kind", "final_tier", "final_model", "confidence", "confidence_signal",
                 "threshold", "route_score", "escalated", "escalation_reason", "budget_skipped",

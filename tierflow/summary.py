@@ -27,9 +27,10 @@ def cost_summary(output_dir: str) -> dict:
         "cost_usd": float(np.nansum(s.col("cost_usd")[p])),
     }
     per_stage[s.name]["escalation_rate"] = per_stage[s.name]["escalated"] / n if n else 0.0
-  failed = int(sum(1 for v in run.records["status"] if v != "ok"))
+  failed = int(sum(1 for v in run.records["status"] if v == "failed"))
+  unverified = int(sum(1 for v in run.records["status"] if v == "unverified"))
   return {
-      "records": n, "failed": failed,
+      "records": n, "failed": failed, "unverified": unverified,
       "escalated_records": int(run.records["escalated"].sum()),
       "cost_usd": total, "frontier_only_cost_usd": frontier_only,
       "saving_usd": frontier_only - total,
@@ -39,7 +40,8 @@ def cost_summary(output_dir: str) -> dict:
 
 
 def format_summary(s: dict) -> str:
-  lines = [f"records {s['records']}  (failed {s['failed']}, escalated {s['escalated_records']})"]
+  lines = [f"records {s['records']}  (failed {s['failed']}, unverified {s['unverified']}, "
+           f"escalated {s['escalated_records']})"]
   for name, d in s["stages"].items():
     lines.append(f"  {name:<10} escalated {d['escalation_rate']:6.1%}  "
                  f"(small failed {d['small_failed']}, budget-skipped {d['budget_skipped']})  "
