@@ -7,7 +7,7 @@ that obeys it still passes every schema check when the demanded text fits the sc
 
 * ``instruction_spans`` finds text in a record addressed to a model: a sentence that
   tells it to ignore or forget its instructions, speaks to it as an assistant or a
-  system, or tells it what to answer; the span runs to the end of its paragraph;
+  system, or tells it what to answer; the span runs to the end of its line;
 * a record with such a span never keeps its small tier's answers (every stage
   escalates), and is counted (``injection_suspected``);
 * ``guard`` refuses an answer, from either tier, that repeats the instruction rather
@@ -26,17 +26,19 @@ from tierflow.pipelines.answers import WORD, Answer, grounded
 
 __all__ = ["guard", "instruction_spans", "outside", "suspected"]
 
+# Cues of text addressed to a model, each where an instruction sits: telling it to drop
+# its instructions, speaking to it as a role ("SYSTEM:"), or telling it what to answer at
+# the start of a sentence ("Reply: HACKED", "Classify this ticket as ...").
+_IMPERATIVE = r"(?:^|(?<=[.!?:;])\s+|\b(?:please|and|then|just|now|instead)\s+)"
 _ADDRESSED = re.compile(
-    r"\b(?:ignore|disregard|forget|override|bypass)\b[^.!?\n]{0,60}?"
-    r"\b(?:instructions?|prompts?|rules|guidelines|above|previous|prior|earlier|context)\b"
-    r"|\b(?:you are now|act as|pretend (?:to be|you are)|from now on,? you|new instructions?"
-    r"|system prompt|system message|developer message)\b"
+    r"\b(?:ignore|disregard|forget|override)\b[^.!?\n]{0,40}?\b(?:instructions?|prompts?)\b"
+    r"|\b(?:you are now|from now on,? you (?:are|will|must)|new instructions?:"
+    r"|(?:your|the) system prompt|developer message)"
     r"|^\s*(?:system|assistant|developer)\s*:"
-    r"|\b(?:reply|respond|answer|output|return|print|write|classify (?:this|it) as"
-    r"|label (?:this|it) as)\b(?: only| just| exactly)?(?: with| as)?\s*[:\"'“]"
-    r"|\bsay (?:only|just|exactly)\b"
-    r"|\b(?:reply|respond|answer|output|print)\s+(?:with\s+|only\s+)*"
-    r"(?:[\"“][^\"”\n]{1,80}[\"”]|(?-i:(?!ASAP|URGENT|FYI|PLEASE)[A-Z][A-Z0-9_]{2,})\b)",
+    r"|" + _IMPERATIVE + r"(?:reply|respond|answer|output|print)\b"
+    r"(?: only| just| exactly)?(?: with| as)?\s*(?::|[\"“][^\"”\n]{1,80}[\"”]"
+    r"|(?-i:(?!ASAP\b|URGENT\b|FYI\b|PLEASE\b)[A-Z][A-Z0-9_]{2,}\b))"
+    r"|" + _IMPERATIVE + r"(?:classify|label|categori[sz]e|mark|tag) (?:this|it|the)(?: \w+)? as\b",
     re.IGNORECASE | re.MULTILINE)
 _SENTENCE_START = re.compile(r"(?:^|[.!?]\s+|\n)")
 
@@ -44,11 +46,11 @@ _SENTENCE_START = re.compile(r"(?:^|[.!?]\s+|\n)")
 @functools.lru_cache(maxsize=4096)
 def instruction_spans(text: str) -> list[tuple[int, int]]:
   """(start, end) of each stretch of ``text`` addressed to a model: from the start of
-  the sentence holding the cue to the end of its paragraph."""
+  the sentence holding the cue to the end of its line."""
   spans: list[tuple[int, int]] = []
   for m in _ADDRESSED.finditer(text or ""):
     start = max((s.end() for s in _SENTENCE_START.finditer(text, 0, m.start())), default=0)
-    end = text.find("\n\n", m.end())
+    end = text.find("\n", m.end())
     end = len(text) if end < 0 else end
     if spans and start <= spans[-1][1]:
       spans[-1] = (spans[-1][0], max(end, spans[-1][1]))

@@ -17,6 +17,7 @@ import yaml
 from tierflow import launcher
 from tierflow.connectors.llm_clients import RateLimiter
 from local_config import local_config
+from tierflow.config import RunConfig
 from tierflow_local.loader import publish, sample_tickets
 from tierflow_local.provider_server import LocalProviderServer, RateLimit
 from tierflow_local.standin_model import KeywordStandIn
@@ -144,31 +145,38 @@ def test_a_run_that_does_not_cover_its_range_fails(broker, topic, output_dir, mo
 
 
 @pytest.mark.slow
-def test_attempts_that_time_out_but_are_billed_count_against_the_cap(broker, topic,
-                                                                   output_dir, tmp_path):
+def test_attempts_that_time_out_but_are_billed_count_against_the_cap(tmp_path):
   """The frontier answers every request, but only after the client gave up: the provider
   bills work the client never sees. Each such attempt is charged at its strict cost, and
   retried only once the budget has reserved it again, so what the endpoint billed stays
-  within the cap (charging them nothing let the run bill several times the cap)."""
+  within the cap (charging them nothing let the same routing bill several times the cap).
+  (A run stops on such a tier, test_fault_matrix.py; this is the budget's part of it.)"""
+  from tierflow.pipelines.budget import Budget, BudgetPool
+  from tierflow.pipelines.routing import Router
+  from tierflow.prices import Usage, load_price_book
   cap = 0.02
   with LocalProviderServer(KeywordStandIn(), models=("small", "frontier"),
                            max_logged_requests=100_000) as server:
     server.faults.add("timeout", count=-1, model="frontier", seconds=0.5)
-    config = local_config(tmp_path / "tickets.yaml", server, budget=cap,
-                          small=dict(batch_size=4, concurrency=2),
-                          frontier=dict(batch_size=2, concurrency=2, max_retries=2,
-                                        timeout_s=0.2, breaker_failures=0))
-    summary = _run(broker, topic, output_dir, config, n=120, workers=2, partitions=2,
-                   extra=("--rows-per-file", "30", "--max-failed-fraction", "1"))
+    run = RunConfig.from_dict(yaml.safe_load(pathlib.Path(local_config(
+        tmp_path / "tickets.yaml", server, budget=cap,
+        small=dict(batch_size=4, concurrency=2),
+        frontier=dict(batch_size=2, concurrency=2, max_retries=2, timeout_s=0.2,
+                      breaker_failures=0))).read_text()))
+    router = Router(run, load_price_book(run.price_book)).open()
+    try:
+      pool = BudgetPool(Budget(cap, per_process=True)).for_batch(120, 120)
+      routed = router.route(sample_tickets()[:120], pool)
+    finally:
+      router.close()
     time.sleep(1)  # the last stalled answers are billed after the client gave up
-    from tierflow.prices import Usage, load_price_book
     price = load_price_book().price("claude-sonnet-4-6")
     billed = [price.cost(Usage(input_tokens=q.usage["input_tokens"],
                                output_tokens=q.usage["output_tokens"],
                                cache_write_tokens=q.usage.get("cache_creation_input_tokens", 0),
                                cache_read_tokens=q.usage.get("cache_read_input_tokens", 0)))
               for q in server.requests if q.model == "frontier" and q.usage]
-  assert summary.rows_written == 120
+  assert len(routed) == 120
   print(f"cap ${cap}: the endpoint billed ${sum(billed):.4f} over {len(billed)} attempts")
   assert billed, "no frontier attempt was made: the test proves nothing"
   assert sum(billed) <= cap

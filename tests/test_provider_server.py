@@ -519,7 +519,14 @@ def test_cli_serves_until_interrupted(tmp_path):
      "--fault", "server_error:1", "--rpm", f"{SMALL}=5", "--latency", "0"],
     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   try:
-    urls = dict(proc.stdout.readline().strip().split("=", 1) for _ in range(2))
+    urls = {}
+    while not {"OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"} <= set(urls):  # its exports
+      line = proc.stdout.readline().strip()
+      if line.startswith("export "):
+        urls.update([line[len("export "):].split("=", 1)])
+    # With a required key it prints none of its own: the user holds the key.
+    assert "OPENAI_API_KEY" not in urls and urls["TIERFLOW_SMALL_BASE_URL"] == \
+        urls["OPENAI_BASE_URL"]
     client = openai.OpenAI(base_url=urls["OPENAI_BASE_URL"], api_key="sk-cli-SECRET",
                            max_retries=0, timeout=5)
     with pytest.raises(openai.InternalServerError):

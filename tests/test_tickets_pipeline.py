@@ -112,21 +112,34 @@ def test_small_tier_down_sends_everything_to_the_frontier(run_tickets, endpoints
 
 
 @pytest.mark.slow
-def test_both_tiers_down_ends_in_the_dead_letters(run_tickets, endpoints, read_duckdb):
+def test_both_tiers_down_stop_the_run_with_nothing_written(run_tickets, endpoints, output_dir):
+  """Both endpoints answer 5xx to everything: no record's own doing, so none is written as
+  failed (and committed past); the run stops, and the next one retries them all."""
   endpoints.faults.add("server_error", count=-1)
+  with pytest.raises(launcher.RunFailed, match="not the records'.*server_error"):
+    run_tickets(n=10)
+  assert not list(pathlib.Path(output_dir).glob("results/**/*.parquet"))
+
+
+def test_answers_neither_tier_can_give_end_in_the_dead_letters(run_tickets, endpoints,
+                                                               read_duckdb):
+  """Both tiers answer every request with an unreadable body: each record's own failure,
+  written as failed and dead-lettered with the reason, and the exit code says so."""
+  endpoints.faults.add("malformed", count=-1)
   summary, out = run_tickets(n=10)
   rows = read_duckdb(f"{out}/results")
   dead = read_duckdb(f"{out}/dead_letter")
   assert {r["status"] for r in rows} == {"failed"}
   assert sorted(d["record_id"] for d in dead) == sorted(r["record_id"] for r in rows)
   assert len(dead) == 10
-  assert all(d["error_type"] == "model_failure" and "server_error" in d["reason"] for d in dead)
+  assert all(d["error_type"] == "model_failure" and "malformed" in d["reason"] for d in dead)
   # Every record failed in the model stages: the run says so with its own exit code...
   assert (summary.records_routed, summary.records_failed) == (10, 10)
   assert summary.exit_code == launcher.EXIT_MODEL_FAILURES
   assert "10 of 10 records failed" in summary.problems[0]
-  # ... unless the run is allowed that many failures.
-  summary, _ = run_tickets(n=10, extra=("--max-failed-fraction", "1"))
+  # ... unless the run is allowed that many failures (and a failing small tier).
+  summary, _ = run_tickets(n=10, extra=("--max-failed-fraction", "1",
+                                        "--max-small-failed-fraction", "1"))
   assert summary.exit_code == launcher.EXIT_OK and not summary.problems
 
 

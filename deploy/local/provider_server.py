@@ -1465,8 +1465,28 @@ def _parser() -> argparse.ArgumentParser:
                       help="draw each label from the stand-in's label distribution at the "
                            "request's temperature (default 1), as a sampling model does; "
                            "for trying the small tier's samples")
+  parser.add_argument("--print-env", action="store_true",
+                      help="print the shell exports that point the bundled configs (and the "
+                           "SDKs) at these endpoints, for `eval \"$(tierflow serve-local --port "
+                           "N --print-env)\"`, and exit (needs --port)")
   parser.add_argument("--log-level", default="INFO")
   return parser
+
+
+_STAND_IN_KEY = "local-stand-in-key"  # the endpoints accept any key unless --require-key-env
+
+
+def env_lines(openai_base_url: str, anthropic_base_url: str, with_keys: bool = True) -> list[str]:
+  """The variables the bundled configs (TIERFLOW_*_BASE_URL, the keys they name) and the
+  SDKs (OPENAI_BASE_URL, ANTHROPIC_BASE_URL) read, as shell exports."""
+  lines = [f"export TIERFLOW_SMALL_BASE_URL={openai_base_url}",
+           f"export TIERFLOW_FRONTIER_BASE_URL={anthropic_base_url}",
+           f"export OPENAI_BASE_URL={openai_base_url}",
+           f"export ANTHROPIC_BASE_URL={anthropic_base_url}"]
+  if with_keys:
+    lines += [f"export OPENAI_API_KEY={_STAND_IN_KEY}",
+              f"export ANTHROPIC_API_KEY={_STAND_IN_KEY}"]
+  return lines
 
 
 def _server_from_args(
@@ -1494,14 +1514,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs the server until Ctrl-C, printing the base URLs for the SDKs."""
   parser = _parser()
   args = parser.parse_args(argv)
+  if args.print_env:
+    if not args.port:
+      parser.error("--print-env needs the --port the endpoints listen on")
+    url = f"http://{args.host}:{args.port}"
+    print("\n".join(env_lines(f"{url}/v1", url, with_keys=not args.require_key_env)))
+    return 0
   logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
   server = _server_from_args(args, parser)
   stop = threading.Event()
   for sig in (signal.SIGINT, signal.SIGTERM):  # set, not raise: no half-run handler or join
     signal.signal(sig, lambda *_: stop.set())
   with server:
-    print(f"OPENAI_BASE_URL={server.openai_base_url}", flush=True)
-    print(f"ANTHROPIC_BASE_URL={server.anthropic_base_url}", flush=True)
+    print("# tierflow serve-local: the keyword STAND-IN behind the OpenAI and Anthropic wire "
+          "formats (not a language model). To point tierflow's bundled configs at it:",
+          flush=True)
+    print("\n".join(env_lines(server.openai_base_url, server.anthropic_base_url,
+                              with_keys=not args.require_key_env)), flush=True)
     while not stop.wait(0.5):
       pass
   return 0

@@ -48,6 +48,10 @@ _INJECTION_RE = re.compile(
     r"ignore (?:all |any )?(?:the )?(?:previous|prior|above|earlier) instructions\W+"
     r"(?:\w+\W+){0,3}?(?:answer|reply|respond|say|output|return|write)(?: with)?\s*:?\s*"
     r"(.+)", re.IGNORECASE)
+# Lines telling a model to drop its instructions, or written as a chat transcript's roles
+# or markup around one ("SYSTEM: ..."): not what a record is about.
+_IGNORE_RE = re.compile(r"\b(?:ignore|disregard)\b.{0,40}\binstructions?\b", re.I)
+_ROLE_LINE_RE = re.compile(r"\s*(?:</?\w+>|(?:system|assistant|developer|user)\s*:)", re.I)
 _AMOUNT_RE = re.compile(r"(CAD \$|\$|€|£|EUR |USD |GBP )\s?(\d+(?:[.,]\d{1,2})?)"
                         r"|(\d+(?:[.,]\d{1,2})?)\s?(€|EUR|USD|GBP)")
 
@@ -156,6 +160,11 @@ class KeywordStandIn:
   @staticmethod
   def summarise(text: str, max_words: int) -> str:
     body = text.split("\n\n", 1)[-1] if "\n\n" in text else text
+    # A model that does not obey instructions written into a record does not summarise
+    # them either: lines that speak to it are not the record's content.
+    lines = [l for l in body.strip().splitlines()
+             if not (_IGNORE_RE.search(l) or _ROLE_LINE_RE.match(l))]
+    body = "\n".join(lines) if any(l.strip() for l in lines) else body
     sentence = re.split(r"(?<=[.!?])\s", body.strip(), maxsplit=1)[0]
     return " ".join(sentence.split()[:max_words]) or "No content."
 
