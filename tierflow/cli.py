@@ -198,7 +198,10 @@ def cmd_demo(args, rest) -> int:
     config = _demo_config(os.path.join(config_dir, "tickets.yaml"),
                           llama.base_url, MODEL_NAME, standin.anthropic_base_url)
     print(f"[5/5] running the tickets pipeline: classify -> extract -> summarise -> escalate "
-          f"({n} records x 3 stages on a 135M model; a few minutes on 2 cores)")
+          f"({n} records x 3 stages on a 135M model; a few minutes on 2 cores)", flush=True)
+    from tierflow import progress
+    progress.start(sys.stderr)  # a line at least every 30 s (redrawn on a terminal)
+    stack.callback(progress.stop)
     summary = launcher.launch("tickets", [
         "--bootstrap-servers", broker.bootstrap_servers, "--topic", topic,
         "--output", output, "--bounded", "--config", config, *rest])

@@ -15,12 +15,14 @@ import threading
 import time
 from typing import Optional, TextIO
 
-__all__ = ["add", "snapshot", "start", "stop", "ensure_worker_reporter", "line"]
+__all__ = ["add", "snapshot", "stage_done", "start", "stop", "ensure_worker_reporter", "line"]
 
 _LOGGER = logging.getLogger("tierflow.progress")
 _LOCK = threading.Lock()
 _COUNTS = {"read": 0, "written": 0, "dead_letters": 0, "routed": 0, "escalated": 0,
            "cost_usd": 0.0, "frontier_usd": 0.0}
+_STAGES: dict = {}  # stage -> small-tier answers done (records), as requests come back
+_FIRST_ANSWER: list = []  # when the first stage answer came back (monotonic)
 _REPORTER: Optional["_Reporter"] = None
 
 
@@ -30,26 +32,51 @@ def add(**counts) -> None:
       _COUNTS[key] += value
 
 
+def stage_done(stage: str, records: int) -> None:
+  """A stage's small-tier answers for ``records`` records came back."""
+  with _LOCK:
+    if not _FIRST_ANSWER:
+      _FIRST_ANSWER.append(time.monotonic())
+    _STAGES[stage] = _STAGES.get(stage, 0) + records
+
+
 def snapshot() -> dict:
   with _LOCK:
-    return dict(_COUNTS)
+    return {**_COUNTS, "stages": dict(_STAGES),
+            "answering_s": time.monotonic() - _FIRST_ANSWER[0] if _FIRST_ANSWER else 0.0}
 
 
 def reset() -> None:
   with _LOCK:
     for key in _COUNTS:
       _COUNTS[key] = 0
+    _STAGES.clear()
+    _FIRST_ANSWER.clear()
+
+
+def _minutes(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def line(counts: dict, elapsed: float) -> str:
   parts = [f"read {counts['read']:,}", f"written {counts['written']:,}",
            f"dead letters {counts['dead_letters']:,}"]
+  stages = counts.get("stages") or {}
+  if stages and counts["read"]:
+    # Per stage, the small tier's answers so far, of the records read: a model pipeline
+    # between two batches' writes is not idle.
+    parts.append(" ".join(f"{name} {n:,}/{counts['read']:,}" for name, n in stages.items()))
+    done, total = sum(stages.values()), counts["read"] * len(stages)
+    if 0 < done < total and counts.get("answering_s", 0) >= 2:
+      left = counts["answering_s"] * (total - done) / done
+      parts.append(f"small tier ~{_minutes(left)} left")
   if counts["routed"]:
     share = counts["escalated"] / counts["routed"]
     parts += [f"escalated {counts['escalated']:,} ({share:.0%})",
               f"spent ${counts['cost_usd']:.4f} (frontier ${counts['frontier_usd']:.4f})"]
   rate = counts["read"] / elapsed if elapsed > 0 else 0.0
-  parts.append(f"{rate:,.0f} records/s, {elapsed:.0f}s")
+  parts.append(f"{rate:,.0f} records/s, {_minutes(elapsed)}")
   return " · ".join(parts)
 
 
@@ -67,8 +94,8 @@ class _Reporter(threading.Thread):
 
   def emit(self, final: bool = False) -> None:
     counts = snapshot()
-    if counts == self._last and not (final and self._redraw):
-      return
+    if self._redraw and counts == self._last and not final:
+      return  # a redrawn line that would not change; a logged line is never skipped
     self._last = counts
     text = line(counts, time.monotonic() - self._start)
     if self._stream is None:
@@ -82,7 +109,8 @@ class _Reporter(threading.Thread):
 
   def stop(self) -> None:
     self._stop.set()
-    if self._stream is not None and any(snapshot().values()):
+    if self._stream is not None and any(v for k, v in snapshot().items()
+                                        if k in _COUNTS):
       self.emit(final=True)
 
 
