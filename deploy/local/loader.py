@@ -29,6 +29,11 @@ def sample_tickets() -> list[dict]:
   return read_jsonl(SAMPLE_TICKETS)
 
 
+def bundled_path(name: str) -> str:
+  """The path of a file bundled in ``data/`` (a JSONL others may read by path)."""
+  return str(resources.files(__package__).joinpath("data", name))
+
+
 def sample_ticket_labels() -> dict[str, dict]:
   return {row["ticket_id"]: row for row in read_jsonl(SAMPLE_TICKET_LABELS)}
 
