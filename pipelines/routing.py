@@ -298,6 +298,7 @@ class Router:
       answers = self._batched("small", jobs, batch_key)
     else:
       ex = self._executors["small"]
+      progress.expect_stages(stage.name for stage in self.config.stages)
       futures = [ex.submit(self._request, "small", name, pack_texts)
                  for name, pack_texts in jobs]
       for future, (name, pack_texts) in zip(futures, jobs[:len(where)]):  # one sample's

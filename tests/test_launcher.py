@@ -228,4 +228,6 @@ def test_a_model_run_says_what_each_stage_has_done_while_it_runs(broker, topic, 
   during = [l for l in lines if "written 0" in l and "classify" in l]
   assert during, lines  # stage counts before anything was written
   assert any("left" in l for l in during), during
+  # Every stage is counted from the first line, so what is left counts the stages to come.
+  assert all(f"{s} " in during[0] for s in ("classify", "extract", "summarise")), during[0]
   assert any("classify 12/12" in l for l in lines)

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Optional, TextIO
 
-__all__ = ["add", "snapshot", "stage_done", "start", "stop", "ensure_worker_reporter", "line"]
+__all__ = ["add", "snapshot", "expect_stages", "stage_done", "start", "stop", "ensure_worker_reporter", "line"]
 
 _LOGGER = logging.getLogger("tierflow.progress")
 _LOCK = threading.Lock()
@@ -30,6 +30,13 @@ def add(**counts) -> None:
   with _LOCK:
     for key, value in counts.items():
       _COUNTS[key] += value
+
+
+def expect_stages(stages) -> None:
+  """The stages whose answers are coming: counted (from 0) in the lines and the estimate."""
+  with _LOCK:
+    for stage in stages:
+      _STAGES.setdefault(stage, 0)
 
 
 def stage_done(stage: str, records: int) -> None:

