@@ -825,8 +825,7 @@ def _savings_quality(report: dict) -> str:
   """The quality statement that goes beside every saving."""
   q = report.get("quality")
   if not q:
-    return ("quality unknown: no labels (--labels), so nothing here measures whether the "
-            "routed answers are as good as frontier-only ones")
+    return "quality unknown (no labels)"
   stages = [st for st in report["stages"].values() if st["quality"]]
   fo = [st["quality"].get("frontier_only_accuracy") for st in stages]
   routed = f"routed accuracy {100 * q['routed_accuracy']:.1f}%"

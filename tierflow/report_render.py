@@ -321,7 +321,9 @@ def _cards(report: dict) -> str:
   items = [
       ("routed cost / 1k records", _fmt(c["routed_per_1k"], "usd") +
        _ci(report, "routed_cost_per_1k", "usd")),
-      (("frontier only / 1k (measured)", _fmt(c["frontier_only_measured_per_1k"], "usd"))
+      ((f"frontier only / 1k ({c.get('frontier_only_source', 'measured')}: "
+        f"{c['frontier_only_measured_records']} records)",
+        _fmt(c["frontier_only_measured_per_1k"], "usd"))
        if c.get("frontier_only_measured_per_1k") is not None else
        ("frontier only / 1k (estimated from the ledger)",
         _fmt(c["frontier_only_per_1k"], "usd"))),
