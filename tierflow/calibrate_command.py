@@ -19,8 +19,16 @@ Records the small tier failed on, or answered without a confidence, always
 escalate in the pipeline; here they count as confidence 0 and wrong, which can
 only make the certified threshold stricter.
 
+Without labels (``--reference frontier``, ``tierflow.frontier_reference``): a random
+sample of ``--records`` or a topic's range, both tiers run on it, and each stage is
+certified on agreement with the frontier's answers; the file records that reference and
+the sample's cost at the run's thresholds, for ``tierflow forecast``.
+
     tierflow calibrate --labels FILE (--from-output DIR | --run PIPELINE --records FILE)
                        [--alpha A | --alpha STAGE=A ...] [--delta D] [--out FILE]
+    tierflow calibrate --reference frontier --run PIPELINE (--records FILE | --topic T
+                       --bootstrap-servers B [--start-offset N --end-offset M])
+                       [--sample N] [--seed S] [--alpha A ...] [--out FILE]
 """
 
 from __future__ import annotations
