@@ -316,6 +316,10 @@ def test_cost_only_without_labels(run, tmp_path, capsys):
   assert j["cost"] == without_labels
   # Beside every saving, without labels: quality unknown (the card, the chart, the table).
   assert j["cost"]["savings_quality"].startswith("quality unknown")
+  # The rows name a calibration the report was not given: it says it cannot state it.
+  assert j["guarantee"] == [
+      "Guarantee not stated: the run used calibration cal-test-1, but its file was not given "
+      "(--calibration FILE), so this report cannot say what it bounds."]
   page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
   assert page.count("quality unknown") >= 1 and ">unknown<" in page
   assert set(j["bootstrap"]["intervals"]) == {"routed_cost_per_1k", "savings_pct"}

@@ -83,6 +83,9 @@ def test_without_a_frontier_only_run_its_quality_is_unknown(runs):
   rep = build_report(runs["routed"], str(LABELS), resamples=50, charts=False)
   assert rep["stages"]["classify"]["frontier_only_point"]["accuracy"] is None
   assert any("frontier-only quality is unknown" in n for n in rep["notes"])
+  assert rep["cost"]["savings_quality"].endswith("frontier-only quality unknown (no "
+                                                 "frontier-only run)")
+  assert rep["guarantee"][0].startswith("No error guarantee: the run used no calibration")
 
 
 def test_uncertified_calibration_and_full_escalation_get_banners(runs, tmp_path, capsys):

@@ -787,8 +787,12 @@ def _guarantee(report: dict) -> list[str]:
   cal = report.get("calibration")
   names = list(report["stages"])
   if not cal:
-    return ["No error guarantee: no calibration file was given (--calibration FILE), so "
-            "nothing here bounds how often the small-tier answers the run kept are wrong."]
+    used = report["run"]["calibration_versions"]
+    if used:
+      return [f"Guarantee not stated: the run used calibration {', '.join(used)}, but its file "
+              f"was not given (--calibration FILE), so this report cannot say what it bounds."]
+    return ["No error guarantee: the run used no calibration, so nothing bounds how often the "
+            "small-tier answers it kept are wrong (thresholds from the config)."]
   frontier = cal.get("reference") == "frontier"
   ref = (f"the frontier model's answers ({cal.get('reference_model') or 'frontier tier'}; "
          "agreement with it, not gold labels)" if frontier else "gold labels")
