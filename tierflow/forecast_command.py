@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--records", type=int, help="forecast this many records")
   parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers")
   parser.add_argument("--topic", help="the topic the run will read")
-  parser.add_argument("--start-offset", help="first offset of the range: N or P:N,P:N")
+  parser.add_argument("--start-offset", help="first offset of the range: N or P:N,P:N "
+                      "(default: the topic's beginning; give the run's own range)")
   parser.add_argument("--end-offset", help="offset to stop before: N or P:N,P:N")
   parser.add_argument("--budget-usd", type=float, help="the run's budget cap, to compare")
   parser.add_argument("--level", type=float, default=LEVEL, help="interval level (0.95)")
