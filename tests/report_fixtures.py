@@ -115,12 +115,13 @@ def _stage(name: str, i: int, truth: dict, rng) -> dict:
       "unverified_reason": None if not (tier == "small" and reason) else
       "budget cap reached" if budget_skipped else
       "frontier failed (server_error: 529 overloaded)" if frontier_failed else "not escalated",
-      "small_model": SMALL,
+      "small_model": SMALL, "small_endpoint": "api.openai.com",
       "small_input_tokens": 300, "small_output_tokens": 20, "small_cache_read_tokens": 0,
       "small_cache_write_tokens": 0, "small_reasoning_tokens": 0, "small_cost_usd": small_cost,
       "small_billing_mode": "sync", "small_answer": small_answer,
       "small_error": "timeout: read timed out" if small_failed else None,
       "frontier_model": FRONTIER if escalated else None,
+      "frontier_endpoint": "api.anthropic.com" if escalated else None,
       "frontier_input_tokens": 300 if escalated else 0,
       "frontier_output_tokens": 20 if escalated else 0,
       "frontier_cache_read_tokens": 0, "frontier_cache_write_tokens": 0,

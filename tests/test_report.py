@@ -99,8 +99,12 @@ def test_totals_match_sql(run, sql):
   assert c["savings_usd"] == approx(fo - cost)
   assert c["savings_pct"] == approx(100 * (1 - cost / fo))
   assert j["run"]["price_book_versions"] == [report_fixtures.PRICE_BOOK]
-  assert j["run"]["models"] == {"small": [report_fixtures.SMALL],
-                                "frontier": [report_fixtures.FRONTIER]}
+  assert j["run"]["models"] == {
+      "small": [report_fixtures.SMALL], "frontier": [report_fixtures.FRONTIER],
+      "small_tiers": [{"model": report_fixtures.SMALL, "endpoint": "api.openai.com",
+                       "local": False}],
+      "frontier_tiers": [{"model": report_fixtures.FRONTIER, "endpoint": "api.anthropic.com",
+                          "local": False}]}
   assert (j["run"]["dt_min"], j["run"]["dt_max"]) == ("2026-11-20", "2026-11-21")
 
 
@@ -294,7 +298,7 @@ def test_pngs_and_self_contained_html(run):
 
 def test_notes_state_estimates(run):
   notes = " ".join(run["json"]["notes"])
-  for phrase in ("frontier-only quality is unknown", "PARTLY ESTIMATED",
+  for phrase in ("frontier-only quality is unknown", "estimated=true",
                  "assumed right", "duplicate rows dropped", "have no label"):
     assert phrase in notes
   assert run["json"]["mode"] == "cost_and_quality"
@@ -308,7 +312,16 @@ def test_cost_only_without_labels(run, tmp_path, capsys):
     j = json.load(f)
   assert j["mode"] == "cost_only" and j["quality"] is None
   assert all(s["quality"] is None and s["oracle"] is None for s in j["stages"].values())
-  assert j["cost"] == run["json"]["cost"]
+  without_labels = dict(run["json"]["cost"], savings_quality=j["cost"]["savings_quality"])
+  assert j["cost"] == without_labels
+  # Beside every saving, without labels: quality unknown (the card, the chart, the table).
+  assert j["cost"]["savings_quality"].startswith("quality unknown")
+  # The rows name a calibration the report was not given: it says it cannot state it.
+  assert j["guarantee"] == [
+      "Guarantee not stated: the run used calibration cal-test-1, but its file was not given "
+      "(--calibration FILE), so this report cannot say what it bounds."]
+  page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
+  assert page.count("quality unknown") >= 1 and ">unknown<" in page
   assert set(j["bootstrap"]["intervals"]) == {"routed_cost_per_1k", "savings_pct"}
   curve = j["stages"]["classify"]["threshold_curve"]
   assert curve["aiq"] is None and "accuracy" not in curve["points"][0]

@@ -70,14 +70,30 @@ def test_the_whole_loop_runs_on_a_small_bbc_sample(tmp_path):
   out = tmp_path / "routing.json"
   code = main(["--dataset", "bbc", "--alpha", "0.1", "--splits", "5", "--calib-records", "150",
                "--test-records", "150", "--upper-train", "300", "--output-json", str(out),
-               "--reports", str(tmp_path / "reports")])
+               "--reports", str(tmp_path / "reports"), "--seeds", "2"])
   assert code == 0
-  [d] = json.loads(out.read_text())["datasets"]
-  r = d["by_alpha"]["0.1"]
-  assert r["split0_pipeline_matches_offline"]
-  assert r["split0_pipeline"]["records"] == d["test_records"]
-  assert r["summary"]["splits"] == r["summary"]["population_draws"] == 5
-  assert (tmp_path / "reports/bbc/alpha0.1/report.html").is_file()
+  result = json.loads(out.read_text())
+  by_seed = {d["seed"]: d for d in result["datasets"]}
+  assert sorted(by_seed) == [0, 1]
+  for d in by_seed.values():
+    r = d["by_alpha"]["0.1"]
+    assert r["split0_pipeline_matches_offline"]
+    assert r["split0_pipeline"]["records"] == d["test_records"]
+    assert r["summary"]["splits"] == r["summary"]["population_draws"] == 5
+    # The report used the measured frontier-only run (the pool's, another topic) and the
+    # calibration: no estimated point on its curve.
+    assert r["split0_pipeline"]["frontier_only_source"] == "measured"
+    assert r["split0_pipeline"]["curve_estimated_thresholds"] == 0
+  # Other seeds train other tiers: the two runs differ, and the spread spans them.
+  accs = [d["by_alpha"]["0.1"]["summary"]["routed_accuracy_mean"] for d in by_seed.values()]
+  assert accs[0] != accs[1]
+  [row] = result["spread"]
+  acc = row["figures"]["routed acc"]
+  assert row["seeds"] == [0, 1] and (acc["min"], acc["max"]) == (min(accs), max(accs))
+  assert acc["mean"] == pytest.approx(sum(accs) / 2)
+  rep = json.loads((tmp_path / "reports/bbc/alpha0.1/report.json").read_text())
+  assert rep["calibration"] is not None and rep["guarantee"][0].startswith("classify: ")
+  assert rep["inputs"]["frontier_only_joined_on"] == "doc_id"
 
 
 def test_best_in_hindsight_keeps_the_most_at_error_within_alpha():

@@ -19,8 +19,16 @@ Records the small tier failed on, or answered without a confidence, always
 escalate in the pipeline; here they count as confidence 0 and wrong, which can
 only make the certified threshold stricter.
 
+Without labels (``--reference frontier``, ``tierflow.frontier_reference``): a random
+sample of ``--records`` or a topic's range, both tiers run on it, and each stage is
+certified on agreement with the frontier's answers; the file records that reference and
+the sample's cost at the run's thresholds, for ``tierflow forecast``.
+
     tierflow calibrate --labels FILE (--from-output DIR | --run PIPELINE --records FILE)
                        [--alpha A | --alpha STAGE=A ...] [--delta D] [--out FILE]
+    tierflow calibrate --reference frontier --run PIPELINE (--records FILE | --topic T
+                       --bootstrap-servers B [--start-offset N --end-offset M])
+                       [--sample N] [--seed S] [--alpha A ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -212,50 +220,71 @@ def run_small_tier(pipeline: str, records: str, work_dir: str, *,
   The records go through the same JSON decoding as the topic would (invalid
   ones land in ``WORK_DIR/dead_letter`` with the reason) and the same
   ``RouteBatches`` transform with every threshold 0 and a budget of 0, so
-  no frontier request is made: records that would need one are marked
-  ``budget_skipped`` and keep their small answer.
+  no frontier request is made (``tierflow.frontier_reference.run_tiers``).
   """
-  import apache_beam as beam
-  from apache_beam.options.pipeline_options import PipelineOptions
-
   from tierflow import schemas
   from tierflow.config import load_config
-  from tierflow.connectors.codecs import JsonCodec
-  from tierflow.connectors.decode import DecodeBatches
-  from tierflow.connectors.kafka_source import KafkaBatch
-  from tierflow.connectors.parquet_dataset import WriteBatches
-  from tierflow.launcher import PIPELINES
-  from tierflow.pipelines.budget import Budget
-  from tierflow.pipelines.routing import RouteBatches
-  from tierflow.prices import load_price_book
-
-  if pipeline not in PIPELINES or pipeline == "passthrough":
-    raise ValueError(f"--run wants a model pipeline ({', '.join(sorted(set(PIPELINES) - {'passthrough'}))}), "
-                     f"got {pipeline!r}")
-  run = load_config(config or pipeline)
-  run = run.with_thresholds({s.name: 0.0 for s in run.stages})
-  schema = schemas.load(run.schema)
-  names = schemas.field_names(schema)
-  now = int(time.time() * 1000)
+  from tierflow.frontier_reference import run_tiers
+  names = schemas.field_names(schemas.load(load_config(config or pipeline).schema))
   values = [json.dumps({k: row.get(k) for k in names if k in row}).encode("utf-8")
             for row in _record_rows(records)]
-  from tierflow import progress
-  progress.add(read=len(values))  # progress lines count the small tier's answers of these
-  batch = KafkaBatch("calibration-sample", 0, 0, len(values), 0, list(range(len(values))),
-                     [now] * len(values), [None] * len(values), values)
-  book = load_price_book(run.price_book)
-  os.makedirs(work_dir, exist_ok=True)
-  decode = DecodeBatches(JsonCodec(schema))
-  # A budget of 0: records that would escalate (a failed small answer) are marked
-  # budget_skipped and keep what the small tier said; no frontier request is made.
-  route = RouteBatches(run, book, input_row_schema=decode.row_schema,
-                       budget=Budget(0.0, per_process=True))
-  with beam.Pipeline(runner=runner, options=PipelineOptions([])) as p:
-    _ = (p | "Records" >> beam.Create([batch])
-         | "Decode" >> decode
-         | "SmallTier" >> route
-         | "Write" >> WriteBatches(work_dir, route.result_schema))
-  return work_dir
+  return run_tiers(pipeline, values, work_dir, config=config, runner=runner)
+
+
+def calibrate_against_frontier(args: argparse.Namespace, alpha: Optional[float],
+                               alphas: Mapping[str, float]) -> tuple[Calibration, list[str],
+                                                                     list[str]]:
+  """``--reference frontier``: a random sample, both tiers on it, the frontier's answers as
+  the reference. Returns the calibration (with the sample's forecast block), notes, and
+  the lines on what the sample cost."""
+  from tierflow import frontier_reference as fr
+  from tierflow.config import load_config
+  from tierflow.forecast import sample_block
+  if args.topic:
+    values = fr.sample_topic(args.bootstrap_servers, args.topic, args.sample, args.seed,
+                             start_offset=args.start_offset, end_offset=args.end_offset)
+    where = f"topic {args.topic}" + (f" offsets {args.start_offset or 'start'}.."
+                                     f"{args.end_offset or 'end'}"
+                                     if args.start_offset or args.end_offset else "")
+  else:
+    values = fr.sample_file(args.records, args.sample, args.seed)
+    where = args.records
+  work = args.work_dir or tempfile.mkdtemp(prefix="tierflow-calibrate-")
+  print(f"running both tiers of {args.run} over a random sample of {len(values)} records of "
+        f"{where} (seed {args.seed}; every stage escalated) -> {work}")
+  fr.run_tiers(args.run, values, work, config=args.config, frontier=True)
+  labels = os.path.join(work, "frontier_labels.jsonl")
+  fields, answered, notes = fr.write_frontier_labels(work, labels)
+  if not fields:
+    raise ValueError("no stage of this pipeline can be certified against the frontier "
+                     "(only classify and extract answers have an exact reference); "
+                     + "; ".join(notes))
+  model = ", ".join(f"{m}" for m in answered["model"]) or "?"
+  hosts = ", ".join(answered["endpoint"])
+  calibration, more = calibrate_output(
+      work, labels, alpha=alpha, alphas=alphas, delta=args.delta, method=args.method,
+      stages=args.stage or None, label_fields=fields, router=args.router,
+      source=f"reference: the frontier tier's answers ({model}{' at ' + hosts if hosts else ''}"
+             f") on a random sample of {len(values)} records of {where}, seed {args.seed}; "
+             f"both tiers' outputs={os.path.abspath(work)}")
+  thresholds = {s.name: s.threshold for s in load_config(args.config or args.run).stages}
+  thresholds.update({k: sc.threshold for k, sc in calibration.stages.items()})
+  block = sample_block(work, thresholds)
+  calibration = dataclasses.replace(
+      calibration, reference="frontier",
+      reference_model=model + (f" at {hosts}" if hosts else ""), forecast=block)
+  n = block["records"]
+  spent = float(np.nansum(results_lib.read_run(work).records["cost_usd"]))
+  cost = [
+      f"sample: {n} records; calibrating cost ${spent:.4f} (both tiers on every stage)",
+      f"  before (frontier only, billed): ${1000 * block['frontier_only_usd'][0]:.4f} per 1k "
+      f"records",
+      f"  after (routed at these thresholds, from the same answers): "
+      f"${1000 * block['cost_usd'][0]:.4f} per 1k records, {block['escalated'][0]:.1%} of "
+      f"records escalated"
+      + (f", saves {100 * (1 - block['cost_usd'][0] / block['frontier_only_usd'][0]):.1f}%"
+         if block["frontier_only_usd"][0] else "")]
+  return calibration, notes + more, cost
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -282,10 +311,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="a previous tierflow run's output directory (its ledger)")
   src.add_argument("--run", metavar="PIPELINE",
                    help="run this pipeline's small tier now over --records (no escalation)")
-  parser.add_argument("--labels", required=True,
-                      help="reference answers, JSONL or Parquet (gold or frontier outputs)")
+  parser.add_argument("--labels",
+                      help="reference answers, JSONL or Parquet (gold or frontier outputs); "
+                           "not with --reference frontier")
+  parser.add_argument("--reference", choices=("labels", "frontier"), default="labels",
+                      help="labels (default): certify against --labels; frontier: no labels: "
+                           "run both tiers of --run on a random sample of --records or "
+                           "--topic and certify agreement with the frontier's answers")
   parser.add_argument("--records", help="with --run: the records, JSONL in the topic's JSON "
                       "format (may be the labels file itself)")
+  kafka = parser.add_argument_group("with --reference frontier: sample a topic instead of "
+                                    "--records (JSON values)")
+  kafka.add_argument("--bootstrap-servers", help="Kafka bootstrap servers")
+  kafka.add_argument("--topic", help="topic to sample")
+  kafka.add_argument("--start-offset", help="first offset of the range: N or P:N,P:N")
+  kafka.add_argument("--end-offset", help="offset to stop before: N or P:N,P:N")
+  parser.add_argument("--sample", type=int, default=None,
+                      help="with --reference frontier: records drawn at random (default all)")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the random sample")
   parser.add_argument("--config", help="with --run: the run config (default: the bundled one)")
   parser.add_argument("--work-dir", help="with --run: where its output goes (default: a temp dir)")
   parser.add_argument("--alpha", action="append", default=[], metavar="A|STAGE=A",
@@ -331,6 +374,12 @@ def format_stage(sc: StageCalibration) -> str:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+  if args.reference == "frontier":
+    return _run_frontier_reference(args)
+  if args.topic or args.sample is not None:
+    raise ValueError("--topic and --sample go with --reference frontier")
+  if not args.labels:
+    raise ValueError("give --labels FILE, or --reference frontier to calibrate without labels")
   if bool(args.from_output) == bool(args.run):
     raise ValueError("give exactly one of --from-output DIR or --run PIPELINE")
   if args.run and not args.records:
@@ -350,12 +399,42 @@ def run_from_args(args: argparse.Namespace) -> int:
       method=args.method, stages=args.stage or None,
       label_fields=labels_lib.parse_label_fields(args.label_field), id_field=args.id_field,
       router=args.router)
+  return _finish(args, calibration, notes)
+
+
+def _run_frontier_reference(args: argparse.Namespace) -> int:
+  if args.labels or args.from_output:
+    raise ValueError("--reference frontier takes no --labels or --from-output: the frontier's "
+                     "answers on the sample are the reference")
+  if not args.run:
+    raise ValueError("--reference frontier needs --run PIPELINE (the tiers to run)")
+  if bool(args.records) == bool(args.topic):
+    raise ValueError("--reference frontier needs one of --records FILE or --topic T")
+  if args.topic and not args.bootstrap_servers:
+    raise ValueError("--topic needs --bootstrap-servers")
+  default, per_stage = _parse_alphas(args.alpha)
+  if default is None and not per_stage:
+    default = 0.05
+  calibration, notes, cost = calibrate_against_frontier(args, default, per_stage)
+  return _finish(args, calibration, notes, cost)
+
+
+def _finish(args: argparse.Namespace, calibration: Calibration, notes: Sequence[str],
+            cost: Sequence[str] = ()) -> int:
   calibration.save(args.out)
   for note in notes:
     print(f"note: {note}")
   print(f"calibration {calibration.created_at} data {calibration.data_hash[:12]} -> {args.out}")
+  if calibration.reference == "frontier":
+    print(f"reference: the frontier's answers ({calibration.reference_model}), not gold "
+          f"labels: the guarantee is on agreement with it")
   for sc in calibration.stages.values():
     print(format_stage(sc))
+  for line in cost:
+    print(line)
+  if calibration.forecast:
+    print(f"forecast a range before running it:  tierflow forecast --calibration {args.out} "
+          f"--bootstrap-servers B --topic T [--start-offset N --end-offset M]")
   print(f"use it:  tierflow run PIPELINE ... --calibration {args.out}")
   uncertified = [s for s, sc in calibration.stages.items() if not sc.certified]
   return 3 if uncertified and args.strict else 0

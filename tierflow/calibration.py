@@ -94,6 +94,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 METHODS = ("ltt-binomial", "ltt-hb", "crc")
+REFERENCES = ("labels", "frontier")  # what a calibration scored the small tier against
 # 0.000 .. 1.000; i / 1000 is the correctly rounded double, so 0.95 == 0.95.
 DEFAULT_THRESHOLDS: np.ndarray = np.arange(1000, -1, -1) / 1000.0
 DEFAULT_THRESHOLDS.setflags(write=False)
@@ -714,12 +715,22 @@ _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 @dataclass(frozen=True, kw_only=True)
 class Calibration:
-  """A versioned set of per-stage thresholds, saved as JSON next to a pipeline."""
+  """A versioned set of per-stage thresholds, saved as JSON next to a pipeline.
+
+  ``reference`` says what the small tier's answers were scored against: ``labels`` (gold
+  answers) or ``frontier`` (the frontier tier's answers on the same sample,
+  ``reference_model`` naming it: the guarantee is then on agreement with that model).
+  ``forecast``, when set, is the sample's per-record cost under these thresholds
+  (``tierflow.forecast``).
+  """
   stages: Dict[str, StageCalibration]
   data_hash: str
   source: str
   created_at: str
   format_version: int = FORMAT_VERSION
+  reference: str = "labels"
+  reference_model: Optional[str] = None
+  forecast: Optional[dict] = None
 
   def __post_init__(self):
     if self.format_version != FORMAT_VERSION:
@@ -731,6 +742,12 @@ class Calibration:
           f"data_hash must be 64 lowercase hex digits (sha256), got {self.data_hash!r}")
     if not isinstance(self.source, str):
       raise ValueError(f"source must be a string, got {self.source!r}")
+    if self.reference not in REFERENCES:
+      raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
+    if self.reference_model is not None and not isinstance(self.reference_model, str):
+      raise ValueError(f"reference_model must be a string or null, got {self.reference_model!r}")
+    if self.forecast is not None and not isinstance(self.forecast, Mapping):
+      raise ValueError(f"forecast must be an object or null, got {self.forecast!r}")
     try:
       datetime.fromisoformat(self.created_at)
     except (TypeError, ValueError):
@@ -749,7 +766,8 @@ class Calibration:
 
   @classmethod
   def create(cls, stages: Mapping[str, StageCalibration], data: Mapping[str, StageData], *,
-             source: str, created_at: Optional[str] = None) -> "Calibration":
+             source: str, created_at: Optional[str] = None, reference: str = "labels",
+             reference_model: Optional[str] = None) -> "Calibration":
     """Bundle stage results with the hash of the data they were calibrated on."""
     if set(stages) != set(data):
       raise ValueError(f"stages {sorted(stages)} and data {sorted(data)} name different stages")
@@ -762,7 +780,7 @@ class Calibration:
     if created_at is None:
       created_at = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     return cls(stages=named, data_hash=calibration_data_hash(data), source=source,
-               created_at=created_at)
+               created_at=created_at, reference=reference, reference_model=reference_model)
 
   def threshold(self, stage: str) -> float:
     """The stage's threshold: escalate iff not ``confidence >= threshold``."""
@@ -782,7 +800,11 @@ class Calibration:
         "source": self.source,
         "data_hash": self.data_hash,
         "stages": {name: sc.to_dict() for name, sc in sorted(self.stages.items())},
+        "reference": self.reference,
+        "reference_model": self.reference_model,
     }
+    if self.forecast is not None:
+      doc["forecast"] = self.forecast
     return json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
   @classmethod
@@ -801,10 +823,11 @@ class Calibration:
           f"unsupported calibration format_version {version!r}; this tierflow reads "
           f"format_version {FORMAT_VERSION}")
     expected = {"format_version", "created_at", "source", "data_hash", "stages"}
-    if set(doc) != expected:
+    optional = {"reference", "reference_model", "forecast"}  # absent from older files
+    if not expected <= set(doc) <= expected | optional:
       raise ValueError(
           f"bad calibration file fields: missing {sorted(expected - set(doc))}, "
-          f"unknown {sorted(set(doc) - expected)}")
+          f"unknown {sorted(set(doc) - expected - optional)}")
     if not isinstance(doc["stages"], dict):
       raise ValueError("stages must be an object")
     stages = {}
@@ -814,7 +837,9 @@ class Calibration:
       except (TypeError, ValueError) as err:
         raise ValueError(f"stage {name!r}: {err}") from None
     return cls(stages=stages, data_hash=doc["data_hash"], source=doc["source"],
-               created_at=doc["created_at"], format_version=version)
+               created_at=doc["created_at"], format_version=version,
+               reference=doc.get("reference", "labels"),
+               reference_model=doc.get("reference_model"), forecast=doc.get("forecast"))
 
   def save(self, path: Union[str, os.PathLike]) -> None:
     """Write atomically (temp file in the same directory, then rename)."""

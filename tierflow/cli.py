@@ -5,6 +5,7 @@
     tierflow serve-local                              local OpenAI/Anthropic endpoints
     tierflow calibrate --labels FILE --from-output DIR  thresholds with an error guarantee
     tierflow report OUTPUT_DIR [--labels FILE]        cost/quality report of a run
+    tierflow forecast --calibration FILE --topic T    what a bounded run will cost, before it
     tierflow broker                                   start the embedded Kafka broker
     tierflow publish                                  publish JSONL (or the sample) to a topic
 """
@@ -198,6 +199,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
   calibrate_module.add_arguments(cal)
   cal.set_defaults(func=lambda a, r: calibrate_module.run_from_args(a))
+
+  fc = sub.add_parser("forecast", help="expected cost, escalation share and frontier spend of "
+                      "a bounded run, with intervals, before it starts")
+  from tierflow import forecast_command
+  forecast_command.add_arguments(fc)
+  fc.set_defaults(func=lambda a, r: forecast_command.run_from_args(a))
 
   serve = sub.add_parser("serve-local", add_help=False,
                          help="local OpenAI/Anthropic wire-format endpoints (stand-in model; "

@@ -176,6 +176,15 @@ class ModelConfig(_Strict):
     return self
 
   @property
+  def endpoint_host(self) -> str:
+    """The host the tier's requests go to: the base URL's host[:port], else the provider's
+    own API host (what the report names the tier by, with the model that answered)."""
+    from urllib.parse import urlparse
+    if self.base_url:
+      return urlparse(self.base_url).netloc or self.base_url
+    return {"openai": "api.openai.com", "anthropic": "api.anthropic.com"}[self.provider]
+
+  @property
   def capabilities(self):
     from tierflow.connectors.model_capabilities import capabilities
     return capabilities(self.provider, self.behaves_as or self.model)

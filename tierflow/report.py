@@ -27,6 +27,7 @@ Bootstrap CIs resample records (seeded).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import math
 import os
@@ -283,9 +284,13 @@ def _curve_json(curve: dict, routed: Optional[dict]) -> dict:
       p["accuracy"] = float(q[i])
       p["estimated"] = bool(curve["estimated_points"][i])
     points.append(p)
+  est = curve.get("estimated_points")
   out = {"records": n, "chosen_threshold": curve["chosen_threshold"], "points": points,
          "p_frontier_estimate": curve["p_frontier_estimate"], "aiq": None, "hull": None,
-         "chosen_point": None}
+         "chosen_point": None,
+         # of every threshold swept (not only the points kept): how many used the estimate
+         "thresholds_swept": int(len(t)),
+         "estimated_thresholds": None if est is None else int(np.sum(est))}
   if curve["chosen_threshold"] is not None:
     i = int(np.searchsorted(t, curve["chosen_threshold"]))
     out["chosen_point"] = {"threshold": float(t[i]), "escalated": int(k[i]),
@@ -362,13 +367,37 @@ def _bootstrap_intervals(run: RunData, scores: Mapping[str, StageScores], point:
 # ----------------------------------------------------------------------------- report
 
 
-def _models(run: RunData) -> dict:
-  small, frontier = collections.Counter(), collections.Counter()
+def _is_local(endpoint: Optional[str]) -> bool:
+  """True for a loopback host (``127.0.0.1:8000``, ``localhost``, ``[::1]:80``)."""
+  from urllib.parse import urlparse
+  host = urlparse("//" + endpoint).hostname or "" if endpoint else ""
+  return host in ("localhost", "::1", "0.0.0.0") or host.startswith("127.")
+
+
+def _tiers(run: RunData, tier: str) -> list[dict]:
+  """Each (model, endpoint host) a tier answered as, most frequent first: the response's
+  ``model`` and the host the request went to (None in ledgers written before it)."""
+  seen: collections.Counter = collections.Counter()
   for s in run.stages:
-    small.update(m for m in s.col("small_model")[s.present] if m)
-    frontier.update(m for m in s.col("frontier_model")[s.present] if m)
-  return {"small": [m for m, _ in small.most_common()],
-          "frontier": [m for m, _ in frontier.most_common()]}
+    models, hosts = s.col(f"{tier}_model"), s.col(f"{tier}_endpoint")
+    seen.update((m, h) for m, h, p in zip(models, hosts, s.present) if p and m)
+  return [{"model": m, "endpoint": h, "local": _is_local(h)} for (m, h), _ in seen.most_common()]
+
+
+def tier_name(t: Mapping[str, Any]) -> str:
+  """How the report names a tier: the model its endpoint answered as, where, and whether
+  that endpoint is on this machine (a stand-in is never presented as the provider's model)."""
+  if not t.get("endpoint"):
+    return f"{t['model']} (endpoint not recorded)"
+  where = " — a local endpoint, not the provider's" if t.get("local") else ""
+  return f"{t['model']} at {t['endpoint']}{where}"
+
+
+def _models(run: RunData) -> dict:
+  small, frontier = _tiers(run, "small"), _tiers(run, "frontier")
+  return {"small": list(dict.fromkeys(t["model"] for t in small)),
+          "frontier": list(dict.fromkeys(t["model"] for t in frontier)),
+          "small_tiers": small, "frontier_tiers": frontier}
 
 
 def _run_summary(run: RunData) -> dict:
@@ -438,10 +467,10 @@ def _quality_notes(scores: Mapping[str, StageScores], run: RunData) -> list[str]
         "(or, where a learned router decided, its score) < t plus, at every t, small-tier "
         "failures and records without a confidence (as the "
         "pipeline does); the budget cap is ignored; cost = small cost of all + "
-        "frontier_only_cost_usd of escalated; PARTLY ESTIMATED: for records not escalated "
-        "in the run the frontier's correctness is unknown and is set to the observed "
-        "escalated-record frontier accuracy (p_frontier_estimate); points with estimated=true "
-        "use it",
+        "frontier_only_cost_usd of escalated; the frontier's correctness on a record is "
+        "measured where the routed run escalated it or a frontier-only run answered it "
+        "(--frontier-only); elsewhere it is unknown and set to the measured frontier "
+        "accuracy (p_frontier_estimate), and the points that use it say estimated=true",
         "the curve's chosen point can differ from the routed point: the run also had budget "
         "skips and frontier failures, and the curve uses estimates",
         "AIQ (RouterBench evaluation/AIQ.py): trapezoid area under the non-decreasing convex "
@@ -480,7 +509,8 @@ def build_report(output_dir: str, labels: Optional[str] = None,
   ids = (*ID_FIELDS, id_field) if id_field else ID_FIELDS
   run = read_run(output_dir, ids)
   fo_run = read_run(frontier_only, ids) if frontier_only else None
-  measured_records = _use_measured_frontier_only(run, fo_run) if fo_run else 0
+  fo_idx, fo_key = frontier_only_join(run, fo_run) if fo_run else (None, None)
+  measured_records = _use_measured_frontier_only(run, fo_run, fo_idx) if fo_run else 0
   notes = [
       f"{run.rows_read} result rows read from {len(run.files)} files; "
       f"{run.rows_read - run.n} duplicate rows dropped (one row per record_id, an ok row "
@@ -530,24 +560,32 @@ def build_report(output_dir: str, labels: Optional[str] = None,
   else:
     notes.append("cost-only report: no labels given, so no quality, oracle or AIQ; the "
                  "threshold curve shows cost only")
-  measured = {}
+  measured, fo_correct = {}, {}
+  report["cost"]["frontier_only_source"] = "estimate"
   if frontier_only:
-    run_cost, measured = _measured_frontier_only(frontier_only, fo_run, run, label_rows,
-                                                 idf, scores)
+    run_cost, measured, fo_correct = _measured_frontier_only(
+        frontier_only, fo_run, run, fo_idx, label_rows, idf, scores)
     report["inputs"]["frontier_only"] = os.path.abspath(frontier_only)
+    report["inputs"]["frontier_only_joined_on"] = fo_key
     report["cost"].update(run_cost)
+    report["cost"]["frontier_only_source"] = ("measured" if measured_records == run.n
+                                              else "partly measured")
     notes.append("frontier only: measured by the frontier-only run "
-                 f"({os.path.abspath(frontier_only)}): its final answers' accuracy and its "
-                 "frontier tier's billed cost, over the records both runs hold")
+                 f"({os.path.abspath(frontier_only)}), joined on {fo_key}: its final answers' "
+                 "accuracy and its frontier tier's billed cost, over the records both runs "
+                 "hold; the threshold curve takes the frontier's correctness from it wherever "
+                 "the routed run did not escalate the record")
   elif scores:
     notes.append("frontier-only quality is unknown: no frontier-only run was given "
                  "(--frontier-only DIR); the frontier tier's accuracy on the escalated "
                  "records is shown as that, not as frontier-only quality")
   report["mode"] = "cost_and_quality" if scores else "cost_only"
-  report["stages"] = _stages_json(run, scores, measured)
+  report["stages"] = _stages_json(run, scores, measured, fo_correct)
   report["calibration"] = _calibration_json(calibration) if calibration else None
   report["banners"] = _banners(report)
   report["quality"] = _run_quality(scores) if scores else None
+  report["guarantee"] = _guarantee(report)
+  report["cost"]["savings_quality"] = _savings_quality(report)
   for name, st in report["stages"].items():
     if st["oracle"] is not None and st["threshold_curve"]["aiq"] is None:
       notes.append(f"stage {name}: no frontier answer was observed on labelled records, so "
@@ -564,12 +602,24 @@ def build_report(output_dir: str, labels: Optional[str] = None,
   return report
 
 
+def _with_measured_frontier(sc: Optional[StageScores],
+                            fo_correct: Optional[np.ndarray]) -> Optional[StageScores]:
+  """``sc`` with the frontier's correctness filled in from a frontier-only run where the
+  routed run did not observe it (its own frontier answers take precedence)."""
+  if sc is None or fo_correct is None:
+    return sc
+  frontier = np.where(np.isnan(sc.frontier), fo_correct, sc.frontier)
+  return dataclasses.replace(sc, frontier=np.where(sc.labelled, frontier, np.nan))
+
+
 def _stages_json(run: RunData, scores: Mapping[str, StageScores],
-                 measured: Optional[Mapping[str, dict]] = None) -> dict:
+                 measured: Optional[Mapping[str, dict]] = None,
+                 fo_correct: Optional[Mapping[str, np.ndarray]] = None) -> dict:
   out = {}
   measured = measured or {}
   for s in run.stages:
     sc = scores.get(s.name)
+    known = _with_measured_frontier(sc, (fo_correct or {}).get(s.name))
     entry = {"kind": s.kind, "threshold": mode(s.col("threshold")[s.present]),
              "small_model": mode(s.col("small_model")[s.present]),
              "frontier_model": mode(s.col("frontier_model")[s.present]),
@@ -581,7 +631,7 @@ def _stages_json(run: RunData, scores: Mapping[str, StageScores],
     routed = None
     if sc is not None:
       entry["quality"] = _stage_quality(s, sc)
-      entry["oracle"] = _oracle(s, sc)
+      entry["oracle"] = _oracle(s, known)
       if sc.small is not None:
         lab = sc.labelled
         routed = {"cost_per_1k": _per_1k(float(np.nansum(s.col("cost_usd")[lab])), lab.sum()),
@@ -597,18 +647,34 @@ def _stages_json(run: RunData, scores: Mapping[str, StageScores],
       entry["frontier_only_point"] = measured[s.name]
       if entry["quality"] is not None:
         entry["quality"]["frontier_only_accuracy"] = measured[s.name]["accuracy"]
-    entry["threshold_curve"] = _curve_json(_threshold_curve(s, sc), routed)
+    entry["threshold_curve"] = _curve_json(_threshold_curve(s, known), routed)
     out[s.name] = entry
   return out
 
 
-def _use_measured_frontier_only(run: RunData, fo: RunData) -> int:
+def frontier_only_join(run: RunData, fo: RunData) -> tuple[np.ndarray, str]:
+  """For each record of ``run``, its row in the frontier-only run ``fo`` (-1: absent), and
+  the id joined on: the record's own id (``ticket_id``, ``doc_id``) when both runs carry it,
+  so a frontier-only run over another topic holding the same records matches; else the
+  Kafka ``record_id``."""
+  for key in ID_FIELDS:
+    col = "record_id" if key == "record_id" else "_id:" + key
+    if col not in run.records or col not in fo.records:
+      continue
+    ids, fo_ids = run.records[col], fo.records[col]
+    if any(i is None for i in ids) or any(i is None for i in fo_ids):
+      continue
+    where = {str(i): j for j, i in enumerate(fo_ids)}
+    return np.array([where.get(str(i), -1) for i in ids], dtype=int), key
+  raise ValueError("the routed and frontier-only runs share no id column")
+
+
+def _use_measured_frontier_only(run: RunData, fo: RunData, idx: np.ndarray) -> int:
   """Puts the frontier-only run's billed frontier cost, per record and stage, in place of
   the routed run's ``frontier_only_cost_usd`` estimate wherever the frontier-only run holds
-  the record (and the stage), so savings, the oracle, the threshold curve and their
-  intervals all use the measured baseline. Returns how many records it replaced."""
-  where = {rid: j for j, rid in enumerate(fo.records["record_id"])}
-  idx = np.array([where.get(rid, -1) for rid in run.records["record_id"]], dtype=int)
+  the record (``idx``, from ``frontier_only_join``) and the stage, so savings, the oracle,
+  the threshold curve and their intervals all use the measured baseline. Returns how many
+  records it replaced."""
   held = idx >= 0
   by_name = {s.name: s for s in fo.stages}
   total = np.zeros(run.n)
@@ -629,23 +695,27 @@ def _use_measured_frontier_only(run: RunData, fo: RunData) -> int:
   return int(replaced.sum())
 
 
-def _measured_frontier_only(path: str, fo: RunData, run: RunData,
+def _measured_frontier_only(path: str, fo: RunData, run: RunData, idx: np.ndarray,
                             label_rows: Optional[list], idf: Optional[str],
-                            scores: Mapping[str, StageScores]) -> tuple[dict, dict]:
-  """What a frontier-only run (``fo``, read from ``path``) measured, over the records both
-  runs hold: (its billed frontier cost for the run, per stage the frontier-only point:
-  accuracy of its final answers on the labelled records (with ``label_rows``, joined on
-  ``idf``) and its frontier tier's billed cost per 1k of them)."""
-  shared = set(fo.records["record_id"]) & set(run.records["record_id"])
-  if not shared:
+                            scores: Mapping[str, StageScores]
+                            ) -> tuple[dict, dict, dict[str, np.ndarray]]:
+  """What a frontier-only run (``fo``, read from ``path``; ``idx`` maps ``run``'s records
+  to its rows) measured, over the records both runs hold: (its billed frontier cost for
+  the run, per stage the frontier-only point: accuracy of its final answers on the
+  labelled records (with ``label_rows``, joined on ``idf``) and its frontier tier's billed
+  cost per 1k of them, per stage whether its frontier answer to each of ``run``'s records
+  was right (NaN where not measured))."""
+  keep = np.zeros(fo.n, dtype=bool)
+  keep[idx[idx >= 0]] = True
+  if not keep.any():
     raise ValueError(f"--frontier-only {path}: no record in common with the routed run")
-  keep = np.array([r in shared for r in fo.records["record_id"]])
   total = sum(float(np.nansum(s.col("frontier_cost_usd")[keep & s.present]))
               for s in fo.stages)
   run_cost = {"frontier_only_measured_usd": total,
               "frontier_only_measured_per_1k": _per_1k(total, int(keep.sum())),
               "frontier_only_measured_records": int(keep.sum())}
   out: dict = {}
+  correct: dict[str, np.ndarray] = {}
   by_name = {s.name: s for s in fo.stages}
   if label_rows is not None and scores:
     refs, _ = reference_rows(fo, label_rows, idf)
@@ -663,13 +733,17 @@ def _measured_frontier_only(path: str, fo: RunData, run: RunData,
           "labelled_records": int(lab.sum()),
           "answered_by_frontier": _ratio(on_frontier.sum(), lab.sum()),
           "source": f"measured ({path})"}
-  return run_cost, out
+      # Only answers the frontier gave count as its measured correctness.
+      measured = np.where(on_frontier, fsc.final, np.nan)
+      correct[name] = np.where(idx >= 0, measured[np.maximum(idx, 0)], np.nan)
+  return run_cost, out, correct
 
 
 def _calibration_json(path: str) -> dict:
   from tierflow.calibration import Calibration
   cal = Calibration.load(path)
   return {"file": path, "created_at": cal.created_at, "data_hash": cal.data_hash,
+          "reference": cal.reference, "reference_model": cal.reference_model,
           "stages": {name: {"alpha": sc.alpha, "delta": sc.delta, "n": sc.n,
                             "certified": sc.certified, "threshold": sc.threshold,
                             "method": sc.method,
@@ -706,6 +780,64 @@ def _banners(report: dict) -> list[str]:
       out.append(f"Stage {name}: every record was escalated, so this run cost more than "
                  "frontier-only would have (the small tier ran too).")
   return out
+
+
+def _guarantee(report: dict) -> list[str]:
+  """What the run's calibration guarantees, one sentence per stage, in plain words."""
+  cal = report.get("calibration")
+  names = list(report["stages"])
+  if not cal:
+    used = report["run"]["calibration_versions"]
+    if used:
+      return [f"Guarantee not stated: the run used calibration {', '.join(used)}, but its file "
+              f"was not given (--calibration FILE), so this report cannot say what it bounds."]
+    return ["No error guarantee: the run used no calibration, so nothing bounds how often the "
+            "small-tier answers it kept are wrong (thresholds from the config)."]
+  frontier = cal.get("reference") == "frontier"
+  ref = (f"the frontier model's answers ({cal.get('reference_model') or 'frontier tier'}; "
+         "agreement with it, not gold labels)" if frontier else "gold labels")
+  wrong = "disagree with the frontier" if frontier else "are wrong"
+  one_wrong = "disagrees with the frontier" if frontier else "is wrong"
+  out = []
+  for name in names:
+    c = cal["stages"].get(name)
+    if c is None:
+      out.append(f"{name}: no guarantee (not calibrated: "
+                 + ("free text has no exact reference" if report["stages"][name]["kind"]
+                    == "summarise" else "not in the calibration file")
+                 + "); it escalates on its configured threshold.")
+      continue
+    a, d, n = c["alpha"], c["delta"], c["n"]
+    if c["method"] == "crc":
+      out.append(f"{name}: expected-risk mode only: on average at most {a:.1%} of all records "
+                 f"keep a small-tier answer that {one_wrong}; no "
+                 f"{1 - d:.0%}-confidence statement (n = {n}, reference: {ref}).")
+    elif c["certified"]:
+      out.append(f"{name}: certified: for records like the {n} calibration records, the "
+                 f"small-tier answers the run kept (confidence >= {c['threshold']:.3f}) "
+                 f"{wrong} at most {a:.1%} of the time, with {1 - d:.0%} confidence "
+                 f"(alpha {a:g}, delta {d:g}, n {n}; reference: {ref}).")
+    else:
+      out.append(f"{name}: refused: {n} calibration records could not certify at most "
+                 f"{a:.1%} kept answers that {wrong} at {1 - d:.0%} confidence "
+                 f"({c['reason']}), so the run escalated every {name} answer "
+                 f"(reference: {ref}).")
+  return out
+
+
+def _savings_quality(report: dict) -> str:
+  """The quality statement that goes beside every saving."""
+  q = report.get("quality")
+  if not q:
+    return "quality unknown (no labels)"
+  stages = [st for st in report["stages"].values() if st["quality"]]
+  fo = [st["quality"].get("frontier_only_accuracy") for st in stages]
+  routed = f"routed accuracy {100 * q['routed_accuracy']:.1f}%"
+  if all(x is not None for x in fo) and fo:
+    n = [st["quality"]["labelled_records"] for st in stages]
+    fo_acc = sum(x * m for x, m in zip(fo, n)) / max(sum(n), 1)
+    return f"{routed} vs frontier only {100 * fo_acc:.1f}% (measured, labelled records)"
+  return f"{routed}; frontier-only quality unknown (no frontier-only run)"
 
 
 def _run_quality(scores: Mapping[str, StageScores]) -> dict:

@@ -64,8 +64,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(f"WARNING: {banner}")
   c = report["cost"]
   print(f"records {report['run']['records']}  routed {_fmt(c['routed_per_1k'], 'usd')}/1k  "
-        f"frontier-only {_fmt(c['frontier_only_per_1k'], 'usd')}/1k  "
-        f"savings {_fmt(c['savings_pct'], 'pct')}")
+        f"frontier-only ({c['frontier_only_source']}) "
+        f"{_fmt(c['frontier_only_per_1k'], 'usd')}/1k  "
+        f"savings {_fmt(c['savings_pct'], 'pct')} ({c['savings_quality']})")
+  for line in report["guarantee"]:
+    print(f"guarantee: {line}")
   if report["quality"]:
     print(f"routed accuracy {_fmt(report['quality']['routed_accuracy'], 'rate')}")
   print(f"report: {os.path.join(out, 'report.html')}")

@@ -28,9 +28,13 @@ _REASON_LABELS = {"low_confidence": "low confidence",
 
 
 def _title_suffix(report: dict) -> str:
+  """The tiers as their endpoints answered (model and host; a local endpoint says so)."""
+  from tierflow.report import tier_name
   models = report["run"]["models"]
-  small = ", ".join(models["small"]) or "?"
-  frontier = ", ".join(models["frontier"]) or "none called"
+  small = ", ".join(tier_name(t) for t in models.get("small_tiers") or []) or \
+      ", ".join(models["small"]) or "?"
+  frontier = ", ".join(tier_name(t) for t in models.get("frontier_tiers") or []) or \
+      ", ".join(models["frontier"]) or "none called"
   books = ", ".join(report["run"]["price_book_versions"]) or "?"
   return f"small: {small}  →  frontier: {frontier}   ·   price book {books}"
 
@@ -72,8 +76,14 @@ def _plot_quality_curve(ax, stage: dict) -> None:
     ax.fill_between(hx, hy, ymin, color=_COLORS["hull"], alpha=0.12,
                     label=f"non-decreasing hull (AIQ {curve['aiq']:.3f})")
     ax.plot(hx, hy, color=_COLORS["hull"], linewidth=1, alpha=0.5)
-  ax.plot(x, y, color=_COLORS["curve"], linewidth=1.6, marker=".", markersize=3,
-          label="threshold sweep (partly estimated)")
+  est, swept = curve.get("estimated_thresholds"), curve.get("thresholds_swept")
+  sweep = ("threshold sweep (measured)" if not est else
+           f"threshold sweep (estimated at {est} of {swept} thresholds)")
+  ax.plot(x, y, color=_COLORS["curve"], linewidth=1.6, marker=".", markersize=3, label=sweep)
+  flagged = [(a, b) for a, b, p in zip(x, y, pts) if p.get("estimated")]
+  if flagged:
+    ax.scatter(*zip(*flagged), marker="o", s=14, facecolors="white", zorder=4,
+               edgecolors=_COLORS["curve"], linewidths=0.8, label="estimated point")
   marks = [
       (curve.get("chosen_point"), "D", "#1F3B5C", "chosen threshold {t}", "accuracy"),
       (curve.get("routed_point"), "*", _COLORS["routed"], "routed (this run)", "accuracy"),
@@ -99,7 +109,7 @@ def _plot_quality_curve(ax, stage: dict) -> None:
   ax.legend(fontsize=7.5, loc="lower right", framealpha=0.9)
 
 
-def _plot_cost_curve(ax, stage: dict) -> None:
+def _plot_cost_curve(ax, stage: dict, source: str) -> None:
   curve = stage["threshold_curve"]
   pts = curve["points"]
   ax.plot([p["threshold"] for p in pts], [p["cost_per_1k"] for p in pts],
@@ -107,7 +117,8 @@ def _plot_cost_curve(ax, stage: dict) -> None:
           label="cost if escalating confidence < t")
   only = stage["cost"]["frontier_only_per_1k"]
   if only is not None:
-    ax.axhline(only, color=_COLORS["frontier_only"], linestyle="--", label="frontier only")
+    ax.axhline(only, color=_COLORS["frontier_only"], linestyle="--",
+               label=f"frontier only ({source})")
   ax.axhline(stage["cost"]["small_tier_per_1k"] or 0, color=_COLORS["small"], linestyle=":",
              label="small only")
   routed = stage["cost"]["routed_per_1k"]
@@ -139,7 +150,7 @@ def _chart_cost_quality(report: dict, path: str) -> None:
     if with_q:
       _plot_quality_curve(ax, stage)
     else:
-      _plot_cost_curve(ax, stage)
+      _plot_cost_curve(ax, stage, report["cost"].get("frontier_only_source", "estimate"))
     kind = "" if stage["kind"] == name else f" ({stage['kind']})"
     ax.set_title(f"{name}{kind}: {stage['small_model'] or '?'} → "
                  f"{stage['frontier_model'] or '—'}", fontsize=9.5)
@@ -200,11 +211,14 @@ def _chart_cost(report: dict, path: str) -> None:
   ax.bar(x - w / 2, small, w, color=_COLORS["small"], label="routed: small tier")
   ax.bar(x - w / 2, front, w, bottom=small, color=_COLORS["frontier"],
          label="routed: frontier tier")
-  ax.bar(x + w / 2, only, w, color=_COLORS["frontier_only"], label="frontier only (estimate)")
+  source = report["cost"].get("frontier_only_source", "estimate")
+  ax.bar(x + w / 2, only, w, color=_COLORS["frontier_only"], label=f"frontier only ({source})")
+  unknown = not report.get("quality")
   top = float(max((small + front).max(), only.max(), 1e-12))
   for i, (_, g) in enumerate(groups):
     if g.get("savings_pct") is not None:
-      ax.annotate(f"saves {g['savings_pct']:.0f}%", (x[i], max(small[i] + front[i], only[i])),
+      ax.annotate(f"saves {g['savings_pct']:.0f}%" + ("\nquality unknown" if unknown else ""),
+                  (x[i], max(small[i] + front[i], only[i])),
                   ha="center", va="bottom", fontsize=8, xytext=(0, 3),
                   textcoords="offset points")
   ax.set_xticks(x, [n for n, _ in groups])
@@ -268,6 +282,9 @@ font-size:13px}th,td{padding:.3rem .7rem;border-bottom:1px solid #eef0f2;text-al
 th:first-child,td:first-child{text-align:left}th{background:#f6f7f9}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eef0f2}
 figcaption{color:#5b6673;font-size:.85rem}li{margin:.2rem 0}.est{color:#a05a00}
+.guarantee{background:#eef4fb;border:1px solid #3a6ea5;color:#14365c;padding:.6rem .8rem;
+margin:.8rem 0;border-radius:4px}.guarantee p{margin:.2rem 0}
+.card.savings{max-width:360px}
 .banner{background:#fdecea;border:1px solid #d93025;color:#7a1c14;padding:.6rem .8rem;margin:.5rem 0;border-radius:4px;font-weight:600}
 """
 
@@ -304,12 +321,15 @@ def _cards(report: dict) -> str:
   items = [
       ("routed cost / 1k records", _fmt(c["routed_per_1k"], "usd") +
        _ci(report, "routed_cost_per_1k", "usd")),
-      (("frontier only / 1k (measured)", _fmt(c["frontier_only_measured_per_1k"], "usd"))
+      ((f"frontier only / 1k ({c.get('frontier_only_source', 'measured')}: "
+        f"{c['frontier_only_measured_records']} records)",
+        _fmt(c["frontier_only_measured_per_1k"], "usd"))
        if c.get("frontier_only_measured_per_1k") is not None else
-       ("frontier only / 1k (est.)", _fmt(c["frontier_only_per_1k"], "usd"))),
+       ("frontier only / 1k (estimated from the ledger)",
+        _fmt(c["frontier_only_per_1k"], "usd"))),
       ("small only / 1k", _fmt(c["small_only_per_1k"], "usd")),
-      ("savings vs frontier only", _fmt(c["savings_pct"], "pct") + _ci(report, "savings_pct",
-                                                                        "pct")),
+      ("savings vs frontier only; " + c.get("savings_quality", ""),
+       _fmt(c["savings_pct"], "pct") + _ci(report, "savings_pct", "pct")),
       ("records escalated", _fmt(r["escalation_rate"], "rate")),
       ("records failed", f"{r['failed']} / {r['records']}"),
   ]
@@ -321,14 +341,30 @@ def _cards(report: dict) -> str:
   ) + "</div>"
 
 
+def _stage_quality_word(stage: dict) -> str:
+  """A stage's quality beside its saving: measured, or "unknown"."""
+  q = stage["quality"]
+  if not q or q["routed_accuracy"] is None:
+    return "unknown"
+  fo = q.get("frontier_only_accuracy")
+  return (f"{_fmt(q['routed_accuracy'], 'rate')} vs {_fmt(fo, 'rate')} (measured)"
+          if fo is not None else f"{_fmt(q['routed_accuracy'], 'rate')}; frontier only unknown")
+
+
+def _guarantee_box(report: dict) -> str:
+  lines = "".join(f"<p>{html.escape(g)}</p>" for g in report.get("guarantee") or [])
+  return f'<div class="guarantee"><b>What is guaranteed</b>{lines}</div>' if lines else ""
+
+
 def _stage_tables(report: dict) -> str:
   stages = report["stages"]
   cost = _table(
       ["stage", "records", "small tier", "frontier tier", "routed", "frontier only",
-       "saved", "routed / 1k", "frontier only / 1k"],
+       "saved", "quality", "routed / 1k", "frontier only / 1k"],
       [[html.escape(n), str(s["escalation"]["records"]), _fmt(s["cost"]["small_tier_usd"], "usd"),
         _fmt(s["cost"]["frontier_tier_usd"], "usd"), _fmt(s["cost"]["routed_usd"], "usd"),
         _fmt(s["cost"]["frontier_only_usd"], "usd"), _fmt(s["cost"]["savings_pct"], "pct"),
+        _stage_quality_word(s),
         _fmt(s["cost"]["routed_per_1k"], "usd"), _fmt(s["cost"]["frontier_only_per_1k"], "usd")]
        for n, s in stages.items()])
   esc = _table(
@@ -415,6 +451,7 @@ def render_html(report: dict, images: Mapping[str, str]) -> str:
 calibration {html.escape(', '.join(r['calibration_versions']) or 'none')} · {mode} ·
 generated {html.escape(report['generated_at'])}{cal_line}</div>
 {banners}
+{_guarantee_box(report)}
 {_cards(report)}
 {''.join(figs)}
 {_stage_tables(report)}

@@ -29,9 +29,9 @@ RECORD_COLUMNS = ("record_id", "status", "label", "extraction", "summary", "esca
                   "frontier_only_cost_usd", "price_book_version", "calibration_version")
 STAGE_FIELDS = ("stage", "kind", "final_tier", "final_model", "confidence", "confidence_signal",
                 "threshold", "route_score", "escalated", "escalation_reason", "budget_skipped",
-                "small_model", "small_cost_usd", "small_answer", "small_field_confidence",
-                "small_error", "frontier_model", "frontier_cost_usd", "frontier_error", "cost_usd",
-                "frontier_only_cost_usd")
+                "small_model", "small_endpoint", "small_cost_usd", "small_answer",
+                "small_field_confidence", "small_error", "frontier_model", "frontier_endpoint",
+                "frontier_cost_usd", "frontier_error", "cost_usd", "frontier_only_cost_usd")
 _FLOATS = {"confidence", "threshold", "route_score", "small_cost_usd", "frontier_cost_usd",
            "cost_usd", "frontier_only_cost_usd"}
 _BOOLS = {"escalated", "budget_skipped"}

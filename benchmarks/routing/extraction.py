@@ -295,7 +295,8 @@ def run(*, alphas: Sequence[float], delta: float, splits: int, seed: int, calib_
   for alpha in alphas:
     out, _ = runs.routed[alpha]
     rep_dir = os.path.join(keep_reports, "atis-extract", f"alpha{alpha:g}")
-    rep = build_report(out, test_labels, out_dir=rep_dir, resamples=200)
+    rep = build_report(out, test_labels, out_dir=rep_dir, resamples=200,
+                       frontier_only=runs.upper_out, calibration=runs.calibrations[alpha])
     pipeline_split0[alpha] = {
         "report_dir": os.path.relpath(rep_dir, ROOT),
         "threshold": Calibration.load(runs.calibrations[alpha]).threshold("extract"),

@@ -498,7 +498,10 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
   for alpha in alphas:
     out, secs = runs.routed[alpha]
     rep_dir = os.path.join(keep_reports, name, f"alpha{alpha:g}")
-    rep = build_report(out, test_labels, out_dir=rep_dir, resamples=500)
+    # The measured frontier-only baseline (the pool's run, joined on doc_id) and the
+    # calibration the run used, as `tierflow report --frontier-only --calibration` does.
+    rep = build_report(out, test_labels, out_dir=rep_dir, resamples=500,
+                       frontier_only=runs.upper_out, calibration=runs.calibrations[alpha])
     st = rep["stages"]["classify"]
     pipeline_split0[alpha] = {
         "seconds": secs, "report_dir": os.path.relpath(rep_dir, ROOT),
@@ -508,7 +511,9 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
         "routed_accuracy": rep["quality"]["routed_accuracy"],
         "error_non_escalated": st["quality"]["error_non_escalated"],
         "routed_cost_usd": rep["cost"]["routed_usd"],
-        "frontier_only_cost_usd_estimate": rep["cost"]["frontier_only_usd"],
+        "frontier_only_cost_usd": rep["cost"]["frontier_only_usd"],
+        "frontier_only_source": rep["cost"]["frontier_only_source"],
+        "curve_estimated_thresholds": st["threshold_curve"]["estimated_thresholds"],
         "savings_pct": rep["cost"]["savings_pct"],
         "oracle": st["oracle"], "aiq": st["threshold_curve"].get("aiq"),
         "bootstrap": rep["bootstrap"]["intervals"].get("routed_accuracy"),
@@ -575,7 +580,9 @@ def markdown(result: dict) -> str:
     for a, r in d["by_alpha"].items():
       s = r["summary"]
       lines.append(
-          f"| {d['dataset']}{' (held out)' if d.get('held_out') else ''} | {a} | {_pct(s['escalation_rate_mean'])} | "
+          f"| {d['dataset']}{' (held out)' if d.get('held_out') else ''}"
+          f"{' seed ' + str(d['seed']) if 'seed' in d else ''} | {a} | "
+          f"{_pct(s['escalation_rate_mean'])} | "
           f"{_pct(s['routed_accuracy_mean'])} | {_pct(s['frontier_accuracy_mean'])} | "
           f"{s['quality_gap_points_mean']:+.2f} | {s['cost_ratio_routed_to_frontier_only_mean']:.3f} | "
           f"{s['cost_ratio_routed_to_oracle_mean']:.2f} "
@@ -587,6 +594,55 @@ def markdown(result: dict) -> str:
           f"{_pct(s['population_certified_share'], 0)} | "
           f"{_pct(r['pool_hindsight']['coverage'], 0)}, "
           f"{r['pool_hindsight']['cost_to_oracle']:.2f} |")
+  return "\n".join(lines)
+
+
+# What the spread table reports per dataset and alpha: (column, summary key or function).
+SPREAD = (
+    ("escalated", lambda r: r["summary"]["escalation_rate_mean"]),
+    ("routed acc", lambda r: r["summary"]["routed_accuracy_mean"]),
+    ("upper-only acc", lambda r: r["summary"]["frontier_accuracy_mean"]),
+    ("cost routed / upper-only", lambda r: r["summary"]["cost_ratio_routed_to_frontier_only_mean"]),
+    ("cost / oracle", lambda r: r["summary"]["cost_ratio_routed_to_oracle_mean"]),
+    ("hindsight cost / oracle", lambda r: r["pool_hindsight"]["cost_to_oracle"]),
+    ("guarantee held", lambda r: 1 - r["summary"]["population_violations"]
+     / r["summary"]["population_draws"]),
+    ("certified", lambda r: r["summary"]["population_certified_share"]),
+)
+
+
+def spread(datasets: Sequence[dict]) -> list[dict]:
+  """Per dataset and alpha, the mean, min and max over the seeds' runs of each SPREAD figure
+  (each seed trains the tiers on another draw and splits the pool anew)."""
+  by_key: dict[tuple[str, str], list[dict]] = {}
+  seeds: dict[tuple[str, str], list[int]] = {}
+  for d in datasets:
+    for a, r in d["by_alpha"].items():
+      by_key.setdefault((d["dataset"], a), []).append(r)
+      seeds.setdefault((d["dataset"], a), []).append(d["seed"])
+  out = []
+  for (name, a), rows in by_key.items():
+    figures = {}
+    for col, fn in SPREAD:
+      vals = [float(fn(r)) for r in rows]
+      figures[col] = {"mean": float(np.mean(vals)), "min": min(vals), "max": max(vals)}
+    out.append({"dataset": name, "alpha": a, "seeds": seeds[(name, a)], "figures": figures})
+  return out
+
+
+def markdown_spread(rows: Sequence[dict], held_out: Sequence[str] = ()) -> str:
+  """The spread as a markdown table: mean (min–max) over the seeds."""
+  pct = {"escalated", "routed acc", "upper-only acc", "guarantee held", "certified"}
+  head = "| dataset | α | seeds | " + " | ".join(c for c, _ in SPREAD) + " |"
+  lines = [head, "|---|---:|---:|" + "---:|" * len(SPREAD)]
+  for r in rows:
+    cells = []
+    for col, _ in SPREAD:
+      f = r["figures"][col]
+      fmt = (lambda x: f"{100 * x:.1f}%") if col in pct else (lambda x: f"{x:.2f}")
+      cells.append(f"{fmt(f['mean'])} ({fmt(f['min'])}–{fmt(f['max'])})")
+    name = r["dataset"] + (" (held out)" if r["dataset"] in held_out else "")
+    lines.append(f"| {name} | {r['alpha']} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -606,6 +662,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--calib-records", type=int, default=500,
                       help="calibration sample size (default 500)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seeds", type=int, default=1,
+                      help="run every dataset with seeds SEED..SEED+SEEDS-1 (each trains the "
+                           "tiers on another draw and splits the pool anew) and report the "
+                           "mean and range over them (default 1)")
   parser.add_argument("--small-train", type=int,
                       help="training records of the small tier (default: bbc 100, finefood 500)")
   parser.add_argument("--upper-train", type=int,
@@ -649,18 +709,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   work = args.keep_work or tempfile.mkdtemp(prefix="tierflow-routing-")
   started = _dt.datetime.now(_dt.timezone.utc)
   datasets = []
+  if args.seeds < 1:
+    parser.error("--seeds wants at least 1")
+  reports = args.reports if args.router == "none" else args.reports + "-" + args.router
   try:
-    for name in args.dataset or DATASETS:
+    for seed, name in ((s, n) for s in range(args.seed, args.seed + args.seeds)
+                       for n in args.dataset or DATASETS):
       alphas = args.alpha or ALPHAS
-      datasets.append(run_dataset(
-          name, alphas=alphas, delta=args.delta, splits=args.splits, seed=args.seed,
+      datasets.append({"seed": seed, **run_dataset(
+          name, alphas=alphas, delta=args.delta, splits=args.splits, seed=seed,
           calib_records=args.calib_records, small_train=args.small_train,
           test_records=args.test_records or DEFAULT_TEST_RECORDS.get(name),
           upper_train=args.upper_train,
           small_price=args.small_price_as, small_endpoint=small_ep, upper_endpoint=upper_ep,
-          upper_price=args.upper_price_as, work=work,
-          keep_reports=args.reports if args.router == "none" else args.reports + "-" + args.router,
-          router=None if args.router == "none" else args.router))
+          upper_price=args.upper_price_as, work=os.path.join(work, f"seed{seed}"),
+          # the first seed's reports are kept; the others' go with the work directory
+          keep_reports=reports if seed == args.seed else os.path.join(work, f"reports-{seed}"),
+          router=None if args.router == "none" else args.router)})
   finally:
     if not args.keep_work:
       shutil.rmtree(work, ignore_errors=True)
@@ -673,6 +738,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                   "beam": apache_beam.__version__, "platform": platform.platform()},
       "datasets": datasets,
+      "seeds": list(range(args.seed, args.seed + args.seeds)),
+      "spread": spread(datasets),
   }
   tag = "" if args.router == "none" else f"-{args.router}"
   out = args.output_json or str(RESULTS_DIR / f"routing{tag}-{result['date']}.json")
@@ -682,6 +749,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.write("\n")
   print()
   print(markdown(result))
+  if args.seeds > 1:
+    print(f"\nmean (min–max) over seeds {result['seeds'][0]}..{result['seeds'][-1]}:")
+    print(markdown_spread(result["spread"], HELD_OUT))
   for d in datasets:
     print(f"\n{d['dataset']}: {d['small_tier']}; {d['upper_tier']}; "
           f"pool accuracy small {_pct(d['pool_small_accuracy'])}, upper "
