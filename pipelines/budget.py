@@ -215,7 +215,11 @@ def budget_for(run_id: str, budget: Budget, ledger_config, offsets: int, run_off
 
 
 def check_budget(budget: Budget, ledger_config) -> None:
-  """Raises ValueError for a cap that would silently apply per worker process."""
+  """Raises ValueError for a cap that would silently apply per worker process, TypeError
+  for a budget that is not a ``Budget``."""
+  if not isinstance(budget, Budget):
+    raise TypeError(f"budget must be a tierflow Budget (Budget(usd, account=NAME) or "
+                    f"Budget(usd, per_process=True)), got {type(budget).__name__} {budget!r}")
   if budget.capped and not budget.per_process and ledger_config is None:
     raise ValueError(
         f"Budget(usd={budget.usd}) is shared by every worker process through the ledger: "

@@ -88,3 +88,14 @@ def test_route_batches_answers_every_row_and_dead_letters_failures(server):
     assert_that(out | beam.Map(lambda b: (b.rows.num_rows, b.dead_letters.num_rows,
                                           set(b.rows.column("status").to_pylist()))),
                 equal_to([(5, 1, {"ok"})]))
+
+
+@pytest.mark.parametrize("budget, error, match", [
+    (5, TypeError, "budget must be a tierflow Budget .*got int 5"),
+    (tf.Budget(usd=5.0), ValueError, "shared by every worker process through the ledger"),
+])
+def test_a_budget_that_is_not_one_is_refused_when_constructed(server, budget, error, match):
+  """A number where a Budget goes, or a cap that would apply per process unnoticed: the
+  transform refuses it when built, before any record is routed."""
+  with pytest.raises(error, match=match):
+    tf.RouteThroughTiers(config_for(server), budget=budget)
