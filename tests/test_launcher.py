@@ -201,6 +201,23 @@ def test_a_typo_anywhere_in_the_config_names_its_path(tmp_path):
     load_config(str(path))
 
 
+def test_a_typo_in_the_input_template_is_refused_when_the_config_loads(tmp_path, capsys):
+  """`{subjct}` rendered as "" on every record and ran with exit 0: now the run is refused
+  before reading, naming the field and the schema's fields."""
+  import yaml
+  from importlib import resources
+  config = yaml.safe_load(resources.files("tierflow").joinpath("data", "tickets.yaml").read_text())
+  config["input"]["text"] = "Subject: {subjct}\n\n{body}"
+  path = tmp_path / "typo.yaml"
+  path.write_text(yaml.safe_dump(config))
+  code, out, err = run_cli(capsys, "run", "tickets", "--bootstrap-servers", "127.0.0.1:1",
+                           "--topic", "t", "--output", str(tmp_path / "out"), "--config",
+                           str(path))
+  assert code == 2, err
+  assert "input.text names subjct, not a field of schema 'ticket'" in err, err
+  assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_a_model_run_says_what_each_stage_has_done_while_it_runs(broker, topic, tmp_path,
                                                                  capsys, monkeypatch):

@@ -307,6 +307,7 @@ class RunConfig:
     if self.frontier.samples != 1:
       raise ValueError("samples apply to the small tier, whose confidence decides "
                        "escalation: drop samples from the frontier model")
+    _check_template(self.text, self.schema)
 
   def stage(self, name: str) -> StageConfig:
     for s in self.stages:
@@ -349,6 +350,26 @@ def _error_line(err: Mapping[str, Any]) -> str:
   message = "unknown key" if err["type"] == "extra_forbidden" else \
       err["msg"].removeprefix("Value error, ")
   return f"{path}: {message}" if path else message
+
+
+def _check_template(text: str, schema_name: str) -> None:
+  """Raises ValueError when the input template names a field the input rows cannot have
+  (a typo would otherwise render as an empty string on every record)."""
+  import string
+  from tierflow import schemas
+  try:
+    named = {field.split(".")[0].split("[")[0]
+             for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+  except ValueError as e:
+    raise ValueError(f"input.text {text!r}: {e}") from None
+  if "" in named or any(f.isdigit() for f in named):
+    raise ValueError(f"input.text {text!r}: name each field, as in {{body}}")
+  fields = set(schemas.field_names(schemas.load(schema_name))) | set(
+      schemas.field_names(schemas.load("source_metadata")))
+  unknown = sorted(named - fields)
+  if unknown:
+    raise ValueError(f"input.text names {', '.join(unknown)}, not a field of schema "
+                     f"{schema_name!r} ({', '.join(sorted(fields))})")
 
 
 class _InputSection(_Strict):
