@@ -55,7 +55,14 @@ class Endpoints:
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "tierflow_local.provider_server", "--log-level", "WARNING",
          "--latency", str(self.latency)], stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
-    urls = dict(self.proc.stdout.readline().strip().split("=", 1) for _ in range(2))
+    urls: dict = {}
+    while not {"OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"} <= urls.keys():
+      line = self.proc.stdout.readline()
+      if not line:
+        raise RuntimeError("tierflow serve-local exited before printing its base URLs")
+      if line.startswith("export "):  # export NAME=value
+        name, _, value = line[len("export "):].strip().partition("=")
+        urls[name] = value
     self.openai, self.anthropic = urls["OPENAI_BASE_URL"], urls["ANTHROPIC_BASE_URL"]
     return self
 
@@ -95,12 +102,18 @@ def child(pipeline: str, argv: list[str]) -> dict:
           "escalated": summary.metrics.get("tierflow.routing.records_escalated", 0)}
 
 
+PROFILE_DIR = os.environ.get("TIERFLOW_BENCH_PROFILE")  # py-spy flame graphs of each child
+
+
 def run_child(pipeline: str, argv: list[str]) -> dict:
   cmd = [sys.executable, str(Path(__file__).resolve()), "--child", pipeline, *argv]
+  if PROFILE_DIR:
+    out = Path(PROFILE_DIR) / f"{pipeline}-{time.time_ns()}.txt"
+    cmd = ["py-spy", "record", "--gil", "-r", "200", "-f", "raw", "-o", str(out), "--", *cmd]
   done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
   if done.returncode != 0:
     raise RuntimeError(f"{pipeline} child failed:\n{done.stderr[-4000:]}")
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  return json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1])
 
 
 def _topic(broker, name: str, n: int) -> str:

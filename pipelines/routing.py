@@ -50,7 +50,7 @@ from tierflow import progress, schemas
 from tierflow.config import RunConfig
 from tierflow.connectors.decode import DecodedBatch, dead_letter, dead_letter_table
 from tierflow.connectors.llm_clients import (ModelCallError, ModelClient, TierUnavailable,
-                                             systemic)
+                                             client_for, systemic)
 from tierflow.pipelines.agreement import combine
 from tierflow.pipelines.injection import guard, suspected
 from tierflow.connectors.kafka_ledger import LedgerConfig
@@ -104,9 +104,10 @@ class Router:
     self._clients = {}
 
   def _client(self, tier: str) -> ModelClient:
+    """The tier's client: the process's one for its endpoint (``client_for``)."""
     client = self._clients.get(tier)
     if client is None:
-      client = self._clients[tier] = ModelClient(self._models[tier], ledger=self._ledger)
+      client = self._clients[tier] = client_for(self._models[tier], self._ledger)
     return client
 
   # --- one request ------------------------------------------------------------------

@@ -226,7 +226,7 @@ def check_tiers(run, keys_here: bool = True) -> None:
   workers, so a key missing here is a warning, not an error."""
   import os
   from urllib.parse import urlparse
-  from tierflow.connectors.llm_clients import ModelCallError, ModelClient
+  from tierflow.connectors.llm_clients import ModelCallError, client_for
   for tier in ("small", "frontier"):
     model = getattr(run, tier)
     where = urlparse(model.base_url).netloc if model.base_url else f"the {model.provider} API"
@@ -238,7 +238,7 @@ def check_tiers(run, keys_here: bool = True) -> None:
                       model.api_key_env)
       continue
     try:
-      ModelClient(model).check()
+      client_for(model).check()
     except ModelCallError as e:
       raise ValueError(f"{name}: {e}") from None
 
