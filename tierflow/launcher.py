@@ -389,6 +389,8 @@ def launch(name: str, argv: Sequence[str], *, wait: bool = True) -> RunSummary:
   job_name = _name_the_job(p.options, name) if engine else None
   from tierflow.engine_errors import describe, flink_rest_address
   rest = flink_rest_address(p.options) if engine else None  # before the runner rewrites it
+  from tierflow._imported_heap import freeze_imported_heap
+  freeze_imported_heap()  # what the imports built, never garbage: no collection walks it
   try:
     result = p.run()
     if not wait:
