@@ -469,8 +469,9 @@ class ModelClient:
       except CircuitOpen as e:
         raise ModelCallError("circuit_open", str(e)) from None
     tokens = estimate_tokens(system) + estimate_tokens(user) + max_tokens
-    body = self.request_body(system, user, max_tokens, top_logprobs=top_logprobs,
-                             answer_schema=answer_schema)
+    import orjson
+    body = orjson.dumps(self.request_body(system, user, max_tokens, top_logprobs=top_logprobs,
+                                          answer_schema=answer_schema))
     start = time.monotonic()
     attempt = uncertain = 0
     while True:
@@ -590,13 +591,14 @@ class ModelClient:
     return dataclasses.replace(
         reply, model=model.encode("utf-8", "backslashreplace").decode("utf-8")[:200])
 
-  def _post(self, body: dict):
-    """Sends a request body (already the provider's valid JSON body) with the SDK's own
-    ``post`` (its auth, headers, timeouts and errors), skipping ``create``'s transform of
-    the parameters; the raw HTTP response, read as JSON by the caller: building the SDK's
+  def _post(self, body: bytes):
+    """Sends a request body (the provider's valid JSON body, encoded once by orjson) with
+    the SDK's own ``post`` (its auth, headers, ``Content-Type: application/json``,
+    timeouts and errors), skipping ``create``'s transform of the parameters and its JSON
+    encoding; the raw HTTP response, read as JSON by the caller: building the SDK's
     pydantic models for an answer with logprobs cost more CPU than everything else about
     the request."""
-    return self._client.post(self._path, body=body, cast_to=self._response_type)
+    return self._client.post(self._path, content=body, cast_to=self._response_type)
 
   def _openai_reply(self, body: dict) -> ModelReply:
     choices = body.get("choices") or []
