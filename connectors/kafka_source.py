@@ -54,6 +54,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from tierflow import progress
+from tierflow.connectors.batch_coder import BatchCoder
 from tierflow.connectors.kafka_client import (check_secret_settings, client_settings, committed,
                                               new_consumer)
 
@@ -127,6 +128,9 @@ class KafkaBatch:
   def records(self) -> Iterator[KafkaRecord]:
     for o, t, k, v in zip(self.offsets, self.timestamps, self.keys, self.values):
       yield KafkaRecord(self.topic, self.partition, o, t, k, v)
+
+
+beam.coders.registry.register_coder(KafkaBatch, BatchCoder)  # sized without pickling
 
 
 def batch_name(topic: str, partition: int, start: int, end: int) -> str:
@@ -775,7 +779,7 @@ class ReadKafkaBatches(beam.PTransform):
             | "Impulse" >> beam.Impulse()
             | "ResolveOffsetRanges" >> beam.ParDo(_ResolveRangesFn(self._config))
             | "SpreadPartitions" >> beam.Reshuffle()
-            | "ReadPartitions" >> beam.ParDo(fn(self._config)))
+            | "ReadPartitions" >> beam.ParDo(fn(self._config)).with_output_types(KafkaBatch))
 
   def display_data(self):
     c = self._config

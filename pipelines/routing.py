@@ -675,7 +675,7 @@ class RouteBatches(beam.PTransform):
   def expand(self, batches):
     return batches | "Route" >> beam.ParDo(_RouteBatchFn(
         self._config, self._book, self._budget, self._run_id, self._result_avro,
-        self._calibration, self._batch_state_dir, self._ledger))
+        self._calibration, self._batch_state_dir, self._ledger)).with_output_types(DecodedBatch)
 
 
 # --- dict rows: a library user's path --------------------------------------------------
