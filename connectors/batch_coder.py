@@ -31,6 +31,16 @@ def estimated_bytes(batch: Any) -> int:
 class BatchCoder(beam.coders.Coder):
   """Pickles a batch; estimates its size without encoding it."""
 
+  def __init__(self, batch_type: Any = Any):
+    self._type = batch_type
+
+  @classmethod
+  def from_type_hint(cls, typehint: Any, registry: Any) -> "BatchCoder":
+    return cls(typehint)
+
+  def to_type_hint(self) -> Any:
+    return self._type
+
   def encode(self, value: Any) -> bytes:
     return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
 
@@ -44,7 +54,7 @@ class BatchCoder(beam.coders.Coder):
     return False
 
   def __eq__(self, other: object) -> bool:
-    return type(self) is type(other)
+    return type(self) is type(other) and self._type == other._type
 
   def __hash__(self) -> int:
-    return hash(type(self))
+    return hash((type(self), self._type))
