@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("b", "both"):
       result["b"] = part_b(broker, grid, args.latency, args.target_seconds, args.repeats)
   result["markdown"] = markdown(result)
-  path = RESULTS_DIR / f"model-throughput-{result['date']}.json"
+  part = "" if args.part == "both" else f"-{args.part}"
+  path = RESULTS_DIR / f"model-throughput-{result['date']}{part}.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=2) + "\n")
   print(result["markdown"])
