@@ -2,7 +2,7 @@
 
     python -m benchmarks.model_throughput                    # both parts
     python -m benchmarks.model_throughput --part a --records 4000
-    python -m benchmarks.model_throughput --part b --latency 0.25 --grid 1x1,4x1,1x4,4x4,8x4
+    python -m benchmarks.model_throughput --part b --latency 0.5 --grid 4x8
 
 The endpoints are ``tierflow serve-local`` (the keyword stand-in behind the real
 OpenAI and Anthropic wire formats) in **a process of its own**, so its CPU is not
@@ -12,16 +12,21 @@ nothing about answer quality.
 
 **Part A, CPU per record.** ``tickets`` (classify -> extract -> summarise, the
 bundled config's batching and thresholds, so some stages escalate) over N tickets
-with the endpoints answering at once; the child's own CPU time (user + system,
-all threads, from the launch to its end) divided by N. ``passthrough`` over the
-same topic, for reference.
+with the endpoints answering at once. The marginal CPU per record is the
+difference of the child processes' CPU (user + system, all threads, start-up and
+exit included) between N and N/10 records, over the difference in records: what
+one more record costs, start-up left out. Also the CPU from the launch to its end
+over N (start-up partly in). ``passthrough`` over the N records, for reference.
+The three run in interleaved rounds, each in a fresh process (``fresh_runs``).
 
 **Part B, throughput against the bound.** The endpoints answer after a fixed
 latency L. A one-stage config (classify, threshold 0: nothing escalates) runs at
 each (batch_size x concurrency) point of ``--grid``; nothing can beat
 ``concurrency * batch_size / L`` records/s. Reported: the model stage's rate (N
 over the time spent routing, ``tierflow.routing.route_millis``) and the whole
-pipeline's (N over the run, start-up included), each as a fraction of the bound.
+pipeline's (N over the run, start-up included), each as a fraction of the bound,
+as the median of ``--repeats`` runs. Every part prints the load average its runs
+ended under.
 
 Writes ``benchmarks/results/model-throughput-<date>.json`` and prints Markdown.
 """
@@ -41,8 +46,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if __package__ in (None, ""):
+  sys.path.insert(0, str(HERE.parent))
+from benchmarks.fresh_runs import interleaved, loads_seen, median, run_fresh  # noqa: E402
+
 RESULTS_DIR = HERE / "results"
-DEFAULT_GRID = "1x1,4x1,1x4,4x4,8x4"
+DEFAULT_GRID = "1x1,4x1,1x4,4x4,8x4,4x8"
 
 
 class Endpoints:
@@ -55,7 +64,14 @@ class Endpoints:
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "tierflow_local.provider_server", "--log-level", "WARNING",
          "--latency", str(self.latency)], stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
-    urls = dict(self.proc.stdout.readline().strip().split("=", 1) for _ in range(2))
+    urls: dict = {}
+    while not {"OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"} <= urls.keys():
+      line = self.proc.stdout.readline()
+      if not line:
+        raise RuntimeError("tierflow serve-local exited before printing its base URLs")
+      if line.startswith("export "):  # export NAME=value
+        name, _, value = line[len("export "):].strip().partition("=")
+        urls[name] = value
     self.openai, self.anthropic = urls["OPENAI_BASE_URL"], urls["ANTHROPIC_BASE_URL"]
     return self
 
@@ -90,17 +106,20 @@ def child(pipeline: str, argv: list[str]) -> dict:
   r1 = resource.getrusage(resource.RUSAGE_SELF)
   return {"records": summary.rows_written, "failed": summary.records_failed,
           "dead_letters": summary.dead_letters, "wall_seconds": wall,
-          "cpu_seconds": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
+          "launch_cpu_seconds": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
           "route_seconds": summary.metrics.get("tierflow.routing.route_millis", 0) / 1000,
           "escalated": summary.metrics.get("tierflow.routing.records_escalated", 0)}
 
 
+PROFILE_DIR = os.environ.get("TIERFLOW_BENCH_PROFILE")  # py-spy flame graphs of each child
+
+
 def run_child(pipeline: str, argv: list[str]) -> dict:
   cmd = [sys.executable, str(Path(__file__).resolve()), "--child", pipeline, *argv]
-  done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
-  if done.returncode != 0:
-    raise RuntimeError(f"{pipeline} child failed:\n{done.stderr[-4000:]}")
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  if PROFILE_DIR:
+    out = Path(PROFILE_DIR) / f"{pipeline}-{time.time_ns()}.txt"
+    cmd = ["py-spy", "record", "--gil", "-r", "200", "-f", "raw", "-o", str(out), "--", *cmd]
+  return run_fresh(cmd, cwd=str(HERE.parent))
 
 
 def _topic(broker, name: str, n: int) -> str:
@@ -127,26 +146,42 @@ def _write_config(cfg: dict) -> str:
 
 
 def part_a(broker, records: int, repeats: int) -> dict:
+  small = max(1, records // 10)
   topic = _topic(broker, "bench-model-a", records)
-  out = {"records": records, "tickets": [], "passthrough": []}
+  small_topic = _topic(broker, "bench-model-a-small", small)
   with Endpoints(0.0) as ep:
     path = _write_config(config(ep))
-    for _ in range(repeats):
-      t = run_child("tickets", _argv(broker, topic, path))
-      p = run_child("passthrough", _argv(broker, topic, None))
-      if t["records"] != records or t["failed"]:
-        raise RuntimeError(f"tickets wrote {t['records']} rows, {t['failed']} failed")
-      out["tickets"].append(t)
-      out["passthrough"].append(p)
-  med = lambda runs, key: sorted(r[key] for r in runs)[len(runs) // 2]  # noqa: E731
-  out["tickets_cpu_ms_per_record"] = round(med(out["tickets"], "cpu_seconds") * 1000 / records, 3)
-  out["passthrough_cpu_ms_per_record"] = round(
-      med(out["passthrough"], "cpu_seconds") * 1000 / records, 3)
-  out["escalated_share"] = round(med(out["tickets"], "escalated") / records, 3)
-  return out
+
+    def tickets(name: str, n: int):
+      def run():
+        r = run_child("tickets", _argv(broker, name, path))
+        if r["records"] != n or r["failed"]:
+          raise RuntimeError(f"tickets wrote {r['records']} of {n} rows, {r['failed']} failed")
+        return r
+      return run
+
+    runs = interleaved({"tickets": tickets(topic, records),
+                        "tickets_small": tickets(small_topic, small),
+                        "passthrough": lambda: run_child("passthrough",
+                                                         _argv(broker, topic, None))},
+                       repeats, say=lambda line: print(line, file=sys.stderr, flush=True))
+  big, little = median(runs["tickets"], "cpu_seconds"), median(runs["tickets_small"],
+                                                               "cpu_seconds")
+  return {"records": records, "records_small": small, **runs,
+          "load": loads_seen(*runs.values()),
+          "tickets_marginal_cpu_ms_per_record": round((big - little) * 1000 / (records - small),
+                                                      3),
+          "tickets_process_cpu_seconds": round(big, 2),
+          "tickets_small_process_cpu_seconds": round(little, 2),
+          "tickets_cpu_ms_per_record": round(
+              median(runs["tickets"], "launch_cpu_seconds") * 1000 / records, 3),
+          "passthrough_cpu_ms_per_record": round(
+              median(runs["passthrough"], "launch_cpu_seconds") * 1000 / records, 3),
+          "escalated_share": round(median(runs["tickets"], "escalated") / records, 3)}
 
 
-def part_b(broker, grid: list[tuple[int, int]], latency: float, target_s: float) -> dict:
+def part_b(broker, grid: list[tuple[int, int]], latency: float, target_s: float,
+           repeats: int) -> dict:
   points = []
   with Endpoints(latency) as ep:
     for batch, concurrency in grid:
@@ -155,15 +190,19 @@ def part_b(broker, grid: list[tuple[int, int]], latency: float, target_s: float)
       topic = _topic(broker, f"bench-model-b-{batch}x{concurrency}", n)
       path = _write_config(config(ep, batch=batch, concurrency=concurrency,
                                   classify_only=True))
-      r = run_child("tickets", _argv(broker, topic, path))
-      if r["records"] != n or r["failed"]:
-        raise RuntimeError(f"{batch}x{concurrency}: {r['records']} rows of {n}")
+      runs = []
+      for _ in range(repeats):
+        r = run_child("tickets", _argv(broker, topic, path))
+        if r["records"] != n or r["failed"]:
+          raise RuntimeError(f"{batch}x{concurrency}: {r['records']} rows of {n}")
+        runs.append(r)
       points.append({
           "batch": batch, "concurrency": concurrency, "records": n, "bound": round(bound, 1),
-          "stage_share_of_bound": round(n / r["route_seconds"] / bound, 3),
-          "pipeline_share_of_bound": round(n / r["wall_seconds"] / bound, 3),
-          "wall_seconds": round(r["wall_seconds"], 2),
-          "route_seconds": round(r["route_seconds"], 2)})
+          "runs": len(runs), "load": loads_seen(runs),
+          "stage_share_of_bound": round(n / median(runs, "route_seconds") / bound, 3),
+          "pipeline_share_of_bound": round(n / median(runs, "wall_seconds") / bound, 3),
+          "wall_seconds": round(median(runs, "wall_seconds"), 2),
+          "route_seconds": round(median(runs, "route_seconds"), 2)})
       print(f"{batch}x{concurrency}: stage {points[-1]['stage_share_of_bound']:.0%}, "
             f"pipeline {points[-1]['pipeline_share_of_bound']:.0%} of {bound:.0f}/s",
             file=sys.stderr)
@@ -172,21 +211,31 @@ def part_b(broker, grid: list[tuple[int, int]], latency: float, target_s: float)
 
 def markdown(r: dict) -> str:
   lines = []
+  def load(x):
+    return f"load {x['min']:.1f}-{x['max']:.1f} (median {x['median']:.1f})"
+
   if "a" in r:
     a = r["a"]
-    lines += [f"Part A: {a['records']:,} tickets, endpoints answering at once in their own "
-              f"process, {a['escalated_share']:.0%} of records escalated",
+    lines += [f"Part A: {a['records']:,} and {a['records_small']:,} tickets, endpoints "
+              f"answering at once in their own process, {a['escalated_share']:.0%} of records "
+              f"escalated, median of {len(a['tickets'])} interleaved rounds, {load(a['load'])}",
               "", "| pipeline | CPU ms per record |", "|---|---:|",
-              f"| tickets (3 stages, 2 tiers) | {a['tickets_cpu_ms_per_record']:.2f} |",
-              f"| passthrough | {a['passthrough_cpu_ms_per_record']:.3f} |", ""]
+              f"| tickets, marginal (CPU at {a['records']:,} less CPU at "
+              f"{a['records_small']:,}, per record) | "
+              f"**{a['tickets_marginal_cpu_ms_per_record']:.2f}** |",
+              f"| tickets, launch to end over {a['records']:,} | "
+              f"{a['tickets_cpu_ms_per_record']:.2f} |",
+              f"| passthrough, launch to end over {a['records']:,} | "
+              f"{a['passthrough_cpu_ms_per_record']:.3f} |", ""]
   if "b" in r:
     b = r["b"]
     lines += [f"Part B: latency L = {b['latency_seconds']} s, one stage, nothing escalates",
-              "", "| batch x concurrency | bound records/s | model stage | whole pipeline |",
-              "|---|---:|---:|---:|"]
+              "", "| batch x concurrency | bound records/s | model stage | whole pipeline "
+              "| runs, load |", "|---|---:|---:|---:|---|"]
     for p in b["points"]:
       lines.append(f"| {p['batch']}x{p['concurrency']} | {p['bound']:.0f} "
-                   f"| {p['stage_share_of_bound']:.0%} | {p['pipeline_share_of_bound']:.0%} |")
+                   f"| {p['stage_share_of_bound']:.0%} | {p['pipeline_share_of_bound']:.0%} "
+                   f"| {p['runs']}, {load(p['load'])} |")
   return "\n".join(lines)
 
 
@@ -195,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--part", choices=("a", "b", "both"), default="both")
   parser.add_argument("--records", type=int, default=4000)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--latency", type=float, default=0.25)
+  parser.add_argument("--latency", type=float, default=0.5)
   parser.add_argument("--grid", default=DEFAULT_GRID)
   parser.add_argument("--target-seconds", type=float, default=20.0)
   parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -213,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("a", "both"):
       result["a"] = part_a(broker, args.records, args.repeats)
     if args.part in ("b", "both"):
-      result["b"] = part_b(broker, grid, args.latency, args.target_seconds)
+      result["b"] = part_b(broker, grid, args.latency, args.target_seconds, args.repeats)
   result["markdown"] = markdown(result)
-  path = RESULTS_DIR / f"model-throughput-{result['date']}.json"
+  part = "" if args.part == "both" else f"-{args.part}"
+  path = RESULTS_DIR / f"model-throughput-{result['date']}{part}.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=2) + "\n")
   print(result["markdown"])
@@ -224,6 +274,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  if __package__ in (None, ""):
-    sys.path.insert(0, str(HERE.parent))
   sys.exit(main())

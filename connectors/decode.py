@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
 from tierflow import schemas
+from tierflow.connectors.batch_coder import BatchCoder
 from tierflow.connectors.codecs import MAX_MILLIS, MIN_MILLIS, Codec
 from tierflow.connectors.kafka_source import KafkaBatch, KafkaRecord, batch_name
 
@@ -71,6 +72,9 @@ class DecodedBatch:
 
   def replace(self, **changes) -> "DecodedBatch":
     return dataclasses.replace(self, **changes)
+
+
+beam.coders.registry.register_coder(DecodedBatch, BatchCoder)  # sized without pickling
 
 
 def row_schema(input_schema: Mapping[str, Any]) -> dict:
@@ -278,7 +282,7 @@ class DecodeBatches(beam.PTransform):
   def expand(self, batches):
     return batches | "Decode" >> beam.ParDo(
         _DecodeFn(self._codec, self._codec.schema, self._event_time_field,
-                  self._max_record_bytes))
+                  self._max_record_bytes)).with_output_types(DecodedBatch)
 
   def display_data(self):
     return {"format": self._codec.name, "schema": self._codec.schema.get("name", ""),

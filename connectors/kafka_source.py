@@ -54,6 +54,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from tierflow import progress
+from tierflow.connectors.batch_coder import BatchCoder
 from tierflow.connectors.kafka_client import (check_secret_settings, client_settings, committed,
                                               new_consumer)
 
@@ -127,6 +128,9 @@ class KafkaBatch:
   def records(self) -> Iterator[KafkaRecord]:
     for o, t, k, v in zip(self.offsets, self.timestamps, self.keys, self.values):
       yield KafkaRecord(self.topic, self.partition, o, t, k, v)
+
+
+beam.coders.registry.register_coder(KafkaBatch, BatchCoder)  # sized without pickling
 
 
 def batch_name(topic: str, partition: int, start: int, end: int) -> str:
@@ -625,6 +629,7 @@ class _ReadPartitionFn(beam.DoFn):
         expired = True
         break
       got = 0
+      chunk = []  # this consume's records of the batch, claimed together after it
       for m in c.consume(min(boundary - position, cfg.max_poll_records),
                          timeout=cfg.poll_timeout_ms / 1000.0):
         error = m.error()
@@ -647,16 +652,22 @@ class _ReadPartitionFn(beam.DoFn):
         if offset >= boundary:  # past a gap: belongs to the next batch
           position = boundary
           break
-        if not tracker.try_claim(offset):
-          split = True
-          break
-        caught_up = False
-        offsets.append(offset)
-        stamps.append(m.timestamp()[1])
-        keys.append(m.key())
-        values.append(m.value())
+        chunk.append(m)
         position = offset + 1
-        got += 1
+      if chunk:
+        last = chunk[-1].offset()
+        if not tracker.try_claim(last):
+          # The runner split the restriction below ``last``: what is before its new stop
+          # is still this element's (a claim fails only at or past the stop), the rest not.
+          split = True
+          stop = tracker.current_restriction().stop
+          chunk = [m for m in chunk if m.offset() < stop]
+        caught_up = False
+        offsets += [m.offset() for m in chunk]
+        stamps += [m.timestamp()[1] for m in chunk]
+        keys += [m.key() for m in chunk]
+        values += [m.value() for m in chunk]
+        got = len(chunk)
       if split:
         break
       if got:
@@ -775,7 +786,7 @@ class ReadKafkaBatches(beam.PTransform):
             | "Impulse" >> beam.Impulse()
             | "ResolveOffsetRanges" >> beam.ParDo(_ResolveRangesFn(self._config))
             | "SpreadPartitions" >> beam.Reshuffle()
-            | "ReadPartitions" >> beam.ParDo(fn(self._config)))
+            | "ReadPartitions" >> beam.ParDo(fn(self._config)).with_output_types(KafkaBatch))
 
   def display_data(self):
     c = self._config

@@ -12,12 +12,15 @@ config names, on the worker, and never logged or written.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 import math
 import os
 import random
 import re
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
   from tierflow.connectors.kafka_ledger import LedgerConfig
 
 __all__ = ["TokenInfo", "ModelReply", "ModelCallError", "ModelClient", "RateLimiter",
-           "SharedRateLimiter", "TierUnavailable", "systemic",
+           "SharedRateLimiter", "TierUnavailable", "client_for", "systemic",
            "estimate_tokens", "kind_of_status"]
 
 _LOGGER = logging.getLogger(__name__)
@@ -250,12 +253,14 @@ class SharedRateLimiter:
 
 _LIMITERS: dict = {}
 _BREAKERS: dict = {}
+_CLIENTS: dict = {}
 _LIMITERS_LOCK = threading.Lock()
+_CLIENTS_LOCK = threading.Lock()  # apart: a client makes its limiter under _LIMITERS_LOCK
 
 
-def _per_process(registry: dict, key: tuple, make):
+def _per_process(registry: dict, key: tuple, make, lock: threading.Lock = _LIMITERS_LOCK):
   """The registry's object for an endpoint's settings, made once per process."""
-  with _LIMITERS_LOCK:
+  with lock:
     if key not in registry:
       registry[key] = make()
     return registry[key]
@@ -280,6 +285,35 @@ def _breaker_for(cfg: "ModelConfig") -> Optional[CircuitBreaker]:
   key = (cfg.provider, cfg.base_url, cfg.model, cfg.breaker_failures, cfg.breaker_cooldown_s)
   return _per_process(_BREAKERS, key, lambda: CircuitBreaker(
       f"{cfg.provider}:{cfg.model}", cfg.breaker_failures, cfg.breaker_cooldown_s))
+
+
+def client_for(cfg: "ModelConfig", ledger: Optional["LedgerConfig"] = None) -> "ModelClient":
+  """The process's ``ModelClient`` for an endpoint's settings and key, built once under a
+  lock (a client costs an SDK client, its connection pool and its TLS context)."""
+  key = _api_key(cfg)
+  where = (ledger.bootstrap_servers, ledger.topic) if ledger is not None else None
+  digest = hashlib.sha256(key.encode("utf-8")).hexdigest()  # a rotated key: a new client
+  return _per_process(_CLIENTS, (cfg, where, digest), lambda: ModelClient(cfg, ledger=ledger),
+                      _CLIENTS_LOCK)
+
+
+def _httpx_of(sdk):
+  """The httpx package the SDK is built on (``httpx``, or ``httpx2`` in later releases)."""
+  base = next(c for c in sdk.DefaultHttpxClient.__mro__ if c.__name__ == "Client")
+  return sys.modules[base.__module__.partition(".")[0]]
+
+
+@functools.lru_cache(maxsize=None)
+def _tls_context(httpx):
+  """One TLS context per process, made as httpx makes its default one (each new one reads
+  the CA bundle again: ~60 ms of CPU). ``lru_cache`` is thread-safe; a race makes two."""
+  return httpx.create_ssl_context()
+
+
+def _http_client(sdk):
+  """The SDK's default HTTP client (its timeouts and pool limits), on the shared TLS
+  context."""
+  return sdk.DefaultHttpxClient(verify=_tls_context(_httpx_of(sdk)))
 
 
 def _api_key(cfg: "ModelConfig") -> str:
@@ -366,15 +400,18 @@ class ModelClient:
     key = _api_key(cfg)
     if cfg.provider == "openai":
       import openai
-      self._sdk = openai
+      self._sdk, self._path = openai, "/chat/completions"
       self._client = openai.OpenAI(api_key=key, base_url=cfg.base_url, max_retries=0,
-                                   timeout=cfg.timeout_s, default_headers=_worker_header())
+                                   timeout=cfg.timeout_s, default_headers=_worker_header(),
+                                   http_client=_http_client(openai))
     else:
       import anthropic
-      self._sdk = anthropic
+      self._sdk, self._path = anthropic, "/v1/messages"
       self._client = anthropic.Anthropic(api_key=key, base_url=cfg.base_url, max_retries=0,
                                          timeout=cfg.timeout_s,
-                                         default_headers=_worker_header())
+                                         default_headers=_worker_header(),
+                                         http_client=_http_client(anthropic))
+    self._response_type = _httpx_of(self._sdk).Response
     self.retries = 0  # retries made over this client's life (for metrics and tests)
 
   def _wait_before_retry(self, e: Exception, attempt: int) -> Optional[float]:
@@ -432,8 +469,9 @@ class ModelClient:
       except CircuitOpen as e:
         raise ModelCallError("circuit_open", str(e)) from None
     tokens = estimate_tokens(system) + estimate_tokens(user) + max_tokens
-    body = self.request_body(system, user, max_tokens, top_logprobs=top_logprobs,
-                             answer_schema=answer_schema)
+    import orjson
+    body = orjson.dumps(self.request_body(system, user, max_tokens, top_logprobs=top_logprobs,
+                                          answer_schema=answer_schema))
     start = time.monotonic()
     attempt = uncertain = 0
     while True:
@@ -441,7 +479,7 @@ class ModelClient:
       try:
         raw = self._post(body)
         try:
-          reply = self.reply_from_body(_json_body(raw))
+          reply = self.reply_from_body(_json_body(raw.content))
         except ModelCallError as e:
           e.uncertain_attempts = uncertain + 1  # answered, so billed, but unreadable
           raise
@@ -553,13 +591,14 @@ class ModelClient:
     return dataclasses.replace(
         reply, model=model.encode("utf-8", "backslashreplace").decode("utf-8")[:200])
 
-  def _post(self, body: dict):
-    """Sends a request body; the raw response, read as JSON by the caller: building the
-    SDK's pydantic models for an answer with logprobs cost more CPU than everything else
-    about the request."""
-    if self.cfg.provider == "openai":
-      return self._client.chat.completions.with_raw_response.create(**body)
-    return self._client.messages.with_raw_response.create(**body)
+  def _post(self, body: bytes):
+    """Sends a request body (the provider's valid JSON body, encoded once by orjson) with
+    the SDK's own ``post`` (its auth, headers, ``Content-Type: application/json``,
+    timeouts and errors), skipping ``create``'s transform of the parameters and its JSON
+    encoding; the raw HTTP response, read as JSON by the caller: building the SDK's
+    pydantic models for an answer with logprobs cost more CPU than everything else about
+    the request."""
+    return self._client.post(self._path, content=body, cast_to=self._response_type)
 
   def _openai_reply(self, body: dict) -> ModelReply:
     choices = body.get("choices") or []
@@ -607,12 +646,13 @@ class ModelClient:
     return self._client
 
 
-def _json_body(raw) -> dict:
-  """The JSON object of a raw SDK response (``ModelCallError`` if it is not one)."""
-  import json
+def _json_body(content: bytes) -> dict:
+  """The JSON object of a response body, parsed by ``orjson`` (``ModelCallError`` if it
+  is not one)."""
+  import orjson
   try:
-    body = json.loads(raw.http_response.content)
-  except (ValueError, UnicodeDecodeError) as e:
+    body = orjson.loads(content)
+  except orjson.JSONDecodeError as e:
     raise ModelCallError("malformed", f"answer is not JSON: {e}") from None
   if not isinstance(body, dict):
     raise ModelCallError("malformed", "answer is not a JSON object")

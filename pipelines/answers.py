@@ -3,6 +3,7 @@ objects in free text, grounding in the record. Pure functions."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import math
@@ -53,9 +54,14 @@ def token_offsets(reply: ModelReply) -> Optional[list[int]]:
 
 def span_tokens(reply: ModelReply, offsets: Optional[list[int]], start: int, end: int
                 ) -> list[TokenInfo]:
+  """The tokens overlapping ``reply.text[start:end]``, found by bisection of the (sorted,
+  contiguous) offsets: a packed answer asks this for every field of every record."""
   if offsets is None or end <= start:
     return []
-  return [t for t, o in zip(reply.tokens, offsets) if o < end and o + len(t.token) > start]
+  tokens = reply.tokens
+  first = max(0, bisect.bisect_right(offsets, start) - 1)
+  return [tokens[i] for i in range(first, bisect.bisect_left(offsets, end))
+          if offsets[i] + len(tokens[i].token) > start]
 
 
 def seq_prob(tokens: Sequence[TokenInfo]) -> Optional[float]:

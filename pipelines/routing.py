@@ -50,7 +50,7 @@ from tierflow import progress, schemas
 from tierflow.config import RunConfig
 from tierflow.connectors.decode import DecodedBatch, dead_letter, dead_letter_table
 from tierflow.connectors.llm_clients import (ModelCallError, ModelClient, TierUnavailable,
-                                             systemic)
+                                             client_for, systemic)
 from tierflow.pipelines.agreement import combine
 from tierflow.pipelines.injection import guard, suspected
 from tierflow.connectors.kafka_ledger import LedgerConfig
@@ -104,9 +104,10 @@ class Router:
     self._clients = {}
 
   def _client(self, tier: str) -> ModelClient:
+    """The tier's client: the process's one for its endpoint (``client_for``)."""
     client = self._clients.get(tier)
     if client is None:
-      client = self._clients[tier] = ModelClient(self._models[tier], ledger=self._ledger)
+      client = self._clients[tier] = client_for(self._models[tier], self._ledger)
     return client
 
   # --- one request ------------------------------------------------------------------
@@ -675,7 +676,7 @@ class RouteBatches(beam.PTransform):
   def expand(self, batches):
     return batches | "Route" >> beam.ParDo(_RouteBatchFn(
         self._config, self._book, self._budget, self._run_id, self._result_avro,
-        self._calibration, self._batch_state_dir, self._ledger))
+        self._calibration, self._batch_state_dir, self._ledger)).with_output_types(DecodedBatch)
 
 
 # --- dict rows: a library user's path --------------------------------------------------

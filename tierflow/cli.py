@@ -189,16 +189,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   pub.set_defaults(func=cmd_publish)
 
   rep = sub.add_parser("report", help="cost/quality report (HTML, PNG, JSON) over a run's output")
-  from tierflow import calibrate_command as calibrate_module
-  from tierflow import report_command as report_module
-  report_module.add_arguments(rep)
-  rep.set_defaults(func=lambda a, r: report_module.run_from_args(a))
-
-  cal = sub.add_parser("calibrate", help="escalation thresholds with an error guarantee, from a "
-                       "labelled sample", description=calibrate_module.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-  calibrate_module.add_arguments(cal)
-  cal.set_defaults(func=lambda a, r: calibrate_module.run_from_args(a))
+  cal_help = "escalation thresholds with an error guarantee, from a labelled sample"
+  if argv is None:
+    argv = sys.argv[1:]
+  if {"report", "calibrate", "-h", "--help"} & set(argv):  # a run imports neither command
+    from tierflow import calibrate_command as calibrate_module
+    from tierflow import report_command as report_module
+    report_module.add_arguments(rep)
+    rep.set_defaults(func=lambda a, r: report_module.run_from_args(a))
+    cal = sub.add_parser("calibrate", help=cal_help, description=calibrate_module.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    calibrate_module.add_arguments(cal)
+    cal.set_defaults(func=lambda a, r: calibrate_module.run_from_args(a))
+  else:
+    sub.add_parser("calibrate", help=cal_help)
 
   fc = sub.add_parser("forecast", help="expected cost, escalation share and frontier spend of "
                       "a bounded run, with intervals, before it starts")

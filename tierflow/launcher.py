@@ -226,7 +226,7 @@ def check_tiers(run, keys_here: bool = True) -> None:
   workers, so a key missing here is a warning, not an error."""
   import os
   from urllib.parse import urlparse
-  from tierflow.connectors.llm_clients import ModelCallError, ModelClient
+  from tierflow.connectors.llm_clients import ModelCallError, client_for
   for tier in ("small", "frontier"):
     model = getattr(run, tier)
     where = urlparse(model.base_url).netloc if model.base_url else f"the {model.provider} API"
@@ -238,7 +238,7 @@ def check_tiers(run, keys_here: bool = True) -> None:
                       model.api_key_env)
       continue
     try:
-      ModelClient(model).check()
+      client_for(model).check()
     except ModelCallError as e:
       raise ValueError(f"{name}: {e}") from None
 
@@ -389,6 +389,8 @@ def launch(name: str, argv: Sequence[str], *, wait: bool = True) -> RunSummary:
   job_name = _name_the_job(p.options, name) if engine else None
   from tierflow.engine_errors import describe, flink_rest_address
   rest = flink_rest_address(p.options) if engine else None  # before the runner rewrites it
+  from tierflow._imported_heap import freeze_imported_heap
+  freeze_imported_heap()  # what the imports built, never garbage: no collection walks it
   try:
     result = p.run()
     if not wait:

@@ -1,0 +1,144 @@
+"""The model path's per-request costs, against the local endpoints over real HTTP: one
+client per endpoint per process (built once, under a lock), one TLS context per process,
+request bodies sent as they are (no SDK transform), answers parsed by orjson."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+
+import pytest
+from tierflow_local.provider_server import LocalProviderServer, ScriptedResponder
+from tierflow_local.standin_model import KeywordStandIn
+
+from tierflow.config import ModelConfig
+from tierflow.connectors import llm_clients
+from tierflow.connectors.llm_clients import ModelCallError, ModelClient, client_for
+
+KEY = "sk-local-model-path-0000"
+
+
+@pytest.fixture(scope="module")
+def server():
+  recorder = ScriptedResponder([], fallback=KeywordStandIn())
+  with LocalProviderServer(recorder, models=("small", "frontier", "m0", "m1", "m2"),
+                           openai_api_key=KEY, anthropic_api_key=KEY) as srv:
+    srv.recorder = recorder
+    yield srv
+
+
+@pytest.fixture
+def key(monkeypatch):
+  monkeypatch.setenv("TIERFLOW_MODEL_PATH_KEY", KEY)
+  return "TIERFLOW_MODEL_PATH_KEY"
+
+
+def _openai(server, key, model="small", **kw) -> ModelConfig:
+  return ModelConfig(provider="openai", model=model, base_url=server.openai_base_url,
+                     api_key_env=key, price_as="gpt-5-nano", **kw)
+
+
+def _anthropic(server, key) -> ModelConfig:
+  return ModelConfig(provider="anthropic", model="frontier", base_url=server.anthropic_base_url,
+                     api_key_env=key, price_as="claude-sonnet-4-6")
+
+
+def test_threads_asking_at_once_share_one_client(server, key):
+  """16 threads released together ask for the same endpoint's client: one is built."""
+  cfg = _openai(server, key, model="m0", timeout_s=17.0)  # settings no other test uses
+  built = []
+  real_init = ModelClient.__init__
+
+  def counting_init(self, *a, **kw):
+    built.append(self)
+    real_init(self, *a, **kw)
+
+  barrier = threading.Barrier(16)
+  got = []
+
+  def ask():
+    barrier.wait()
+    got.append(client_for(cfg))
+
+  ModelClient.__init__ = counting_init
+  try:
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    ModelClient.__init__ = real_init
+  assert len(built) == 1
+  assert len({id(c) for c in got}) == 1
+  assert client_for(cfg) is got[0]
+  # Another key (rotated in the environment) gets a client of its own.
+  other = _openai(server, None, model="m0", timeout_s=17.0)
+  assert client_for(other) is not got[0]
+
+
+def test_clients_of_other_endpoints_read_no_ca_bundle_again(server, key, monkeypatch):
+  """Each new SDK client would make a TLS context (reading the CA bundle, ~60 ms of CPU);
+  the process makes one and every client shares it."""
+  client_for(_openai(server, key, model="m1"))  # the process's context exists by now
+  made = []
+  real = ssl.create_default_context
+
+  def counting(*a, **kw):
+    made.append(1)
+    return real(*a, **kw)
+
+  monkeypatch.setattr(ssl, "create_default_context", counting)
+  for n, cfg in enumerate((_openai(server, key, model="m2", timeout_s=19.0),
+                           _openai(server, key, model="m2", timeout_s=21.0),
+                           _anthropic(server, key))):
+    client = ModelClient(cfg)
+    reply = client.complete("Classify.", f"ticket {n}: my invoice is wrong", 16)
+    assert reply.usage.input_tokens > 0
+  assert made == []
+
+
+def test_request_bodies_go_as_built_without_the_sdk_transform(server, key, monkeypatch):
+  """The body ``request_body`` builds is what the endpoint receives, byte for byte as
+  JSON, and the SDKs' parameter transform is never run for it."""
+  import anthropic.resources.messages.messages as anthropic_messages
+  import openai.resources.chat.completions.completions as openai_completions
+
+  def refuse(*a, **kw):
+    raise AssertionError("the SDK's transform ran")
+
+  monkeypatch.setattr(openai_completions, "maybe_transform", refuse)
+  monkeypatch.setattr(anthropic_messages, "maybe_transform", refuse, raising=False)
+  for cfg in (_openai(server, key, top_logprobs=3), _anthropic(server, key)):
+    client = ModelClient(cfg)
+    before = len(server.recorder.requests)
+    reply = client.complete("Classify the ticket.", "refund please", 24)
+    assert reply.usage.input_tokens > 0
+    sent = server.recorder.requests[before:]
+    assert [r.body for r in sent] == [client.request_body("Classify the ticket.",
+                                                          "refund please", 24)]
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"not json", "answer is not JSON"),
+    (b"[1, 2]", "answer is not a JSON object"),
+    (b'{"a": "\\ud800"', "answer is not JSON"),  # cut off
+    (b"\xff\xfe{}", "answer is not JSON"),  # not UTF-8
+])
+def test_unreadable_bodies_are_malformed_answers(content, why):
+  with pytest.raises(ModelCallError) as e:
+    llm_clients._json_body(content)
+  assert e.value.kind == "malformed" and why in e.value.message
+
+
+def test_a_lone_surrogate_in_an_answer_is_refused(server, key):
+  """JSON's \\ud800 escape is a lone surrogate, which no Parquet file can hold: refused
+  whether the parser rejects it or decodes it."""
+  try:
+    body = llm_clients._json_body(b'{"choices": [{"message": {"content": "a\\ud800"}}], '
+                                  b'"usage": {"prompt_tokens": 1, "completion_tokens": 1}}')
+  except ModelCallError as e:
+    assert e.kind == "malformed"
+    return
+  with pytest.raises(ModelCallError, match="lone surrogate"):
+    ModelClient(_openai(server, key)).reply_from_body(body)
