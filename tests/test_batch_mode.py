@@ -209,7 +209,7 @@ def test_killed_between_the_provider_accepting_and_the_id_recorded(
   save = batch_api.ProviderBatch._save_state
 
   def killed_after_submit(self, state):
-    if state.get("batch_id"):
+    if any(c.get("batch_id") for c in state["chunks"]):
       raise _KilledHere("killed after the provider accepted the batch")
     save(self, state)
 
