@@ -152,12 +152,16 @@ class ProviderBatch:
                "chunks": [{"sha256": _digest(c), "requests": len(c)} for c in chunks]}
     self._state = state
     failed: dict[int, ModelCallError] = {}
+    queued = []  # not yet submitted: submitted as the enqueued-token limit allows
     for i, chunk in enumerate(chunks):
-      error = self._ensure_submitted(i, chunk)
-      if error is not None:
-        failed[i] = error
+      if state["chunks"][i].get("batch_id") or state["chunks"][i].get("submitting_since"):
+        error = self._ensure_submitted(i, chunk)  # resumed, found, or submitted again
+        if error is not None:
+          failed[i] = error
+      else:
+        queued.append(i)
+    final = self._wait(chunks, failed, queued)
     self.batch_ids = [c["batch_id"] for c in state["chunks"] if c.get("batch_id")]
-    final = self._wait(chunks, failed)
     out: dict[str, BatchResult] = {}
     for i, chunk in enumerate(chunks):
       if i in failed:
@@ -324,15 +328,37 @@ class ProviderBatch:
       return batch.status if batch.status in _OPENAI_FINAL else None
     return "ended" if batch.processing_status == "ended" else None
 
-  def _wait(self, chunks, failed: dict[int, ModelCallError]) -> dict[int, object]:
-    """Polls every submitted batch until it is final (the batch object); past the
-    deadline, cancels the running ones; resubmits a batch refused for the enqueued-token
-    limit. Fills ``failed`` for batches that end without results."""
-    pending = {i for i in range(len(chunks)) if i not in failed}
+  def _submit_queued(self, chunks, queued: list[int], pending: set[int],
+                     failed: dict[int, ModelCallError]) -> None:
+    """Submits queued batches while this run's unfinished ones leave room under the
+    enqueued-token limit (all at once without one)."""
+    limit = self._limits.enqueued_tokens
+    tokens = lambda i: sum(_prompt_tokens(b) for _, b in chunks[i])  # noqa: E731
+    held = sum(tokens(i) for i in pending) if limit is not None else 0
+    while queued:
+      need = tokens(queued[0]) if limit is not None else 0
+      if limit is not None and pending and held + need > limit:
+        return
+      i = queued.pop(0)
+      error = self._ensure_submitted(i, chunks[i])
+      if error is not None:
+        failed[i] = error
+      else:
+        pending.add(i)
+        held += need
+
+  def _wait(self, chunks, failed: dict[int, ModelCallError], queued: list[int]
+            ) -> dict[int, object]:
+    """Polls every submitted batch until it is final (the batch object), submitting the
+    queued ones as room frees; past the deadline, cancels the running ones; resubmits a
+    batch refused for the enqueued-token limit. Fills ``failed`` for batches that end
+    without results."""
+    pending = {i for i in range(len(chunks)) if i not in failed and i not in queued}
     final: dict[int, object] = {}
     cancelled: dict[int, float] = {}
     interval, cap = self._poll_s, max(self._poll_s, min(300.0, 32 * self._poll_s))
-    while pending:
+    while pending or queued:
+      self._submit_queued(chunks, queued, pending, failed)
       now = self._clock()
       for i in sorted(pending):
         batch_id = self._chunk_state(i)["batch_id"]
@@ -363,6 +389,8 @@ class ProviderBatch:
         elif i not in cancelled and now >= self.deadline():
           self._cancel(batch_id)
           cancelled[i] = now
+      if not pending and queued:
+        continue  # room freed: submit at once
       if not pending:
         break
       self._sleep(interval * (0.8 + 0.4 * self._jitter()))
