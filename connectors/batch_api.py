@@ -368,7 +368,8 @@ class ProviderBatch:
           _LOGGER.warning("checking batch %s failed (%s); trying again", batch_id, e)
           continue
         status = self._final(batch)
-        if status == "failed" and self._token_limited(batch) and now < self.deadline():
+        if (status == "failed" and self._token_limited(batch) and now < self.deadline()
+            and self._fits(chunks[i])):
           _LOGGER.info("batch %s refused for the enqueued-token limit; submitting again "
                        "after the next wait", batch_id)
           self.resubmitted += 1
@@ -396,6 +397,11 @@ class ProviderBatch:
       self._sleep(interval * (0.8 + 0.4 * self._jitter()))
       interval = min(interval * 1.5, cap)
     return final
+
+  def _fits(self, chunk) -> bool:
+    """Whether a batch alone fits the enqueued-token limit (else resubmitting is futile)."""
+    limit = self._limits.enqueued_tokens
+    return limit is None or sum(_prompt_tokens(b) for _, b in chunk) <= limit
 
   @staticmethod
   def _token_limited(batch) -> bool:

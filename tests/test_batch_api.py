@@ -212,3 +212,13 @@ def test_uploaded_input_files_are_deleted_once_their_batch_is_final(server):
   assert len(_created(server, "openai")) == 3
   assert server.batches.files("batch") == []
   assert server.batches.files("batch_output"), "the results are the provider's to expire"
+
+
+def test_a_batch_over_the_token_limit_on_its_own_fails_once(server):
+  """Submitting it again could never succeed: it fails with the provider's reason."""
+  client = _client(server, "openai")
+  server.batches.enqueued_tokens = 100
+  batch = ProviderBatch(client, poll_s=0.05, limits=BatchLimits(100, 10**9, 10**6))
+  results = batch.run(_requests(client, 5))
+  assert _kinds(results) == {"batch_failed": 5} and batch.resubmitted == 0
+  assert "token_limit_exceeded" in str(next(iter(results.values())))
