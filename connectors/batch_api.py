@@ -369,7 +369,7 @@ class ProviderBatch:
           continue
         status = self._final(batch)
         if (status == "failed" and self._token_limited(batch) and now < self.deadline()
-            and self._fits(chunks[i])):
+            and self._fits(chunks[i], batch)):
           _LOGGER.info("batch %s refused for the enqueued-token limit; submitting again "
                        "after the next wait", batch_id)
           self.resubmitted += 1
@@ -398,9 +398,15 @@ class ProviderBatch:
       interval = min(interval * 1.5, cap)
     return final
 
-  def _fits(self, chunk) -> bool:
-    """Whether a batch alone fits the enqueued-token limit (else resubmitting is futile)."""
-    limit = self._limits.enqueued_tokens
+  def _fits(self, chunk, batch) -> bool:
+    """Whether a batch alone fits the enqueued-token limit (the one configured, or the
+    one the provider's refusal names); else submitting it again is futile."""
+    limits = [self._limits.enqueued_tokens]
+    for e in getattr(getattr(batch, "errors", None), "data", None) or []:
+      said = re.search(r"Limit: ([\d,]+) enqueued tokens", getattr(e, "message", "") or "")
+      if said:
+        limits.append(int(said.group(1).replace(",", "")))
+    limit = min((n for n in limits if n is not None), default=None)
     return limit is None or sum(_prompt_tokens(b) for _, b in chunk) <= limit
 
   @staticmethod
