@@ -393,7 +393,7 @@ def test_the_budget_approves_at_the_batch_price(broker, topic, server, tmp_path,
   name = topic(partitions=1)
   tickets = sample_tickets()[:40]
   publish(broker.bootstrap_servers, name, tickets)
-  cap = 0.01
+  cap = 0.03
   config = local_config(tmp_path / "budget.yaml", server, budget=cap, edit=_escalate_all,
                         small=dict(api_key_env="TIERFLOW_BATCH_TEST_KEY", batch_size=4),
                         frontier=dict(api_key_env="TIERFLOW_BATCH_TEST_KEY", batch_size=1))
@@ -409,6 +409,8 @@ def test_the_budget_approves_at_the_batch_price(broker, topic, server, tmp_path,
   run = load_config(config)
   router = Router(run, load_price_book())
   text = {t["ticket_id"]: render_text(run.text, t) for t in tickets}
-  reserved = sum(router.reservation(r["stage"], [text[r["ticket_id"]]], "batch")
+  discount = load_price_book().price(run.frontier.price_key).batch_discount
+  assert discount == 0.5
+  reserved = sum(router.reservation(r["stage"], [text[r["ticket_id"]]]) * (1 - discount)
                  for r in approved)
   assert 0.8 * cap <= reserved <= cap, (reserved, len(approved))
