@@ -263,7 +263,7 @@ def test_batch_mode_with_several_worker_processes(broker, topic, server, tmp_pat
   assert summary.offsets_covered == summary.offsets_in_range == 40
   states = sorted(pathlib.Path(out).glob("_batches/**/*.small.json"))
   created = [b for b in server.batches.created if b.startswith("batch_")]
-  recorded = [json.loads(p.read_text())["batch_id"] for p in states]
+  recorded = [c["batch_id"] for p in states for c in json.loads(p.read_text())["chunks"]]
   assert len(states) >= 2 and sorted(recorded) == sorted(created)  # once each, none lost
   rows = _stages(read_duckdb, out)
   assert len(rows) == 120 and {r["small_billing_mode"] for r in rows} == {"batch"}

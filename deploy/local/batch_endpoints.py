@@ -20,7 +20,8 @@ What the providers enforce is enforced here, so a batch they would reject fails 
   ``expired``, ``cancelling``, ``cancelled``; Anthropic ``in_progress``, ``canceling``,
   ``ended``, each request ``succeeded``, ``errored``, ``canceled`` or ``expired``;
 * time: the requests of a batch are answered one after another over ``complete_seconds``
-  (the real ones take up to 24 h); a batch expires ``expire_seconds`` after creation (24 h
+  (read when the batch is looked at, so a test can shorten it; the real ones take up to
+  24 h); a batch expires ``expire_seconds`` after creation (24 h
   at the providers), its unanswered requests ``expired``; a cancel takes ``step_seconds``
   (``cancelling``), then the answered requests are results and the rest ``canceled``
   (OpenAI: in the error file with ``batch_cancelled``, expired ones with ``batch_expired``).
@@ -194,7 +195,7 @@ class BatchEndpoints:
              "flavour": flavour, "requests": requests, "created_at": now,
              "start_at": now + (self.step_seconds if flavour == "openai" else 0.0),
              "expires_at": now + (0.0 if self.expire else self.expire_seconds),
-             "complete_seconds": self.complete_seconds, "fail_every": self.fail_every,
+             "fail_every": self.fail_every,
              "results": {}, "cancel_at": None, "ended_at": None, "errors": errors,
              "final": "failed" if errors else None,
              "headers": headers, "lock": threading.Lock(), **extra}
@@ -215,7 +216,7 @@ class BatchEndpoints:
 
   def _due(self, batch: dict, i: int) -> float:
     n = len(batch["requests"])
-    return batch["start_at"] + batch["complete_seconds"] * (i + 1) / n
+    return batch["start_at"] + self.complete_seconds * (i + 1) / n
 
   def _status(self, batch: dict, now: float) -> str:
     """The OpenAI status at ``now`` (Anthropic's is read from it)."""
