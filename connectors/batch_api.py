@@ -253,14 +253,16 @@ class ProviderBatch:
     if self._clock() >= self.deadline():
       return ModelCallError("batch_deadline", f"not submitted: past the batch deadline "
                             f"({self._max_wait_s:.0f}s after the first submission)")
-    return self._submit(i, chunk)
+    return self._submit(i, chunk, look=bool(state.get("submitting_since")))
 
-  def _submit(self, i: int, chunk: Sequence[tuple[str, dict]]) -> Optional[ModelCallError]:
+  def _submit(self, i: int, chunk: Sequence[tuple[str, dict]], look: bool = False
+              ) -> Optional[ModelCallError]:
+    """Submits batch ``i``; ``look``: a killed run may have uploaded its input file."""
     state = self._chunk_state(i)
     self._chunk_state(i, submitting_since=self._clock(), batch_id=None)
     try:
       if self._openai:
-        file_id = state.get("file_id") or self._upload(state["sha256"], chunk)
+        file_id = state.get("file_id") or self._upload(state["sha256"], chunk, look)
         self._chunk_state(i, file_id=file_id)
         batch = self._sdk.batches.create(
             input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
@@ -279,12 +281,12 @@ class ProviderBatch:
     _LOGGER.info("submitted %s batch %s (%d requests)", self._client, batch.id, len(chunk))
     return None
 
-  def _upload(self, digest: str, chunk: Sequence[tuple[str, dict]]) -> str:
-    """The input file: one found by its name (uploaded by a run killed before creating
-    its batch), else uploaded now."""
+  def _upload(self, digest: str, chunk: Sequence[tuple[str, dict]], look: bool) -> str:
+    """The input file: with ``look``, one found by its name (uploaded by a run killed
+    before recording it), else uploaded now."""
     name = f"tierflow-{digest[:32]}.jsonl"
     try:
-      for file in self._sdk.files.list(purpose="batch"):
+      for file in self._sdk.files.list(purpose="batch") if look else ():
         if file.filename == name:
           return file.id
     except Exception as e:  # noqa: BLE001 - cannot look: upload

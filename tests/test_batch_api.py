@@ -222,3 +222,23 @@ def test_a_batch_over_the_token_limit_on_its_own_fails_once(server):
   results = batch.run(_requests(client, 5))
   assert _kinds(results) == {"batch_failed": 5} and batch.resubmitted == 0
   assert "token_limit_exceeded" in str(next(iter(results.values())))
+
+
+def test_an_input_file_uploaded_by_a_killed_run_is_used_not_uploaded_again(server, tmp_path):
+  client = _client(server, "openai")
+  state = str(tmp_path / "state.json")
+  requests = _requests(client, 3)
+  created = client.sdk_client.batches.create
+
+  def killed(**_):
+    raise KeyboardInterrupt  # a kill after the upload, before the batch was created
+
+  client.sdk_client.batches.create = killed
+  with pytest.raises(KeyboardInterrupt):
+    ProviderBatch(client, state, poll_s=0.05).run(requests)
+  client.sdk_client.batches.create = created
+  assert len(server.batches.files("batch")) == 1
+  assert _kinds(ProviderBatch(client, state, poll_s=0.05).run(requests)) == {"reply": 3}
+  [batch] = _created(server, "openai")
+  assert batch["input_file_id"] not in {f["id"] for f in server.batches.files()}  # deleted
+  assert server.batches.files("batch") == []
