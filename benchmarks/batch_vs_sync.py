@@ -95,7 +95,12 @@ def part_batch(broker, topic: str, tmp: Path, n: int, batch_seconds: float) -> d
           "stage_answers": len(a), "same_answers": same,
           "cost_sync_usd": cost_a, "cost_batch_usd": cost_b, "ratio": cost_b / cost_a,
           "wall_sync_s": sync_s, "wall_batch_s": batch_s, "batch_seconds": batch_seconds,
-          "batches_submitted": dict(submitted)}
+          "batches_submitted": dict(submitted),
+          "batches": {t: batch.metrics.get(f"tierflow.routing.{t}_batches", 0)
+                      for t in ("small", "frontier")},
+          "polls": {t: batch.metrics.get(f"tierflow.routing.{t}_batch_polls", 0)
+                    for t in ("small", "frontier")},
+          "offset_batches": batch.metrics.get("tierflow.kafka.batches_read", 0)}
 
 
 def part_budget(broker, topic: str, tmp: Path, cap: float) -> dict:
@@ -149,6 +154,8 @@ def main(argv=None) -> int:
     print(f"| batch (both tiers) | ${b['cost_batch_usd']:.4f} ({b['ratio']:.3f}x) | "
           f"{b['wall_batch_s']:.0f} s (batches answered after {b['batch_seconds']:g} s) | "
           f"{b['same_answers']} of {b['stage_answers']} |")
+    print(f"\n{b['offset_batches']} offset batches; provider batches: {b['batches']}; "
+          f"status polls: {b['polls']}")
   if "budget" in out:
     g = out["budget"]
     print(f"\nbudget ${g['cap_usd']:.2f}, 4 worker processes: spent ${g['spent_usd']:.4f}, "

@@ -36,7 +36,7 @@ import concurrent.futures
 import logging
 import time
 import uuid
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
@@ -117,12 +117,15 @@ class Router:
     max_tokens = kind.stage.output_tokens_per_record() * len(texts) + 16
     return system, user, max_tokens
 
-  def reservation(self, stage: str, texts: Sequence[str]) -> float:
-    """The strict cost bound of the frontier request for these texts (see ``budget``)."""
+  def reservation(self, stage: str, texts: Sequence[str], billing: str = "sync") -> float:
+    """The strict cost bound of the frontier request for these texts (see ``budget``),
+    at the batch API's discount for ``billing="batch"``."""
     system, user, max_tokens = self._prompt("frontier", stage, texts)
     size = len(system.encode("utf-8")) + len(user.encode("utf-8"))
     max_tokens += self._models["frontier"].reasoning_allowance  # billed as output if used
-    return strict_cost(size, 2, max_tokens, self._prices["frontier"])
+    price = self._prices["frontier"]
+    cost = strict_cost(size, 2, max_tokens, price)
+    return cost * (1 - price.batch_discount) if billing == "batch" else cost
 
   def _request(self, tier: str, stage: str, texts: Sequence[str]
                ) -> tuple[list[TierOutcome], bool]:
@@ -195,33 +198,44 @@ class Router:
             for a, share in zip(answers, shares)]
 
   def _batched(self, tier: str, jobs: Sequence[tuple[str, Sequence[str]]],
-               key: Optional[str]) -> list[tuple[list[TierOutcome], bool]]:
+               key: Optional[str], before_sync: Optional[Callable[[int], Optional[str]]] = None
+               ) -> list[tuple[list[TierOutcome], bool]]:
     """``_request`` for many (stage, texts) jobs at once, through the provider's batch
-    API; what the batch did not answer goes synchronously or fails (``batch_fallback``)."""
-    from tierflow.connectors.batch_api import ProviderBatch
+    API; what the batches did not answer goes synchronously or fails (``batch_fallback``).
+    ``before_sync(n)``: None to send job ``n`` synchronously, or why not."""
+    from tierflow.connectors.batch_api import ProviderBatch, custom_id
     model, client = self._models[tier], self._client(tier)
     requests, prompts = [], []
     for n, (stage, texts) in enumerate(jobs):
       system, user, max_tokens = self._prompt(tier, stage, texts)
-      requests.append((f"{stage}-{n}", client.request_body(
+      requests.append((custom_id(stage, n), client.request_body(
           system, user, max_tokens, top_logprobs=self._kinds[stage].alternatives,
           answer_schema=self._schema(tier, stage, texts))))
       prompts.append((system, user))
     state = (f"{self._batch_state_dir}/{key}.{tier}.json"
              if self._batch_state_dir and key else None)
-    results = ProviderBatch(client, state, poll_s=model.batch_poll_s,
-                            max_wait_s=model.batch_max_wait_s).run(requests)
+    batch = ProviderBatch(client, state, poll_s=model.batch_poll_s,
+                          max_wait_s=model.batch_max_wait_s, limits=model.batch_limits)
+    results = batch.run(requests)
+    Metrics.counter(METRICS_NAMESPACE, f"{tier}_batches").inc(len(batch.batch_ids))
+    Metrics.counter(METRICS_NAMESPACE, f"{tier}_batch_polls").inc(batch.polls)
     out: list = [None] * len(jobs)
     fallbacks = {}
     for n, ((cid, _), (stage, texts), (system, user)) in enumerate(zip(requests, jobs, prompts)):
       result = results[cid]
       if not isinstance(result, ModelCallError):
         out[n] = (self._outcomes(tier, stage, texts, result, system, user, "batch"), True)
-      elif model.batch_fallback == "sync":
+        continue
+      why_not = ("batch_fallback: fail" if model.batch_fallback == "fail"
+                 else "it may be billed" if result.kind == "batch_unsettled"
+                 else before_sync(n) if before_sync is not None else None)
+      if why_not is None:
         fallbacks[n] = (str(result), self._executors[tier].submit(
             self._request, tier, stage, texts))
       else:
-        out[n] = ([TierOutcome(tier, model.model, error=str(result), billing="batch")
+        error = str(result) if model.batch_fallback == "fail" else \
+            f"{result}; not sent synchronously: {why_not}"
+        out[n] = ([TierOutcome(tier, model.model, error=error, billing="batch")
                    for _ in texts], False)
     for n, (why, future) in fallbacks.items():
       outcomes, answered = future.result()
@@ -380,15 +394,15 @@ class Router:
     """The stage whose next escalation is the least trustworthy, over all stages."""
     return min(queues, key=lambda s: outcomes[queues[s][0]][s].priority())
 
-  def _reserve_pack(self, stage: str, queue, texts: list[str], pool: Optional[BudgetPool]
-                    ) -> Optional[tuple[list[int], float]]:
+  def _reserve_pack(self, stage: str, queue, texts: list[str], pool: Optional[BudgetPool],
+                    billing: str = "sync") -> Optional[tuple[list[int], float]]:
     """The next pack off the front of ``queue`` and the budget it reserved: a full pack
     if the pool can reserve its strict cost, else its first record alone, else None."""
     pack = [queue[j] for j in range(min(self._models["frontier"].batch_size, len(queue)))]
     if pool is None:
       return pack, 0.0
     for candidate in (pack, pack[:1]):
-      reserved = self.reservation(stage, [texts[i] for i in candidate])
+      reserved = self.reservation(stage, [texts[i] for i in candidate], billing)
       if pool.try_reserve(reserved):
         return candidate, reserved
     return None
@@ -414,22 +428,35 @@ class Router:
   def _frontier_batched(self, texts: list[str], outcomes: list[dict],
                           pool: Optional[BudgetPool], batch_key: Optional[str]) -> None:
     """The frontier tier through the batch API: packs are approved up front (each
-    reserving its strict cost, least trustworthy answers first, interleaved over stages),
-    submitted as one batch, and settled with what they were billed."""
+    reserving its strict cost at the batch discount, least trustworthy answers first,
+    interleaved over stages), submitted as batches, and settled with what they were
+    billed. A pack the batches did not answer reserves the rest of its undiscounted
+    strict cost before it is sent synchronously, or is not sent."""
     queues = self._escalation_queues(outcomes)
     jobs, approved = [], []
     while queues:
       stage = self._next_stage(queues, outcomes)
       queue = queues[stage]
       pack, reserved = self._take(queues, stage, outcomes,
-                                  self._reserve_pack(stage, queue, texts, pool))
+                                  self._reserve_pack(stage, queue, texts, pool, "batch"))
       if not pack:
         continue
       jobs.append((stage, [texts[i] for i in pack]))
       approved.append((stage, pack, reserved))
     if not jobs:
       return
-    answers = self._batched("frontier", jobs, batch_key)
+
+    def top_up(n: int) -> Optional[str]:
+      if pool is None:
+        return None
+      stage, pack, reserved = approved[n]
+      extra = self.reservation(stage, jobs[n][1]) - reserved
+      if not pool.try_reserve(extra):
+        return "budget cap reached"
+      approved[n] = (stage, pack, reserved + extra)
+      return None
+
+    answers = self._batched("frontier", jobs, batch_key, top_up)
     for (stage, pack, reserved), first in zip(approved, answers):
       results, packed_cost, reserved_all = self._frontier_request(
           stage, [texts[i] for i in pack], pool, first=first, reserved=reserved)

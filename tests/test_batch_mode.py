@@ -209,7 +209,7 @@ def test_killed_between_the_provider_accepting_and_the_id_recorded(
   save = batch_api.ProviderBatch._save_state
 
   def killed_after_submit(self, state):
-    if state.get("batch_id"):
+    if any(c.get("batch_id") for c in state["chunks"]):
       raise _KilledHere("killed after the provider accepted the batch")
     save(self, state)
 
@@ -263,7 +263,7 @@ def test_batch_mode_with_several_worker_processes(broker, topic, server, tmp_pat
   assert summary.offsets_covered == summary.offsets_in_range == 40
   states = sorted(pathlib.Path(out).glob("_batches/**/*.small.json"))
   created = [b for b in server.batches.created if b.startswith("batch_")]
-  recorded = [json.loads(p.read_text())["batch_id"] for p in states]
+  recorded = [c["batch_id"] for p in states for c in json.loads(p.read_text())["chunks"]]
   assert len(states) >= 2 and sorted(recorded) == sorted(created)  # once each, none lost
   rows = _stages(read_duckdb, out)
   assert len(rows) == 120 and {r["small_billing_mode"] for r in rows} == {"batch"}
@@ -289,3 +289,128 @@ def test_samples_go_in_the_same_batch_and_are_all_billed(broker, topic, server, 
     assert y["small_input_tokens"] == 2 * x["small_input_tokens"]
     assert y["small_cost_usd"] == pytest.approx(2 * x["small_cost_usd"])
     assert y["small_answer"] == x["small_answer"]  # the stand-in answers alike
+
+
+def _escalate_all(doc: dict) -> None:
+  for stage in doc["stages"]:
+    stage["threshold"] = 1.1
+
+
+def test_a_stage_named_intent_v2_goes_through_both_batch_apis(broker, topic, server, tmp_path,
+                                                              read_duckdb):
+  """Anthropic refuses custom ids outside ``^[a-zA-Z0-9_-]{1,64}$``; ``intent.v2-0`` got
+  the whole batch refused (and every request sent synchronously at full price)."""
+  def rename(doc):
+    _escalate_all(doc)
+    doc["stages"][0]["name"] = "intent.v2"
+  config = local_config(tmp_path / "renamed.yaml", server, edit=rename,
+                        small=dict(api_key_env="TIERFLOW_BATCH_TEST_KEY", batch_size=4),
+                        frontier=dict(api_key_env="TIERFLOW_BATCH_TEST_KEY", batch_size=2))
+  name = topic(partitions=1)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:8])
+  out = str(tmp_path / "out")
+  summary = launcher.launch("tickets", _argv(broker, name, out, config, "--commit-offsets",
+                                             "never", "--batch-tiers", "small,frontier"))
+  assert summary.exit_code == 0 and summary.rows_written == 8
+  rows = _stages(read_duckdb, out)
+  assert {r["stage"] for r in rows} == {"intent.v2", "extract", "summarise"}
+  assert {r["small_billing_mode"] for r in rows} == {"batch"}
+  assert {r["frontier_billing_mode"] for r in rows} == {"batch"}
+  answered = _posts(server, "/v1/chat/completions") + _posts(server, "/v1/messages")
+  assert answered and all("x-local-batch" in r.headers for r in answered), "all in batches"
+
+
+def test_batches_split_by_the_limits_are_billed_at_half(broker, topic, server, tmp_path,
+                                                        read_duckdb):
+  """Every offset batch's requests are more than one batch holds: split, all answered,
+  half the synchronous bill, the same answers."""
+  name = topic(partitions=1)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:20])
+  server.batches.openai_max_requests = server.batches.anthropic_max_requests = 4
+  config = local_config(tmp_path / "split.yaml", server, edit=_escalate_all,
+                        small=dict(api_key_env="TIERFLOW_BATCH_TEST_KEY", batch_size=2,
+                                   batch_max_requests=4),
+                        frontier=dict(api_key_env="TIERFLOW_BATCH_TEST_KEY", batch_size=2,
+                                      batch_max_requests=4))
+  sync_out, batch_out = str(tmp_path / "sync"), str(tmp_path / "batch")
+  assert launcher.launch("tickets", _argv(broker, name, sync_out, config, "--commit-offsets",
+                                          "never")).exit_code == 0
+  batch = launcher.launch("tickets", _argv(broker, name, batch_out, config, "--commit-offsets",
+                                           "never", "--batch-tiers", "small,frontier"))
+  assert batch.exit_code == 0 and batch.rows_written == 20
+  # 20 records, 3 stages, packs of 2: 30 requests a tier, at most 4 a batch.
+  assert len(_posts(server, "/v1/batches")) >= 8
+  assert len(_posts(server, "/v1/messages/batches")) >= 8
+  assert batch.metrics["tierflow.routing.small_batches"] >= 8
+  a, b = _stages(read_duckdb, sync_out), _stages(read_duckdb, batch_out)
+  assert {r["small_billing_mode"] for r in b} == {"batch"}
+  assert {r["frontier_billing_mode"] for r in b} == {"batch"}
+  assert [(r["ticket_id"], r["stage"], r["small_answer"], r["final_tier"]) for r in a] == \
+         [(r["ticket_id"], r["stage"], r["small_answer"], r["final_tier"]) for r in b]
+  cost = lambda rows: sum(r["cost_usd"] for r in rows)  # noqa: E731
+  assert 0.45 * cost(a) <= cost(b) <= 0.5 * cost(a)
+
+
+@pytest.mark.parametrize("fallback", ["sync", "fail"])
+def test_a_cancel_at_the_deadline_bills_what_came_back_once(broker, topic, server, tmp_path,
+                                                            read_duckdb, fallback):
+  """The small batch is cancelled at --max-batch-wait, part answered: those answers are
+  kept and billed at half; the rest go synchronously (once each) or fail."""
+  name = topic(partitions=1)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:16])
+  server.batches.complete_seconds = 4.0
+  config = _config(tmp_path, server, batch_fallback=fallback)
+  out = str(tmp_path / "out")
+  summary = launcher.launch("tickets", _argv(
+      broker, name, out, config, "--commit-offsets", "never", "--batch-tiers", "small",
+      "--rows-per-file", "16", "--max-batch-wait", "1.5"))
+  assert summary.exit_code == 0 and summary.rows_written == 16
+  rows = _stages(read_duckdb, out)
+  batched = [r for r in rows if r["small_billing_mode"] == "batch" and not r["small_error"]]
+  rest = [r for r in rows if r not in batched]
+  assert batched and rest, "part of the batch was answered before the cancel"
+  assert all(r["small_cost_usd"] > 0 for r in batched)
+  # 16 records in packs of 4, 3 stages: 12 small requests; each answered once in all.
+  sync_small = [r for r in _posts(server, "/v1/chat/completions")
+                if "x-local-batch" not in r.headers]
+  if fallback == "sync":
+    assert {r["small_billing_mode"] for r in rest} == {"sync"}
+    assert all(r["small_error"] is None for r in rest)
+    assert server.batches.answered + len(sync_small) == 12
+  else:
+    assert all(r["small_error"].startswith("batch_canceled") for r in rest)
+    assert all(r["small_cost_usd"] == 0 for r in rest) and not sync_small
+  assert server.batches.answered * 4 == len(batched)
+
+
+def test_the_budget_approves_at_the_batch_price(broker, topic, server, tmp_path, read_duckdb):
+  """Frontier packs are approved up front at their strict cost at the batch discount: the
+  approved packs' discounted reservations fill the cap (undiscounted, they filled half)."""
+  from tierflow.config import load_config
+  from tierflow.pipelines.prompts import render_text
+  from tierflow.pipelines.routing import Router
+  from tierflow.prices import load_price_book
+  name = topic(partitions=1)
+  tickets = sample_tickets()[:40]
+  publish(broker.bootstrap_servers, name, tickets)
+  cap = 0.03
+  config = local_config(tmp_path / "budget.yaml", server, budget=cap, edit=_escalate_all,
+                        small=dict(api_key_env="TIERFLOW_BATCH_TEST_KEY", batch_size=4),
+                        frontier=dict(api_key_env="TIERFLOW_BATCH_TEST_KEY", batch_size=1))
+  out = str(tmp_path / "out")
+  summary = launcher.launch("tickets", _argv(
+      broker, name, out, config, "--commit-offsets", "never", "--rows-per-file", "40",
+      "--batch-tiers", "frontier"))
+  assert summary.exit_code == 0
+  rows = _stages(read_duckdb, out)
+  approved = [r for r in rows if r["frontier_cost_usd"] > 0]
+  assert approved and len(approved) < len(rows), "the cap bites"
+  assert sum(r["frontier_cost_usd"] for r in rows) <= cap
+  run = load_config(config)
+  router = Router(run, load_price_book())
+  text = {t["ticket_id"]: render_text(run.text, t) for t in tickets}
+  discount = load_price_book().price(run.frontier.price_key).batch_discount
+  assert discount == 0.5
+  reserved = sum(router.reservation(r["stage"], [text[r["ticket_id"]]]) * (1 - discount)
+                 for r in approved)
+  assert 0.8 * cap <= reserved <= cap, (reserved, len(approved))

@@ -115,6 +115,12 @@ class ModelConfig(_Strict):
       take before it is cancelled (``--max-batch-wait``).
     batch_fallback: requests a batch did not answer (expired, cancelled, past the wait,
       a request error) are sent synchronously (``sync``) or fail their records (``fail``).
+    batch_max_requests / batch_max_bytes: lower the provider's per-batch limits (OpenAI
+      50,000 requests and 200 MB per input file, Anthropic 100,000 requests or 256 MB);
+      a tier's requests are split into as many batches as the limits need.
+    batch_max_enqueued_tokens: the organisation's enqueued-token limit for this model
+      (OpenAI); each batch stays under it, and a batch the provider refuses for it
+      (other workers' batches share it) is submitted again once others have ended.
     stand_in: a label saying this endpoint is a stand-in, shown in summaries.
   """
   provider: Literal["openai", "anthropic"]
@@ -142,6 +148,9 @@ class ModelConfig(_Strict):
   batch_poll_s: float = Field(30.0, gt=0)
   batch_max_wait_s: float = Field(86_400.0, gt=0)
   batch_fallback: Literal["sync", "fail"] = "sync"
+  batch_max_requests: Optional[int] = Field(None, ge=1)
+  batch_max_bytes: Optional[int] = Field(None, ge=1024)
+  batch_max_enqueued_tokens: Optional[int] = Field(None, ge=1)
   stand_in: Optional[str] = None
 
   @field_validator("base_url", "api_key_env", "price_as", "behaves_as", "reasoning_effort",
@@ -188,6 +197,15 @@ class ModelConfig(_Strict):
   def capabilities(self):
     from tierflow.connectors.model_capabilities import capabilities
     return capabilities(self.provider, self.behaves_as or self.model)
+
+  @property
+  def batch_limits(self):
+    """The per-batch limits: the provider's, lowered by ``batch_max_*``."""
+    from tierflow.connectors.batch_api import LIMITS, BatchLimits
+    own = LIMITS[self.provider]
+    return BatchLimits(min(own.requests, self.batch_max_requests or own.requests),
+                       min(own.bytes, self.batch_max_bytes or own.bytes),
+                       self.batch_max_enqueued_tokens)
 
   @property
   def uses_logprobs(self) -> bool:

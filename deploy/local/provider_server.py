@@ -41,7 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, Union
 from urllib.parse import urlsplit
 
-from tierflow_local.batch_endpoints import BatchEndpoints
+from tierflow_local.batch_endpoints import BatchEndpoints, BatchRefused
 from tierflow_local.provider_rules import ModelRules, RequestRejected, rules_for
 
 __all__ = [
@@ -1079,6 +1079,8 @@ class LocalProviderServer:
         routed = self.batches.route(method, path, incoming.headers, incoming.body, self.url)
       except KeyError as e:
         raise _ApiError(404, str(e.args[0]), code="not_found") from None
+      except BatchRefused as e:
+        raise _ApiError(e.status, str(e), code="invalid_request") from None
       except (ValueError, TypeError, json.JSONDecodeError) as e:
         raise _ApiError(400, str(e), code="invalid_request") from None
       if routed is not None:
