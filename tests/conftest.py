@@ -240,8 +240,11 @@ def _no_root_handler_on_a_closed_stream():
 @pytest.fixture(autouse=True)
 def _fresh_circuit_breakers():
   """Circuit breakers live per endpoint and process; a test's dead endpoint must not
-  leave an open circuit for a later test whose server got the same port."""
+  leave an open circuit (or a client holding one) for a later test whose server got the
+  same port."""
   yield
   from tierflow.connectors import llm_clients
   with llm_clients._LIMITERS_LOCK:
     llm_clients._BREAKERS.clear()
+  with llm_clients._CLIENTS_LOCK:
+    llm_clients._CLIENTS.clear()

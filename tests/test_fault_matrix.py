@@ -81,10 +81,12 @@ def run(broker, topic, endpoints, tmp_path, capsys, monkeypatch, *flags, during=
 
 def _as_a_new_process():
   """The next run in this test process starts as a new one would: no circuit breaker
-  left open by the run before."""
+  left open by the run before, and no client holding one."""
   from tierflow.connectors import llm_clients
   with llm_clients._LIMITERS_LOCK:
     llm_clients._BREAKERS.clear()
+  with llm_clients._CLIENTS_LOCK:
+    llm_clients._CLIENTS.clear()
 
 
 def rows_of(read_duckdb, out, sub):
