@@ -1,7 +1,7 @@
 """The ``tierflow`` command.
 
     tierflow run PIPELINE [pipeline and Beam flags]   run a pipeline (passthrough, ...)
-    tierflow demo                                     the embedded default, end to end
+    tierflow demo                                     calibrate, run, report: the embedded default
     tierflow serve-local                              local OpenAI/Anthropic endpoints
     tierflow calibrate --labels FILE --from-output DIR  thresholds with an error guarantee
     tierflow report OUTPUT_DIR [--labels FILE]        cost/quality report of a run
