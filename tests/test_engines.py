@@ -24,7 +24,7 @@ import time
 
 import duckdb
 import pytest
-import yaml
+from local_config import pipeline_config
 
 from tierflow import launcher
 from tierflow_local.broker import free_port
@@ -90,19 +90,6 @@ def endpoints():
     yield server
 
 
-def model_config(tmp_path, endpoints, pipeline, budget=None):
-  from importlib import resources
-  config = yaml.safe_load(resources.files("tierflow").joinpath("data", f"{pipeline}.yaml")
-                          .read_text())
-  config["budget_usd"] = budget
-  config["models"]["small"].update(base_url=endpoints.openai_base_url, model="small",
-                                   api_key_env=None, price_as="gpt-5-nano", batch_size=4)
-  config["models"]["frontier"].update(provider="anthropic", model="frontier",
-                                      base_url=endpoints.anthropic_base_url, api_key_env=None,
-                                      price_as="claude-sonnet-4-6", batch_size=4)
-  path = tmp_path / f"{pipeline}.yaml"
-  path.write_text(yaml.safe_dump(config))
-  return str(path)
 
 
 # --- Flink --------------------------------------------------------------------------------
@@ -145,7 +132,7 @@ def test_model_pipelines_on_flink_answer_every_record_within_the_budget(
   budget = 0.02
   summary = launcher.launch(pipeline, [
       "--bootstrap-servers", kafka_broker.bootstrap_servers, "--topic", name, "--output", out,
-      "--config", model_config(tmp_path, endpoints, pipeline, budget), "--rows-per-file", "16",
+      "--config", pipeline_config(tmp_path, endpoints, pipeline, budget), "--rows-per-file", "16",
       *flink_flags()])
   assert summary.state == "DONE" and summary.exit_code == 0, summary.problems
   rows = stored(out, "results")

@@ -14,7 +14,7 @@ import os
 
 import duckdb
 import pytest
-import yaml
+from local_config import pipeline_config
 
 from tierflow import cli
 from tierflow_local.engines import flink_job_server_jar, prism_binary
@@ -51,19 +51,6 @@ def endpoints():
     yield server
 
 
-def config_for(tmp_path, endpoints, pipeline):
-  from importlib import resources
-  config = yaml.safe_load(resources.files("tierflow").joinpath("data", f"{pipeline}.yaml")
-                          .read_text())
-  config["budget_usd"] = None
-  config["models"]["small"].update(base_url=endpoints.openai_base_url, model="small",
-                                   api_key_env=None, price_as="gpt-5-nano", batch_size=4)
-  config["models"]["frontier"].update(provider="anthropic", model="frontier",
-                                      base_url=endpoints.anthropic_base_url, api_key_env=None,
-                                      price_as="claude-sonnet-4-6", batch_size=4)
-  path = tmp_path / f"{pipeline}.yaml"
-  path.write_text(yaml.safe_dump(config))
-  return str(path)
 
 
 @pytest.mark.parametrize("runner", ["fnapi", "flink", "prism"])
@@ -98,7 +85,7 @@ def test_the_poison_records_never_stop_a_run(pipeline, runner, kafka_broker, end
   argv = ["run", pipeline, "--bootstrap-servers", kafka_broker.bootstrap_servers, "--topic",
           name, "--output", out, "--rows-per-file", "5", *runner_flags(runner)]
   if pipeline != "passthrough":
-    argv += ["--config", config_for(tmp_path, endpoints, pipeline)]
+    argv += ["--config", pipeline_config(tmp_path, endpoints, pipeline)]
   code = cli.main(argv)
   printed = capsys.readouterr()
   assert code == (0 if pipeline == "passthrough" else 3), printed.err[-3000:]
