@@ -49,28 +49,21 @@ def selection_tickets() -> list[dict]:
 def evaluate(model, tickets: list[dict], work: str) -> dict:
   """One model's answers on ``tickets``, calibrated as the demo does."""
   from tierflow import demo_command as demo
-  from tierflow.calibrate_command import calibrate_output, run_small_tier, stage_samples
+  from tierflow.calibrate_command import stage_samples
   from tierflow_local.llama_server import LlamaServer
   from tierflow_local.loader import SAMPLE_TICKET_LABELS, bundled_path, sample_ticket_labels, \
       sample_tickets
   from tierflow_local.provider_server import LocalProviderServer
   from tierflow_local.standin_model import KeywordStandIn
   examples = demo.worked_examples(sample_tickets(), sample_ticket_labels())
-  records = os.path.join(work, "records.jsonl")
-  with open(records, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(t) + "\n" for t in tickets)
+  gold = bundled_path(SAMPLE_TICKET_LABELS)
   started = time.monotonic()
   with LlamaServer(model) as llama, LocalProviderServer(KeywordStandIn(),
                                                        models=("standin-frontier",)) as standin:
-    config = demo.demo_config(os.path.join(work, "config.yaml"), llama.base_url, model.name,
-                              standin.anthropic_base_url, examples,
-                              stages=demo.CALIBRATED_STAGES)
-    out = run_small_tier("tickets", records, os.path.join(work, "out"), config=config)
+    out, calibration, _ = demo.calibrate_small_tier(tickets, work, llama.base_url, model.name,
+                                                    standin.anthropic_base_url, examples, gold)
   seconds = time.monotonic() - started
-  gold = bundled_path(SAMPLE_TICKET_LABELS)
   samples, _ = stage_samples(out, gold)
-  calibration, _ = calibrate_output(out, gold, alpha=demo.ALPHA,
-                                    delta=demo.DELTA, stages=list(demo.CALIBRATED_STAGES))
   stages = {}
   for name, sc in calibration.stages.items():
     s = samples[name]

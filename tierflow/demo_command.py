@@ -39,7 +39,8 @@ DELTA = 0.1
 SMALL_PRICE_AS = "fireworks/llama-v3p1-8b-instruct"
 FRONTIER_PRICE_AS = "claude-sonnet-4-6"
 
-__all__ = ["add_arguments", "run_from_args", "demo_config", "worked_examples"]
+__all__ = ["add_arguments", "run_from_args", "demo_config", "worked_examples",
+           "calibrate_small_tier"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +102,20 @@ def _write_jsonl(path: str, rows: Sequence[dict]) -> str:
   return path
 
 
+def calibrate_small_tier(sample: Sequence[dict], work: str, small_url: str, small_model: str,
+                         frontier_url: str, examples: Sequence[dict], gold: str):
+  """The small tier's answers on ``sample`` (in ``work``) and the demo's calibration of the
+  classify and extract stages against ``gold``: (output dir, calibration, notes)."""
+  from tierflow.calibrate_command import calibrate_output, run_small_tier
+  config = demo_config(os.path.join(work, "calibrate.yaml"), small_url, small_model,
+                       frontier_url, examples, stages=CALIBRATED_STAGES)
+  out = run_small_tier("tickets", _write_jsonl(os.path.join(work, "sample.jsonl"), sample),
+                       os.path.join(work, "calibration-run"), config=config)
+  calibration, notes = calibrate_output(out, gold, alpha=ALPHA, delta=DELTA,
+                                        stages=list(CALIBRATED_STAGES))
+  return out, calibration, notes
+
+
 def _headline(report: dict, calibration) -> list[str]:
   """The report's result in plain words."""
   lines = []
@@ -129,7 +144,7 @@ def _headline(report: dict, calibration) -> list[str]:
 
 def run_from_args(args: argparse.Namespace, rest: Sequence[str]) -> int:
   from tierflow import launcher, progress
-  from tierflow.calibrate_command import calibrate_output, format_stage, run_small_tier
+  from tierflow.calibrate_command import format_stage
   from tierflow.report import build_report
   from tierflow_local.broker import EmbeddedBroker
   from tierflow_local.llama_server import DEMO_MODEL, LlamaServer
@@ -173,19 +188,13 @@ def run_from_args(args: argparse.Namespace, rest: Sequence[str]) -> int:
     examples = worked_examples(tickets, labels)
     config = demo_config(os.path.join(work, "tickets.yaml"), llama.base_url, DEMO_MODEL.name,
                          standin.anthropic_base_url, examples)
-    calib_config = demo_config(os.path.join(work, "calibrate.yaml"), llama.base_url,
-                               DEMO_MODEL.name, standin.anthropic_base_url, examples,
-                               stages=CALIBRATED_STAGES)
     progress.start(sys.stderr)  # a line at least every 30 s (redrawn on a terminal)
     stack.callback(progress.stop)
     print(f"[4/6] calibrating {' and '.join(CALIBRATED_STAGES)} on {len(sample)} labelled "
           f"tickets: the small tier answers them, and each stage gets the threshold that "
           f"keeps error <= {ALPHA:g} with probability >= {1 - DELTA:g}", flush=True)
-    small_out = run_small_tier("tickets", _write_jsonl(os.path.join(work, "sample.jsonl"),
-                                                       sample),
-                               os.path.join(work, "calibration-run"), config=calib_config)
-    calibration, notes = calibrate_output(small_out, gold, alpha=ALPHA,
-                                          delta=DELTA, stages=list(CALIBRATED_STAGES))
+    _, calibration, notes = calibrate_small_tier(sample, work, llama.base_url, DEMO_MODEL.name,
+                                                 standin.anthropic_base_url, examples, gold)
     os.makedirs(output, exist_ok=True)
     calibration_file = os.path.join(output, "calibration.json")
     calibration.save(calibration_file)

