@@ -358,7 +358,8 @@ def test_a_cancel_at_the_deadline_bills_what_came_back_once(broker, topic, serve
   kept and billed at half; the rest go synchronously (once each) or fail."""
   name = topic(partitions=1)
   publish(broker.bootstrap_servers, name, sample_tickets()[:16])
-  server.batches.complete_seconds = 4.0
+  server.batches.complete_seconds = 0.3
+  server.batches.stall_after = 9  # of the batch's 12 requests: the last 3 wait for the cancel
   config = _config(tmp_path, server, batch_fallback=fallback)
   out = str(tmp_path / "out")
   summary = launcher.launch("tickets", _argv(
@@ -380,7 +381,8 @@ def test_a_cancel_at_the_deadline_bills_what_came_back_once(broker, topic, serve
   else:
     assert all(r["small_error"].startswith("batch_canceled") for r in rest)
     assert all(r["small_cost_usd"] == 0 for r in rest) and not sync_small
-  assert server.batches.answered * 4 == len(batched)
+  assert len(server.batches.created) == 1 and server.batches.answered == 9
+  assert len(batched) == 9 * 4
 
 
 def test_the_budget_approves_at_the_batch_price(broker, topic, server, tmp_path, read_duckdb):

@@ -28,7 +28,9 @@ What the providers enforce is enforced here, so a batch they would reject fails 
 
 Each request goes through the synchronous path (model rules, responder, usage, faults)
 without the rate limits, which batches do not share. Knobs for tests: ``fail_every``
-(every n-th request of a batch fails with a 500), ``expire`` (every request expires).
+(every n-th request of a batch fails with a 500), ``expire`` (every request expires),
+``stall_after`` (a batch answers its first n requests, then none until it is cancelled or
+expires: a deterministic partial answer).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class BatchEndpoints:
     self.step_seconds = 0.05  # validating, finalizing, cancelling
     self.fail_every: Optional[int] = None
     self.expire = False
+    self.stall_after: Optional[int] = None
     self.openai_max_requests, self.openai_max_bytes = 50_000, 200 * _MB
     self.anthropic_max_requests, self.anthropic_max_bytes = 100_000, 256 * _MB
     self.enqueued_tokens: Optional[int] = None
@@ -195,7 +198,7 @@ class BatchEndpoints:
              "flavour": flavour, "requests": requests, "created_at": now,
              "start_at": now + (self.step_seconds if flavour == "openai" else 0.0),
              "expires_at": now + (0.0 if self.expire else self.expire_seconds),
-             "fail_every": self.fail_every,
+             "fail_every": self.fail_every, "stall_after": self.stall_after,
              "results": {}, "cancel_at": None, "ended_at": None, "errors": errors,
              "final": "failed" if errors else None,
              "headers": headers, "lock": threading.Lock(), **extra}
@@ -244,6 +247,8 @@ class BatchEndpoints:
       for i, (cid, body) in enumerate(batch["requests"]):
         if cid in batch["results"] or self._due(batch, i) > cutoff:
           continue
+        if batch["stall_after"] is not None and i >= batch["stall_after"]:
+          break
         every = batch["fail_every"]
         if every and (i + 1) % every == 0:
           batch["results"][cid] = (500, {"error": {
