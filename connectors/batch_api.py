@@ -45,7 +45,7 @@ from tierflow.connectors.llm_clients import (ModelCallError, ModelClient, ModelR
                                              estimate_tokens, kind_of_status)
 from tierflow.files import read_text, rename_over
 
-__all__ = ["ProviderBatch", "BatchResult", "BatchLimits", "LIMITS", "custom_id"]
+__all__ = ["ProviderBatch", "OpenAIBatches", "AnthropicBatches", "BatchResult", "BatchLimits", "LIMITS", "custom_id"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -102,6 +102,11 @@ def _prompt_tokens(body: dict) -> int:
 class ProviderBatch:
   """The batches of one tier's requests to one model endpoint.
 
+  ``ProviderBatch(client, ...)`` is the batch API of the client's provider:
+  ``OpenAIBatches`` (files + batches) or ``AnthropicBatches`` (Message Batches), each one
+  subclass registered by ``provider=``; what is common (splitting, state, polling,
+  deadlines, results to replies) is here.
+
   Args:
     client: the tier's ``ModelClient`` (its SDK client, config and answer parser).
     state_path: where the batch ids are kept (None: not kept; a kill loses the batches).
@@ -112,6 +117,23 @@ class ProviderBatch:
     settle_s: how long a cancelled batch may take to become final.
   """
 
+  provider = ""
+  _PROVIDERS: dict = {}
+
+  def __init_subclass__(cls, provider: str = "", **kwargs):
+    super().__init_subclass__(**kwargs)
+    if provider:
+      cls.provider = provider
+      ProviderBatch._PROVIDERS[provider] = cls
+
+  def __new__(cls, client: ModelClient, *args, **kwargs):
+    if cls is ProviderBatch:
+      try:
+        cls = ProviderBatch._PROVIDERS[client.cfg.provider]
+      except KeyError:
+        raise ValueError(f"no batch API for provider {client.cfg.provider!r}") from None
+    return super().__new__(cls)
+
   def __init__(self, client: ModelClient, state_path: Optional[str] = None, *,
                poll_s: float = 30.0, max_wait_s: float = 86_400.0,
                limits: Optional[BatchLimits] = None, settle_s: float = 3_600.0,
@@ -120,7 +142,6 @@ class ProviderBatch:
                jitter: Callable[[], float] = random.random):
     self._client = client
     self._sdk = client.sdk_client
-    self._openai = client.cfg.provider == "openai"
     self._state_path = state_path
     self._poll_s, self._max_wait_s, self._settle_s = poll_s, max_wait_s, settle_s
     self._limits = limits or LIMITS[client.cfg.provider]
@@ -187,11 +208,40 @@ class ProviderBatch:
       size, tokens = size + line, tokens + need
     return [*chunks, chunk] if chunk else chunks
 
+  # -- what each provider's subclass says ----------------------------------------------------
   def _line(self, cid: str, body: dict) -> bytes:
-    if self._openai:
-      return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
-                         "body": body}).encode()
-    return json.dumps({"custom_id": cid, "params": body}).encode()
+    """A request as the batch carries it (what the size limit counts)."""
+    raise NotImplementedError
+
+  def _create(self, i: int, chunk: Sequence[tuple[str, dict]], digest: str, look: bool):
+    """Submits batch ``i`` (``look``: a killed run may have uploaded its input); the
+    provider's batch object."""
+    raise NotImplementedError
+
+  def _find_submitted(self, digest: str, since: float) -> Optional[str]:
+    """The batch a killed run submitted for these requests but never recorded, if the
+    provider can tell (None otherwise)."""
+    raise NotImplementedError
+
+  def _get(self, batch_id: str):
+    """The provider's batch object."""
+    raise NotImplementedError
+
+  def _final(self, batch) -> Optional[str]:
+    """The final status of a batch object, or None while it runs (or cancels)."""
+    raise NotImplementedError
+
+  def _cancel_batch(self, batch_id: str) -> None:
+    raise NotImplementedError
+
+  def _delete_input(self, i: int) -> None:
+    """What the batch left to clean up once final (an input file); nothing by default."""
+
+  def _results(self, batch) -> dict[str, BatchResult]:
+    """Every answered or failed request of a final batch, by custom id."""
+    raise NotImplementedError
+
+  # -- the same for every provider ---------------------------------------------------------
 
   # -- state -----------------------------------------------------------------------------
   def _load_state(self) -> Optional[dict]:
@@ -261,16 +311,7 @@ class ProviderBatch:
     state = self._chunk_state(i)
     self._chunk_state(i, submitting_since=self._clock(), batch_id=None)
     try:
-      if self._openai:
-        file_id = state.get("file_id") or self._upload(state["sha256"], chunk, look)
-        self._chunk_state(i, file_id=file_id)
-        batch = self._sdk.batches.create(
-            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
-            metadata=_metadata(state["sha256"]),
-            output_expires_after={"anchor": "created_at", "seconds": _OUTPUT_EXPIRES_S})
-      else:
-        batch = self._sdk.messages.batches.create(
-            requests=[{"custom_id": cid, "params": body} for cid, body in chunk])
+      batch = self._create(i, chunk, state["sha256"], look)
     except Exception as e:  # noqa: BLE001 - every request fails with the reason
       error = self._client._classify(e)
       return ModelCallError(error.kind, f"submitting batch {i + 1} failed: {error.message}",
@@ -281,54 +322,10 @@ class ProviderBatch:
     _LOGGER.info("submitted %s batch %s (%d requests)", self._client, batch.id, len(chunk))
     return None
 
-  def _upload(self, digest: str, chunk: Sequence[tuple[str, dict]], look: bool) -> str:
-    """The input file: with ``look``, one found by its name (uploaded by a run killed
-    before recording it), else uploaded now."""
-    name = f"tierflow-{digest[:32]}.jsonl"
-    try:
-      for file in self._sdk.files.list(purpose="batch") if look else ():
-        if file.filename == name:
-          return file.id
-    except Exception as e:  # noqa: BLE001 - cannot look: upload
-      _LOGGER.debug("listing files failed: %s", e)
-    lines = b"".join(self._line(cid, body) + b"\n" for cid, body in chunk)
-    return self._sdk.files.create(
-        file=(name, lines), purpose="batch",
-        expires_after={"anchor": "created_at", "seconds": _INPUT_EXPIRES_S}).id
-
-  def _find_submitted(self, digest: str, since: float) -> Optional[str]:
-    """The batch a killed run submitted for these requests but never recorded: OpenAI's
-    carries the requests' hash in its metadata. None if there is none (or no way to tell)."""
-    if not self._openai:
-      _LOGGER.warning("%s: a previous run may have submitted this batch and been killed before "
-                      "recording it; Anthropic batches carry no metadata to find it by, so it "
-                      "is submitted again", self._state_path)
-      return None
-    try:
-      for batch in self._sdk.batches.list(limit=100):  # newest first; pages as needed
-        if batch.created_at < since - 300:
-          break
-        if (_metadata(digest).items() <= (batch.metadata or {}).items()
-            and batch.status not in ("failed", "cancelled", "cancelling", "expired")):
-          _LOGGER.warning("found batch %s, submitted by a run killed before recording it",
-                          batch.id)
-          return batch.id
-    except Exception as e:  # noqa: BLE001 - cannot look: submit (the pre-existing gap)
-      _LOGGER.warning("listing batches to find an unrecorded one failed (%s); submitting", e)
-    return None
-
   # -- waiting ---------------------------------------------------------------------------
   def _retrieve(self, batch_id: str):
     self.polls += 1
-    if self._openai:
-      return self._sdk.batches.retrieve(batch_id)
-    return self._sdk.messages.batches.retrieve(batch_id)
-
-  def _final(self, batch) -> Optional[str]:
-    """The final status of a batch object, or None while it runs (or cancels)."""
-    if self._openai:
-      return batch.status if batch.status in _OPENAI_FINAL else None
-    return "ended" if batch.processing_status == "ended" else None
+    return self._get(batch_id)
 
   def _submit_queued(self, chunks, queued: list[int], pending: set[int],
                      failed: dict[int, ModelCallError]) -> None:
@@ -420,23 +417,9 @@ class ProviderBatch:
     _LOGGER.warning("batch %s not done %.0fs after submission (--max-batch-wait): "
                     "cancelling; its answered requests are kept", batch_id, self._max_wait_s)
     try:
-      if self._openai:
-        self._sdk.batches.cancel(batch_id)
-      else:
-        self._sdk.messages.batches.cancel(batch_id)
+      self._cancel_batch(batch_id)
     except Exception as e:  # noqa: BLE001 - e.g. it ended meanwhile: the polls will tell
       _LOGGER.warning("cancelling batch %s failed: %s", batch_id, e)
-
-  def _delete_input(self, i: int) -> None:
-    """The uploaded input file, once its batch is final (it expires anyway)."""
-    file_id = self._state["chunks"][i].get("file_id")
-    if not self._openai or not file_id:
-      return
-    try:
-      self._sdk.files.delete(file_id)
-    except Exception as e:  # noqa: BLE001 - already gone, or it expires by itself
-      _LOGGER.debug("deleting input file %s: %s", file_id, e)
-    self._chunk_state(i, file_id=None)
 
   # -- results ---------------------------------------------------------------------------
   def _collect(self, i: int, chunk, batch) -> dict[str, BatchResult]:
@@ -460,17 +443,80 @@ class ProviderBatch:
     missing = ModelCallError(kind, f"batch {batch_id} {status}: no result for the request")
     return {cid: results.get(cid, missing) for cid, _ in chunk}
 
-  def _results(self, batch) -> dict[str, BatchResult]:
-    return (self._openai_results(batch) if self._openai
-            else self._anthropic_results(batch.id))
-
   def _reply(self, body) -> BatchResult:
     try:
       return self._client.reply_from_body(body)
     except ModelCallError as e:
       return e
 
-  def _openai_results(self, batch) -> dict[str, BatchResult]:
+
+class OpenAIBatches(ProviderBatch, provider="openai"):
+  """OpenAI's Batch API: a JSONL input file, a batch over it, output and error files."""
+
+  def _line(self, cid: str, body: dict) -> bytes:
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                       "body": body}).encode()
+
+  def _create(self, i: int, chunk: Sequence[tuple[str, dict]], digest: str, look: bool):
+    file_id = self._chunk_state(i).get("file_id") or self._upload(digest, chunk, look)
+    self._chunk_state(i, file_id=file_id)
+    return self._sdk.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+        metadata=_metadata(digest),
+        output_expires_after={"anchor": "created_at", "seconds": _OUTPUT_EXPIRES_S})
+
+  def _upload(self, digest: str, chunk: Sequence[tuple[str, dict]], look: bool) -> str:
+    """The input file: with ``look``, one found by its name (uploaded by a run killed
+    before recording it), else uploaded now."""
+    name = f"tierflow-{digest[:32]}.jsonl"
+    try:
+      for file in self._sdk.files.list(purpose="batch") if look else ():
+        if file.filename == name:
+          return file.id
+    except Exception as e:  # noqa: BLE001 - cannot look: upload
+      _LOGGER.debug("listing files failed: %s", e)
+    lines = b"".join(self._line(cid, body) + b"\n" for cid, body in chunk)
+    return self._sdk.files.create(
+        file=(name, lines), purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": _INPUT_EXPIRES_S}).id
+
+  def _find_submitted(self, digest: str, since: float) -> Optional[str]:
+    """The batch a killed run submitted for these requests but never recorded: OpenAI's
+    carries the requests' hash in its metadata. None if there is none (or no way to tell)."""
+    try:
+      for batch in self._sdk.batches.list(limit=100):  # newest first; pages as needed
+        if batch.created_at < since - 300:
+          break
+        if (_metadata(digest).items() <= (batch.metadata or {}).items()
+            and batch.status not in ("failed", "cancelled", "cancelling", "expired")):
+          _LOGGER.warning("found batch %s, submitted by a run killed before recording it",
+                          batch.id)
+          return batch.id
+    except Exception as e:  # noqa: BLE001 - cannot look: submit (the pre-existing gap)
+      _LOGGER.warning("listing batches to find an unrecorded one failed (%s); submitting", e)
+    return None
+
+  def _get(self, batch_id: str):
+    return self._sdk.batches.retrieve(batch_id)
+
+  def _final(self, batch) -> Optional[str]:
+    return batch.status if batch.status in _OPENAI_FINAL else None
+
+  def _cancel_batch(self, batch_id: str) -> None:
+    self._sdk.batches.cancel(batch_id)
+
+  def _delete_input(self, i: int) -> None:
+    """The uploaded input file, once its batch is final (it expires anyway)."""
+    file_id = self._state["chunks"][i].get("file_id")
+    if not file_id:
+      return
+    try:
+      self._sdk.files.delete(file_id)
+    except Exception as e:  # noqa: BLE001 - already gone, or it expires by itself
+      _LOGGER.debug("deleting input file %s: %s", file_id, e)
+    self._chunk_state(i, file_id=None)
+
+  def _results(self, batch) -> dict[str, BatchResult]:
     out: dict[str, BatchResult] = {}
     for file_id in (batch.output_file_id, batch.error_file_id):
       if not file_id:
@@ -494,7 +540,34 @@ class ProviderBatch:
                                                   f"HTTP {status} {message[:200]}", status)
     return out
 
-  def _anthropic_results(self, batch_id: str) -> dict[str, BatchResult]:
+
+class AnthropicBatches(ProviderBatch, provider="anthropic"):
+  """Anthropic's Message Batches: the requests in the create call, results streamed."""
+
+  def _line(self, cid: str, body: dict) -> bytes:
+    return json.dumps({"custom_id": cid, "params": body}).encode()
+
+  def _create(self, i: int, chunk: Sequence[tuple[str, dict]], digest: str, look: bool):
+    return self._sdk.messages.batches.create(
+        requests=[{"custom_id": cid, "params": body} for cid, body in chunk])
+
+  def _find_submitted(self, digest: str, since: float) -> Optional[str]:
+    _LOGGER.warning("%s: a previous run may have submitted this batch and been killed before "
+                    "recording it; Anthropic batches carry no metadata to find it by, so it "
+                    "is submitted again", self._state_path)
+    return None
+
+  def _get(self, batch_id: str):
+    return self._sdk.messages.batches.retrieve(batch_id)
+
+  def _final(self, batch) -> Optional[str]:
+    return "ended" if batch.processing_status == "ended" else None
+
+  def _cancel_batch(self, batch_id: str) -> None:
+    self._sdk.messages.batches.cancel(batch_id)
+
+  def _results(self, batch) -> dict[str, BatchResult]:
+    batch_id = batch.id
     out: dict[str, BatchResult] = {}
     for entry in self._sdk.messages.batches.results(batch_id):
       result = entry.result

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
   from tierflow.config import ModelConfig
   from tierflow.connectors.kafka_ledger import LedgerConfig
 
-__all__ = ["TokenInfo", "ModelReply", "ModelCallError", "ModelClient", "RateLimiter",
+__all__ = ["TokenInfo", "ModelReply", "ModelCallError", "ModelClient", "OpenAIChat",
+           "AnthropicMessages", "RateLimiter",
            "SharedRateLimiter", "TierUnavailable", "client_for", "systemic",
            "estimate_tokens", "kind_of_status"]
 
@@ -382,14 +383,37 @@ def retry_after_seconds(headers) -> Optional[float]:
 class ModelClient:
   """One model endpoint. Thread-safe; create once per worker (RunInference does).
 
+  ``ModelClient(cfg)`` is the provider's client: ``OpenAIChat`` (Chat Completions, any
+  OpenAI-compatible endpoint) or ``AnthropicMessages``; each provider is one subclass
+  (its SDK, request body and answer), registered by ``provider=``.
+
   Retries are tierflow's, not the SDKs' (those are set to 0), so both providers
   behave alike: 408/409/429/5xx/529, timeouts and connection errors are retried
   up to ``max_retries`` times, waiting what ``retry-after-ms``/``retry-after``
   asks (capped at ``max_retry_wait_s``, so a huge value cannot park a worker)
-  or else exponential backoff with jitter.
+  or else exponential backoff with jitter: a request is sent at most
+  ``1 + max_retries`` times (fewer once the endpoint's circuit breaker opens).
   """
 
   max_retry_wait_s = 60.0
+  provider: str = ""
+  path = ""  # the completion route, relative to the SDK client's base URL
+  _PROVIDERS: dict = {}
+
+  def __init_subclass__(cls, provider: str = "", **kwargs):
+    super().__init_subclass__(**kwargs)
+    if provider:
+      cls.provider = provider
+      ModelClient._PROVIDERS[provider] = cls
+
+  def __new__(cls, cfg: "ModelConfig", *args, **kwargs):
+    if cls is ModelClient:
+      try:
+        cls = ModelClient._PROVIDERS[cfg.provider]
+      except KeyError:
+        raise ValueError(f"no client for provider {cfg.provider!r} "
+                         f"(known: {sorted(ModelClient._PROVIDERS)})") from None
+    return super().__new__(cls)
 
   def __init__(self, cfg: "ModelConfig", sleep=time.sleep,
                ledger: Optional["LedgerConfig"] = None):
@@ -397,23 +421,31 @@ class ModelClient:
     self.limiter = _limiter_for(cfg, ledger)
     self.breaker = _breaker_for(cfg)
     self._sleep = sleep
-    key = _api_key(cfg)
-    if cfg.provider == "openai":
-      import openai
-      self._sdk, self._path = openai, "/chat/completions"
-      self._client = openai.OpenAI(api_key=key, base_url=cfg.base_url, max_retries=0,
-                                   timeout=cfg.timeout_s, default_headers=_worker_header(),
-                                   http_client=_http_client(openai))
-    else:
-      import anthropic
-      self._sdk, self._path = anthropic, "/v1/messages"
-      self._client = anthropic.Anthropic(api_key=key, base_url=cfg.base_url, max_retries=0,
-                                         timeout=cfg.timeout_s,
-                                         default_headers=_worker_header(),
-                                         http_client=_http_client(anthropic))
+    self._sdk = self._import_sdk()
+    self._client = self._make_sdk_client(_api_key(cfg), _http_client(self._sdk))
     self._response_type = _httpx_of(self._sdk).Response
     self.retries = 0  # retries made over this client's life (for metrics and tests)
 
+  # -- what each provider's subclass says --------------------------------------------------
+  def _import_sdk(self):
+    """The provider's SDK module, imported when a client of it is made."""
+    raise NotImplementedError
+
+  def _make_sdk_client(self, key: str, http_client):
+    """The SDK client, with tierflow's retries (none of the SDK's), timeout and header."""
+    raise NotImplementedError
+
+  def request_body(self, system: str, user: str, max_tokens: int, *,
+                   top_logprobs: Optional[int] = None,
+                   answer_schema: Optional[dict] = None) -> dict:
+    """The provider's request body for one prompt (what a batch line carries)."""
+    raise NotImplementedError
+
+  def _reply(self, body: dict) -> ModelReply:
+    """A ``ModelReply`` from the provider's answer object (``ModelCallError`` if malformed)."""
+    raise NotImplementedError
+
+  # -- the same for every provider ---------------------------------------------------------
   def _wait_before_retry(self, e: Exception, attempt: int) -> Optional[float]:
     """Seconds to wait before retrying ``e``, or None if it is not retryable."""
     sdk = self._sdk
@@ -537,6 +569,55 @@ class ModelClient:
       return ModelCallError(kind, f"HTTP {status}" + (f" {said}" if said else ""), status)
     return ModelCallError("malformed", f"{type(e).__name__}: {str(e)[:200]}")
 
+  def reply_from_body(self, body: dict) -> ModelReply:
+    """A ``ModelReply`` from the provider's answer body (``ModelCallError`` if malformed)."""
+    if not isinstance(body, dict):
+      raise ModelCallError("malformed", "answer is not a JSON object")
+    reply = self._reply(body)
+    try:  # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 file can hold
+      reply.text.encode("utf-8")
+    except UnicodeEncodeError:
+      raise ModelCallError("malformed", "answer holds a lone surrogate (not Unicode text)") \
+          from None
+    model = reply.model if isinstance(reply.model, str) else self.cfg.model
+    return dataclasses.replace(
+        reply, model=model.encode("utf-8", "backslashreplace").decode("utf-8")[:200])
+
+  def _post(self, body: bytes):
+    """Sends a request body (the provider's valid JSON body, encoded once by orjson) with
+    the SDK's own ``post`` (its auth, headers, ``Content-Type: application/json``,
+    timeouts and errors), skipping ``create``'s transform of the parameters and its JSON
+    encoding; the raw HTTP response, read as JSON by the caller: building the SDK's
+    pydantic models for an answer with logprobs cost more CPU than everything else about
+    the request."""
+    return self._client.post(self.path, content=body, cast_to=self._response_type)
+
+  @property
+  def sdk_client(self):
+    """The SDK client (``openai.OpenAI`` or ``anthropic.Anthropic``), for batch calls."""
+    return self._client
+
+
+class OpenAIChat(ModelClient, provider="openai"):
+  """Chat Completions through the ``openai`` SDK, on any OpenAI-compatible endpoint."""
+
+  path = "/chat/completions"
+
+  def _import_sdk(self):
+    import openai
+    return openai
+
+  def _make_sdk_client(self, key: str, http_client):
+    return self._sdk.OpenAI(api_key=key, base_url=self.cfg.base_url, max_retries=0,
+                            timeout=self.cfg.timeout_s, default_headers=_worker_header(),
+                            http_client=http_client)
+
+  def request_body(self, system: str, user: str, max_tokens: int, *,
+                   top_logprobs: Optional[int] = None,
+                   answer_schema: Optional[dict] = None) -> dict:
+    top = self.cfg.top_logprobs if top_logprobs is None else top_logprobs
+    return self.request_openai(system, user, max_tokens, top, answer_schema)
+
   def request_openai(self, system: str, user: str, max_tokens: int,
                      top_logprobs: int, answer_schema: Optional[dict] = None) -> dict:
     """The Chat Completions request body, with only what the model takes
@@ -561,46 +642,7 @@ class ModelClient:
           "name": "answer", "schema": answer_schema, "strict": True}}
     return kwargs
 
-  def request_anthropic(self, system: str, user: str, max_tokens: int) -> dict:
-    """The Messages request body (the shared instructions marked for caching)."""
-    return dict(model=self.cfg.model, max_tokens=max_tokens,
-                system=[{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
-                messages=[{"role": "user", "content": user}])
-
-  def request_body(self, system: str, user: str, max_tokens: int, *,
-                   top_logprobs: Optional[int] = None,
-                   answer_schema: Optional[dict] = None) -> dict:
-    """The provider's request body for one prompt (what a batch line carries)."""
-    if self.cfg.provider == "openai":
-      top = self.cfg.top_logprobs if top_logprobs is None else top_logprobs
-      return self.request_openai(system, user, max_tokens, top, answer_schema)
-    return self.request_anthropic(system, user, max_tokens)
-
-  def reply_from_body(self, body: dict) -> ModelReply:
-    """A ``ModelReply`` from the provider's answer body (``ModelCallError`` if malformed)."""
-    if not isinstance(body, dict):
-      raise ModelCallError("malformed", "answer is not a JSON object")
-    reply = self._openai_reply(body) if self.cfg.provider == "openai" else \
-        self._anthropic_reply(body)
-    try:  # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 file can hold
-      reply.text.encode("utf-8")
-    except UnicodeEncodeError:
-      raise ModelCallError("malformed", "answer holds a lone surrogate (not Unicode text)") \
-          from None
-    model = reply.model if isinstance(reply.model, str) else self.cfg.model
-    return dataclasses.replace(
-        reply, model=model.encode("utf-8", "backslashreplace").decode("utf-8")[:200])
-
-  def _post(self, body: bytes):
-    """Sends a request body (the provider's valid JSON body, encoded once by orjson) with
-    the SDK's own ``post`` (its auth, headers, ``Content-Type: application/json``,
-    timeouts and errors), skipping ``create``'s transform of the parameters and its JSON
-    encoding; the raw HTTP response, read as JSON by the caller: building the SDK's
-    pydantic models for an answer with logprobs cost more CPU than everything else about
-    the request."""
-    return self._client.post(self._path, content=body, cast_to=self._response_type)
-
-  def _openai_reply(self, body: dict) -> ModelReply:
+  def _reply(self, body: dict) -> ModelReply:
     choices = body.get("choices") or []
     if not choices or not isinstance(choices[0], dict):
       raise ModelCallError("malformed", "answer has no choices")
@@ -624,7 +666,30 @@ class ModelClient:
     return ModelReply(text, tokens, usage, body.get("model") or self.cfg.model,
                       choice.get("finish_reason") or "stop")
 
-  def _anthropic_reply(self, body: dict) -> ModelReply:
+
+class AnthropicMessages(ModelClient, provider="anthropic"):
+  """Messages through the ``anthropic`` SDK."""
+
+  path = "/v1/messages"
+
+  def _import_sdk(self):
+    import anthropic
+    return anthropic
+
+  def _make_sdk_client(self, key: str, http_client):
+    return self._sdk.Anthropic(api_key=key, base_url=self.cfg.base_url, max_retries=0,
+                               timeout=self.cfg.timeout_s, default_headers=_worker_header(),
+                               http_client=http_client)
+
+  def request_body(self, system: str, user: str, max_tokens: int, *,
+                   top_logprobs: Optional[int] = None,
+                   answer_schema: Optional[dict] = None) -> dict:
+    """The Messages request body (the shared instructions marked for caching)."""
+    return dict(model=self.cfg.model, max_tokens=max_tokens,
+                system=[{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
+                messages=[{"role": "user", "content": user}])
+
+  def _reply(self, body: dict) -> ModelReply:
     blocks = body.get("content")
     if not isinstance(blocks, list):
       raise ModelCallError("malformed", "answer has no content")
@@ -639,11 +704,6 @@ class ModelClient:
                   cache_write_tokens=u.get("cache_creation_input_tokens") or 0)
     return ModelReply(text, None, usage, body.get("model") or self.cfg.model,
                       body.get("stop_reason") or "end_turn")
-
-  @property
-  def sdk_client(self):
-    """The SDK client (``openai.OpenAI`` or ``anthropic.Anthropic``), for batch calls."""
-    return self._client
 
 
 def _json_body(content: bytes) -> dict:
