@@ -127,6 +127,28 @@ class Router:
     cost = strict_cost(size, 2, max_tokens, price)
     return cost * (1 - price.batch_discount) if billing == "batch" else cost
 
+  def answer(self, tier: str, stage: str, texts: Sequence[str]) -> list[TierOutcome]:
+    """One tier's answers to one stage for ``texts`` (packs of the tier's ``batch_size``,
+    ``concurrency`` in flight): no escalation, no budget. A record whose answer could not
+    be read has ``error`` set; a request the endpoint failed (after the client's retries)
+    raises ``ModelCallError``."""
+    if tier not in self._models or stage not in self._kinds:
+      raise ValueError(f"no tier {tier!r} or stage {stage!r} in this config")
+    packs = _packs(range(len(texts)), self._models[tier].batch_size)
+    futures = [self._executors[tier].submit(self._call, tier, stage, [texts[i] for i in p])
+               for p in packs]
+    out: list = [None] * len(texts)
+    for pack, future in zip(packs, futures):
+      outcomes, answered, _ = future.result()
+      if not answered:
+        kind, _, message = (outcomes[0].error or "malformed: no answer").partition(": ")
+        for other in futures:
+          other.cancel()
+        raise ModelCallError(kind, message)
+      for i, outcome in zip(pack, outcomes):
+        out[i] = outcome
+    return out
+
   def _request(self, tier: str, stage: str, texts: Sequence[str]
                ) -> tuple[list[TierOutcome], bool]:
     """(one outcome per text, whether the endpoint answered at all)."""

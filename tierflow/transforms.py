@@ -19,6 +19,10 @@ Record by record, to mix with steps of your own (see the README)::
     decode = DecodeRecords(codec)                    # KafkaRecords -> (rows, dead_letters)
     route = RouteThroughTiers(run_config)            # rows -> (results, failed)
     results | WriteParquetDataset(out, route.result_schema(decode.row_schema))
+
+One tier's answers to one stage, no cascade, in Beam's own ``RunInference``::
+
+    rows | RunInference(TierModelHandler(run_config, stage="classify"))
 """
 
 from tierflow import schemas
@@ -34,12 +38,14 @@ from tierflow.connectors.parquet_dataset import (ParquetWriteResult, WriteBatche
                                                  to_dead_letter)
 from tierflow.pipelines.budget import Budget
 from tierflow.pipelines.routing import RouteBatches, RoutedOutputs, RouteThroughTiers
+from tierflow.pipelines.tier_handler import TierModelHandler
 
 __all__ = [
     "Budget", "Codec", "CommitOffsets", "Committed", "DecodeBatches", "DecodeRecords",
     "DecodedBatch", "DecodedRecords", "KafkaBatch", "KafkaReadConfig", "KafkaRecord",
     "ModelConfig", "ParquetWriteResult", "ReadKafkaBatches", "RouteBatches",
-    "RouteThroughTiers", "RoutedOutputs", "RunConfig", "StageConfig", "WriteBatches",
+    "RouteThroughTiers", "RoutedOutputs", "RunConfig", "StageConfig", "TierModelHandler",
+    "WriteBatches",
     "WriteParquetDataset", "WrittenBatch", "load_config", "make_codec", "row_schema",
     "schemas", "to_dead_letter",
 ]
