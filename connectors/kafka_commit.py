@@ -35,7 +35,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from tierflow.connectors.kafka_client import committed, retrying
-from tierflow.connectors.kafka_source import KafkaReadConfig, consumer
+from tierflow.connectors.kafka_offsets import consumer
+from tierflow.connectors.kafka_read_config import KafkaReadConfig
 from tierflow.connectors.written_ranges import WrittenRanges, contiguous_end, merge
 
 __all__ = ["CommitOffsets", "Committed"]

@@ -41,9 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import time
-from typing import Any, Iterator, Mapping, NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
@@ -55,25 +54,23 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from tierflow import progress
 from tierflow.connectors.batch_coder import BatchCoder
-from tierflow.connectors.kafka_client import (check_secret_settings, client_settings, committed,
-                                              new_consumer)
+from tierflow.connectors.kafka_offsets import consumer, resolve_ranges, topic_partition
+from tierflow.connectors.kafka_read_config import (DEFAULT_OFFSETS_PER_BATCH, UNBOUNDED,
+                                                   KafkaReadConfig, PartitionRange)
 
 __all__ = [
+    "DEFAULT_OFFSETS_PER_BATCH",
     "KafkaBatch",
     "KafkaReadConfig",
     "KafkaRecord",
+    "OffsetsDeleted",
     "PartitionRange",
     "ReadKafkaBatches",
     "batch_name",
-    "check_broker",
-    "committed_offsets",
-    "resolve_ranges",
 ]
 
 _LOGGER = logging.getLogger(__name__)
 METRICS_NAMESPACE = "tierflow.kafka"
-UNBOUNDED = sys.maxsize
-DEFAULT_OFFSETS_PER_BATCH = 25_000
 
 
 class KafkaRecord(NamedTuple):
@@ -138,153 +135,6 @@ def batch_name(topic: str, partition: int, start: int, end: int) -> str:
   return f"{topic}-{partition:04d}-{start:020d}-{end - 1:020d}"
 
 
-class PartitionRange(NamedTuple):
-  """A resolved read of one partition: offsets [start, stop)."""
-  topic: str
-  partition: int
-  start: int
-  stop: int
-  read_until_ms: int = 0  # stop an unbounded read at this wall-clock time; 0 = never
-  run_offsets: int = 0  # offsets of the whole run, all partitions (0: unbounded)
-
-  @property
-  def bounded(self) -> bool:
-    return self.stop != UNBOUNDED
-
-
-def _parse_offsets(value: int | str | Mapping[int, int] | None) -> int | dict[int, int] | None:
-  """An offset for every partition (``100``) or per partition (``"0:100,1:250"``)."""
-  if value is None:
-    return None
-  if isinstance(value, bool):
-    raise ValueError(f"offset {value!r} is not a number")
-  if isinstance(value, int):
-    out: int | dict[int, int] = value
-  elif isinstance(value, Mapping):
-    out = {int(k): int(v) for k, v in value.items()}
-  else:
-    text = str(value).strip()
-    try:
-      if ":" not in text:
-        out = int(text)
-      else:
-        out = {}
-        for part in text.split(","):
-          p, _, off = part.partition(":")
-          out[int(p)] = int(off)
-    except ValueError:
-      raise ValueError(f"offset {value!r} is not N or P:N,P:N") from None
-  values = out.values() if isinstance(out, dict) else [out]
-  keys = out.keys() if isinstance(out, dict) else []
-  if any(v < 0 for v in values) or any(k < 0 for k in keys):
-    raise ValueError(f"offsets and partitions must be >= 0, got {value!r}")
-  return out
-
-
-def _offset_pairs(start, end) -> list[tuple[str, int, int]]:
-  """(partition label, start, end) wherever both bounds name the same partitions."""
-  if start is None or end is None:
-    return []
-  if isinstance(start, int) and isinstance(end, int):
-    return [("every partition", start, end)]
-  s = start if isinstance(start, dict) else None
-  e = end if isinstance(end, dict) else None
-  parts = set(s or ()) | set(e or ())
-  return [(f"partition {p}", (s or {}).get(p, start if s is None else None),
-           (e or {}).get(p, end if e is None else None)) for p in sorted(parts)]
-
-
-@dataclasses.dataclass(frozen=True)
-class KafkaReadConfig:
-  """What to read. Offsets are per-partition positions; ``end_*`` bounds are exclusive.
-
-  Attributes:
-    bootstrap_servers: ``host:port[,host:port]``.
-    topic: topic to read.
-    bounded: read up to a stop and finish (backfill) instead of streaming.
-    start_offset / end_offset: an int for every partition or ``"P:OFF,..."``.
-    start_time_ms / end_time_ms: epoch millis; resolved like Kafka's
-      ``offsetsForTimes`` (first offset whose timestamp is >= the time).
-    group_id: consumer group whose committed offsets are the default start.
-    commit_offsets: whether the pipeline commits (see ``kafka_commit``).
-    consumer_config: extra Kafka client settings (TLS, SASL, ...) in librdkafka or
-      kafka-python spelling (``kafka_client.client_settings``).
-    offsets_per_batch: batch (and so file) boundaries fall on multiples of it.
-    flush_seconds: a streaming batch is emitted after this long even if not full.
-    max_out_of_orderness_s: how far behind the newest record timestamp the
-      watermark stays in streaming reads.
-    idle_advance: advance the watermark to now minus the out-of-orderness when
-      a partition is caught up, so idle partitions do not hold it back.
-    stall_timeout_s: a bounded read that gets no data for this long fails
-      (broker gone) instead of waiting forever.
-    allow_deleted_offsets: offsets the broker deleted (retention, DeleteRecords)
-      before they were read fail the read with ``OffsetsDeleted`` (default), or are
-      skipped and counted (``offsets_deleted``) when True.
-    skip_written: an output directory: offsets its ``_progress`` index holds as written
-      are skipped (counted as ``offsets_already_written``), and a range a failed write
-      left unfinished is read again exactly as it was cut.
-  """
-  bootstrap_servers: str
-  topic: str
-  bounded: bool = True
-  start_offset: Any = None
-  end_offset: Any = None
-  start_time_ms: Optional[int] = None
-  end_time_ms: Optional[int] = None
-  group_id: Optional[str] = None
-  commit_offsets: bool = True
-  consumer_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  offsets_per_batch: int = DEFAULT_OFFSETS_PER_BATCH
-  flush_seconds: float = 10.0
-  poll_timeout_ms: int = 500
-  max_poll_records: int = 10_000
-  max_out_of_orderness_s: float = 5.0
-  idle_advance: bool = True
-  resume_delay_s: float = 1.0
-  max_read_seconds: Optional[float] = None
-  stall_timeout_s: float = 120.0
-  allow_deleted_offsets: bool = False
-  # The output whose ``_progress`` index (``written_ranges``) says what is already
-  # durable: offsets written there are skipped, so a replay or re-run after a failure
-  # neither writes nor routes (and pays for) them again. None reads everything.
-  skip_written: Optional[str] = None
-  # A bounded read hands the rest of its range back to the runner after each batch (a
-  # checkpoint). FnApiRunner with several workers drops such deferred work
-  # (apache/beam#19842): there the launcher sets this False and a partition's range is
-  # read in one call, batch after batch.
-  checkpoint_between_batches: bool = True
-
-  def __post_init__(self):
-    if not self.bootstrap_servers:
-      raise ValueError("bootstrap_servers is required")
-    if not self.topic:
-      raise ValueError("topic is required")
-    object.__setattr__(self, "start_offset", _parse_offsets(self.start_offset))
-    object.__setattr__(self, "end_offset", _parse_offsets(self.end_offset))
-    if self.start_offset is not None and self.start_time_ms is not None:
-      raise ValueError("give a start offset or a start time, not both")
-    if self.end_offset is not None and self.end_time_ms is not None:
-      raise ValueError("give an end offset or an end time, not both")
-    if not self.bounded and (self.end_offset is not None or self.end_time_ms is not None):
-      raise ValueError("an end offset/time makes a bounded read; drop --streaming")
-    for where, start, end in _offset_pairs(self.start_offset, self.end_offset):
-      if start is not None and end is not None and start > end:
-        raise ValueError(f"start offset {start} is after end offset {end} ({where})")
-    if (self.start_time_ms is not None and self.end_time_ms is not None
-        and self.end_time_ms < self.start_time_ms):
-      raise ValueError("end time is before start time")
-    if self.max_read_seconds is not None and self.max_read_seconds <= 0:
-      raise ValueError("max_read_seconds must be positive")
-    if not (isinstance(self.offsets_per_batch, int) and self.offsets_per_batch >= 1):
-      raise ValueError(f"offsets_per_batch must be >= 1, got {self.offsets_per_batch!r}")
-    if not self.flush_seconds > 0:
-      raise ValueError("flush_seconds must be positive")
-    if self.commit_offsets and not self.group_id:
-      object.__setattr__(self, "commit_offsets", False)
-    check_secret_settings(self.consumer_config)
-    client_settings(self.consumer_config)  # unknown or reserved names fail here
-
-
 class OffsetsDeleted(RuntimeError):
   """Offsets to be read were deleted by the broker first: their records are lost."""
 
@@ -295,157 +145,6 @@ class OffsetsDeleted(RuntimeError):
         f"{log_start}. Their records are lost to this run: --allow-deleted-offsets skips "
         "them (counted in the run's summary)")
     self.topic, self.partition, self.start, self.log_start = topic, partition, start, log_start
-
-
-def consumer(config: KafkaReadConfig, group: bool = False, **overrides):
-  """A confluent-kafka consumer for the config (committing under its group id when
-  ``group``); it only ever ``assign``s partitions, never joins the group."""
-  return new_consumer(config.bootstrap_servers, config.consumer_config,
-                      group_id=config.group_id if group else None, **overrides)
-
-
-def check_broker(config: KafkaReadConfig, timeout_s: float = 10.0) -> None:
-  """Raises ValueError, within about ``timeout_s``, when the brokers cannot be reached
-  or the topic does not exist: a one-line reason a scheduler log can show."""
-  from confluent_kafka import KafkaException
-  c = consumer(config, **{"socket.connection.setup.timeout.ms": int(timeout_s * 1000)})
-  try:
-    metadata = c.list_topics(config.topic, timeout=timeout_s)
-  except KafkaException as e:
-    raise ValueError(f"cannot reach Kafka at {config.bootstrap_servers} within "
-                     f"{timeout_s:.0f}s ({e.args[0].str()}): wrong --bootstrap-servers, "
-                     "broker down, or not resolvable") from None
-  finally:
-    c.close()
-  topic = metadata.topics.get(config.topic)
-  if topic is None or topic.error is not None or not topic.partitions:
-    raise ValueError(f"topic {config.topic!r} does not exist on {config.bootstrap_servers}")
-
-
-def _tp(topic: str, partition: int, offset: int = -1001):
-  from confluent_kafka import TopicPartition
-  return TopicPartition(topic, partition, offset)
-
-
-def committed_offsets(config: KafkaReadConfig) -> dict[int, Optional[int]]:
-  """The group's committed offset per partition of the topic (None where nothing is committed)."""
-  c = consumer(config, group=True)
-  try:
-    partitions = sorted(c.list_topics(config.topic, timeout=10).topics[config.topic].partitions)
-    found = committed(c, [_tp(config.topic, p) for p in partitions])
-    return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in found}
-  finally:
-    c.close()
-
-
-def fetch_highwaters(c, topic: str, partitions: list[int],
-                     timeout_s: float = 10.0) -> dict[int, tuple[int, int]]:
-  """{partition: (beginning, high-watermark)}, the latter as a fetch reports it.
-
-  ``ListOffsets(latest)`` is only a hint: some brokers (Tansu) under-report it.
-  Fetching near that hint returns the true high-watermark with the response.
-  All partitions are asked at once.
-  """
-  from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError
-  begins = {tp.partition: tp.offset for tp in c.offsets_for_times(
-      [_tp(topic, p, OFFSET_BEGINNING) for p in partitions], timeout=timeout_s)}
-  hints = {tp.partition: tp.offset for tp in c.offsets_for_times(
-      [_tp(topic, p, OFFSET_END) for p in partitions], timeout=timeout_s)}
-  c.assign([_tp(topic, p, max(begins[p], hints[p] - 1)) for p in partitions])
-  waiting = set(partitions)
-  ends: dict[int, int] = {}
-  deadline = time.monotonic() + timeout_s
-  while waiting:
-    if time.monotonic() > deadline:
-      raise TimeoutError(f"no fetch response for {topic} partitions {sorted(waiting)} "
-                         f"within {timeout_s}s")
-    for m in c.consume(len(partitions), timeout=0.2):
-      if m.error() is not None and m.error().code() == KafkaError._PARTITION_EOF:
-        ends[m.partition()] = m.offset()
-      elif m.error() is not None:
-        continue
-      waiting.discard(m.partition())
-  out = {}
-  for p in partitions:
-    _, hw = c.get_watermark_offsets(_tp(topic, p), cached=True)
-    out[p] = (begins[p], max(hints[p], hw, ends.get(p, 0)))
-  c.unassign()
-  return out
-
-
-def offset_for_time(c, topic: str, partition: int, time_ms: int, highwater: int) -> int:
-  """First offset whose timestamp is >= ``time_ms`` (``highwater`` if none).
-
-  ``offsets_for_times`` gives a start no later than the answer on any broker
-  (exact on Apache Kafka; at batch granularity on Tansu); a forward scan from
-  there makes it exact.
-  """
-  from confluent_kafka import KafkaError
-  [found] = c.offsets_for_times([_tp(topic, partition, time_ms)], timeout=10)
-  if found.offset < 0:
-    return highwater
-  c.assign([_tp(topic, partition, found.offset)])
-  deadline = time.monotonic() + 60
-  while time.monotonic() < deadline:
-    for m in c.consume(500, timeout=1.0):
-      if m.error() is not None:
-        if m.error().code() == KafkaError._PARTITION_EOF:
-          return highwater
-        continue
-      if m.timestamp()[1] >= time_ms:
-        return m.offset()
-      if m.offset() >= highwater - 1:
-        return highwater
-  raise TimeoutError(f"{topic}-{partition}: could not scan for time {time_ms} within 60s")
-
-
-def resolve_ranges(config: KafkaReadConfig) -> list[PartitionRange]:
-  """Resolves every partition of the topic to the offset range to read."""
-  c = consumer(config, group=config.group_id is not None)
-  try:
-    topic = c.list_topics(config.topic, timeout=10).topics.get(config.topic)
-    if topic is None or topic.error is not None or not topic.partitions:
-      raise ValueError(f"topic {config.topic!r} does not exist on {config.bootstrap_servers}")
-    partitions = sorted(topic.partitions)
-    group_offsets = {}
-    if config.group_id is not None:
-      group_offsets = {tp.partition: tp.offset for tp in committed(
-          c, [_tp(config.topic, p) for p in partitions]) if tp.offset >= 0}
-    ranges = []
-    read_until = (int((time.time() + config.max_read_seconds) * 1000)
-                  if config.max_read_seconds else 0)
-    marks = fetch_highwaters(c, config.topic, partitions)
-    for p in partitions:
-      begin, hw = marks[p]
-      start = _pick(config.start_offset, p)
-      if start is None and config.start_time_ms is not None:
-        start = offset_for_time(c, config.topic, p, config.start_time_ms, hw)
-      if start is None:
-        start = group_offsets.get(p)
-      # A start below the log's start stays: those offsets were deleted, and the
-      # reader fails or skips them (allow_deleted_offsets), never silently.
-      start = min(begin if start is None else start, hw)
-      if config.bounded:
-        stop = _pick(config.end_offset, p)
-        if stop is None and config.end_time_ms is not None:
-          stop = offset_for_time(c, config.topic, p, config.end_time_ms, hw)
-        stop = hw if stop is None else min(stop, hw)
-        stop = max(stop, start)
-      else:
-        stop = UNBOUNDED
-      ranges.append(PartitionRange(config.topic, p, start, stop, read_until))
-    if config.bounded:
-      total = sum(r.stop - r.start for r in ranges)
-      ranges = [r._replace(run_offsets=total) for r in ranges]
-    return ranges
-  finally:
-    c.close()
-
-
-def _pick(value, partition: int):
-  if isinstance(value, dict):
-    return value.get(partition)
-  return value
 
 
 class _ResolveRangesFn(beam.DoFn):
@@ -547,7 +246,7 @@ class _ReadPartitionFn(beam.DoFn):
     if entry is None:
       entry = self._consumers[(topic, partition)] = [
           consumer(self._config, **_READ_QUEUE, **{"auto.offset.reset": "error"}), None]
-    entry[0].assign([_tp(topic, partition, offset)])
+    entry[0].assign([topic_partition(topic, partition, offset)])
     entry[1] = offset
     return entry
 
@@ -711,9 +410,9 @@ class _ReadPartitionFn(beam.DoFn):
   def _skip_deleted(self, c, topic: str, partition: int, position: int, boundary: int) -> int:
     """Offsets from ``position`` were deleted: raises ``OffsetsDeleted``, or (allowed)
     counts them and goes on at the log's start; returns the new position."""
-    log_start, _ = c.get_watermark_offsets(_tp(topic, partition), timeout=10)
+    log_start, _ = c.get_watermark_offsets(topic_partition(topic, partition), timeout=10)
     if log_start <= position:  # not deleted after all (a truncated leader?): retry there
-      c.assign([_tp(topic, partition, position)])
+      c.assign([topic_partition(topic, partition, position)])
       return position
     if not self._config.allow_deleted_offsets:
       raise OffsetsDeleted(topic, partition, position, log_start)
@@ -722,7 +421,7 @@ class _ReadPartitionFn(beam.DoFn):
                     "read; skipped (--allow-deleted-offsets)", topic, partition, position,
                     skipped_to)
     if skipped_to < boundary:
-      c.assign([_tp(topic, partition, skipped_to)])
+      c.assign([topic_partition(topic, partition, skipped_to)])
     return skipped_to
 
   def _emit_counts(self, offsets, values, covered, deleted):

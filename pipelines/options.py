@@ -21,7 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from tierflow import schemas
 from tierflow.connectors.codecs import FORMATS, Codec, make_codec
-from tierflow.connectors.kafka_source import DEFAULT_OFFSETS_PER_BATCH, KafkaReadConfig
+from tierflow.connectors.kafka_read_config import DEFAULT_OFFSETS_PER_BATCH, KafkaReadConfig
 from tierflow.connectors.parquet_dataset import check_topic
 
 __all__ = ["KafkaSourceOptions", "ParquetSinkOptions", "RunLimitsOptions", "SourceSinkConfig",

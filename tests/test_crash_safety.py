@@ -238,7 +238,8 @@ def tickets_topic(broker):
 
 
 def highwaters(broker, name: str) -> dict:
-  from tierflow.connectors.kafka_source import KafkaReadConfig, resolve_ranges
+  from tierflow.connectors.kafka_offsets import resolve_ranges
+  from tierflow.connectors.kafka_source import KafkaReadConfig
   return {r.partition: r.stop for r in resolve_ranges(KafkaReadConfig(
       broker.bootstrap_servers, name))}
 

@@ -208,7 +208,8 @@ def test_offsets_deleted_between_resolving_and_reading_are_not_passed_as_gaps(
   retention deletes its head before the reader gets there."""
   import apache_beam as beam
   from apache_beam.testing.test_pipeline import TestPipeline
-  from tierflow.connectors.kafka_source import KafkaReadConfig, _ReadPartitionFn, resolve_ranges
+  from tierflow.connectors.kafka_offsets import resolve_ranges
+  from tierflow.connectors.kafka_source import KafkaReadConfig, _ReadPartitionFn
   topic = "deleted-race"
   kafka_broker.create_topic(topic, 1)
   _produce(kafka_broker, topic, 100)

@@ -13,7 +13,8 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from kafka import KafkaConsumer, TopicPartition
 
-from tierflow.connectors.kafka_source import KafkaReadConfig, ReadKafkaBatches, resolve_ranges
+from tierflow.connectors.kafka_offsets import resolve_ranges
+from tierflow.connectors.kafka_source import KafkaReadConfig, ReadKafkaBatches
 from tierflow_local.loader import publish
 
 

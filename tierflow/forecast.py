@@ -90,7 +90,8 @@ def count_records(bootstrap_servers: str, topic: str, *, start_offset: Optional[
                   end_offset: Optional[str] = None,
                   consumer_config: Optional[Mapping[str, Any]] = None) -> int:
   """Offsets in a topic's bounded range (what a backfill over it would read)."""
-  from tierflow.connectors.kafka_source import KafkaReadConfig, resolve_ranges
+  from tierflow.connectors.kafka_offsets import resolve_ranges
+  from tierflow.connectors.kafka_read_config import KafkaReadConfig
   ranges = resolve_ranges(KafkaReadConfig(
       bootstrap_servers=bootstrap_servers, topic=topic, bounded=True,
       start_offset=start_offset, end_offset=end_offset,

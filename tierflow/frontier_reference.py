@@ -53,7 +53,8 @@ def sample_topic(bootstrap_servers: str, topic: str, n: Optional[int], seed: int
   from confluent_kafka import KafkaError, TopicPartition
 
   from tierflow.connectors.kafka_client import new_consumer
-  from tierflow.connectors.kafka_source import KafkaReadConfig, resolve_ranges
+  from tierflow.connectors.kafka_offsets import resolve_ranges
+  from tierflow.connectors.kafka_read_config import KafkaReadConfig
   ranges = [r for r in resolve_ranges(KafkaReadConfig(
       bootstrap_servers=bootstrap_servers, topic=topic, bounded=True,
       start_offset=start_offset, end_offset=end_offset,

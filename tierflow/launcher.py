@@ -248,7 +248,7 @@ def preflight(config, options=None) -> None:
   10 s), the topic exists, and for a model pipeline that each tier's key is set and its
   endpoint answers and accepts it, and that the ledger topic exists or can be created.
   Raises ValueError with a one-line reason."""
-  from tierflow.connectors.kafka_source import check_broker
+  from tierflow.connectors.kafka_offsets import check_broker
   io = _io(config)
   check_output(io.output)
   check_broker(io.source)
@@ -439,7 +439,7 @@ def _committed(config) -> Optional[dict]:
   source = _io(config).source
   if not source.commit_offsets:
     return None
-  from tierflow.connectors.kafka_source import committed_offsets
+  from tierflow.connectors.kafka_offsets import committed_offsets
   try:
     return committed_offsets(source)
   except Exception as e:  # noqa: BLE001 - reporting only; the run itself succeeded
