@@ -17,14 +17,13 @@ that obeys it still passes every schema check when the demanded text fits the sc
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from typing import Any, Optional
 
-from tierflow.pipelines.answers import WORD, Answer, grounded
+from tierflow.pipelines.answers import WORD, Answer
 
-__all__ = ["guard", "instruction_spans", "outside", "suspected"]
+__all__ = ["echoes", "guard", "instruction_spans", "outside", "suspected"]
 
 # Cues of text addressed to a model, each where an instruction sits: telling it to drop
 # its instructions, speaking to it as a role ("SYSTEM:"), or telling it what to answer at
@@ -73,7 +72,7 @@ def _words(text: str) -> set[str]:
   return {w for w in WORD.findall(text.casefold()) if len(w) > 2}
 
 
-def _echoes(value: str, instruction: str, rest: str) -> bool:
+def echoes(value: str, instruction: str, rest: str) -> bool:
   """Most of the value's words come from the instruction, and fewer from the rest."""
   words = _words(value)
   if not words:
@@ -83,36 +82,17 @@ def _echoes(value: str, instruction: str, rest: str) -> bool:
   return from_instruction >= 0.5 and from_rest < from_instruction
 
 
-def guard(kind: str, answer: Answer, text: str,
+def guard(kind, answer: Answer, text: str,
           spans: Optional[list[tuple[int, int]]] = None) -> Answer:
   """The answer, or a refusal when it repeats an instruction written in the record (see
-  the module docstring). Labels are left to the label set: a record with instructions
-  never keeps its small tier's label."""
+  the module docstring): what counts as repeating is the stage kind's
+  (``StageKind.refuse_injected``). Labels are left to the label set: a record with
+  instructions never keeps its small tier's label."""
   spans = instruction_spans(text) if spans is None else spans
   if not spans or answer.error is not None:
     return answer
   instruction = " ".join(text[a:b] for a, b in spans)
-  rest = outside(text, spans)
-  if kind == "summarise" and isinstance(answer.value, str):
-    if _echoes(answer.value, instruction, rest):
-      return Answer(error="injected_answer: the summary repeats an instruction written in "
-                          "the record, not what the record says",
-                    answer_chars=answer.answer_chars)
-  elif kind == "extract" and isinstance(answer.value, dict):
-    fields = dict(answer.value.get("fields") or {})
-    confidence = dict(answer.value.get("field_confidence") or {})
-    dropped = [name for name, v in fields.items()
-               if isinstance(v, str) and grounded(v, instruction) and not grounded(v, rest)]
-    if dropped:
-      for name in dropped:
-        fields[name], confidence[name] = None, 0.0
-      note = f"dropped {', '.join(dropped)}: found only in an instruction in the record"
-      if all(v is None for v in fields.values()):
-        return Answer(error=f"injected_answer: {note}", answer_chars=answer.answer_chars)
-      return dataclasses.replace(
-          answer, value={**answer.value, "fields": fields, "field_confidence": confidence},
-          confidence=0.0, notes=(*answer.notes, note))
-  return answer
+  return kind.refuse_injected(answer, instruction, outside(text, spans))
 
 
 def suspected(text: Any) -> bool:

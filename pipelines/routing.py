@@ -207,7 +207,7 @@ class Router:
                 user: str, billing: str) -> list[TierOutcome]:
     """One outcome per text from a reply, each with its share of the billed usage."""
     kind = self._kinds[stage]
-    answers = [guard(kind.kind, a, t) for a, t in zip(parse_reply(kind, reply, texts), texts)]
+    answers = [guard(kind, a, t) for a, t in zip(parse_reply(kind, reply, texts), texts)]
     framing = max(0, len(reply.text) - sum(a.answer_chars for a in answers))
     shared = len(system) + len(user) - sum(len(t) for t in texts)
     shares = split_usage(reply.usage, [len(t) for t in texts], shared,

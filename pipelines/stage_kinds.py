@@ -35,6 +35,7 @@ its word limit is a failure or dropped, never written as given.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import re
@@ -75,6 +76,12 @@ class StageKind:
   @classmethod
   def check(cls, stage) -> None:
     """Raises ValueError for a stage config this kind cannot run."""
+
+  def refuse_injected(self, answer: Answer, instruction: str, rest: str) -> Answer:
+    """The answer, or a refusal when it repeats ``instruction`` (text in the record
+    addressed to a model) instead of ``rest`` (the record without it); see
+    ``injection``. Labels are kept: the label set bounds them."""
+    return answer
 
   def output_tokens_per_record(self) -> int:
     raise NotImplementedError
@@ -316,6 +323,26 @@ class Extract(StageKind):
   def output_tokens_per_record(self) -> int:
     return 24 + 24 * len(self.stage.fields)
 
+  def refuse_injected(self, answer: Answer, instruction: str, rest: str) -> Answer:
+    """Drops string fields found only in the instruction; refuses the answer if that
+    leaves no field."""
+    if not isinstance(answer.value, dict):
+      return answer
+    fields = dict(answer.value.get("fields") or {})
+    confidence = dict(answer.value.get("field_confidence") or {})
+    dropped = [name for name, v in fields.items()
+               if isinstance(v, str) and grounded(v, instruction) and not grounded(v, rest)]
+    if not dropped:
+      return answer
+    for name in dropped:
+      fields[name], confidence[name] = None, 0.0
+    note = f"dropped {', '.join(dropped)}: found only in an instruction in the record"
+    if all(v is None for v in fields.values()):
+      return Answer(error=f"injected_answer: {note}", answer_chars=answer.answer_chars)
+    return dataclasses.replace(
+        answer, value={**answer.value, "fields": fields, "field_confidence": confidence},
+        confidence=0.0, notes=(*answer.notes, note))
+
   _JSON_TYPES = {"string": "string", "number": "number", "integer": "integer",
                  "boolean": "boolean"}
 
@@ -493,6 +520,15 @@ class Summarise(StageKind):
 
   def output_tokens_per_record(self) -> int:
     return 16 + 2 * self.stage.max_words
+
+  def refuse_injected(self, answer: Answer, instruction: str, rest: str) -> Answer:
+    """Refuses a summary whose content words come from the instruction."""
+    from tierflow.pipelines.injection import echoes
+    if isinstance(answer.value, str) and echoes(answer.value, instruction, rest):
+      return Answer(error="injected_answer: the summary repeats an instruction written in "
+                          "the record, not what the record says",
+                    answer_chars=answer.answer_chars)
+    return answer
 
   def task(self, verbalise: bool) -> tuple[str, str, str]:
     return (f"Summarise the record in one sentence of at most {self.stage.max_words} words.",
