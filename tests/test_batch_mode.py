@@ -184,7 +184,7 @@ def test_unreadable_results_fall_back_to_sync(broker, topic, server, tmp_path, r
 
   def gone(self):
     raise RuntimeError("No such File object")
-  monkeypatch.setattr(batch_api.ProviderBatch, "_results", gone)
+  monkeypatch.setattr(batch_api.OpenAIBatches, "_results", gone)  # the small tier's provider
   name = topic(partitions=1)
   publish(broker.bootstrap_servers, name, sample_tickets()[:8])
   out = str(tmp_path / "gone")
