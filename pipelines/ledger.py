@@ -95,7 +95,13 @@ def routed_part(config) -> dict:
 
 
 def result_schema(input_row_schema: Mapping[str, Any], config) -> dict:
-  """The Avro schema of result rows: the input rows' fields, then ``routed_part``."""
+  """The Avro schema of result rows: the input rows' fields, then ``routed_part``;
+  ValueError when the config's input template names a field the input rows lack."""
+  from tierflow.pipelines.prompts import template_fields
+  unknown = sorted(template_fields(config.text) - set(schemas.field_names(input_row_schema)))
+  if unknown:
+    raise ValueError(f"the input template {config.text!r} names {', '.join(unknown)}, not a "
+                     f"field of {input_row_schema.get('name')}")
   return schemas.compose(f"{input_row_schema['name'].removesuffix('Row')}Result",
                          input_row_schema, routed_part(config))
 

@@ -372,16 +372,10 @@ def _error_line(err: Mapping[str, Any]) -> str:
 
 def _check_template(text: str, schema_name: str) -> None:
   """Raises ValueError when the input template names a field the input rows cannot have
-  (a typo would otherwise render as an empty string on every record)."""
-  import string
+  (a typo would otherwise fail every record)."""
   from tierflow import schemas
-  try:
-    named = {field.split(".")[0].split("[")[0]
-             for _, field, _, _ in string.Formatter().parse(text) if field is not None}
-  except ValueError as e:
-    raise ValueError(f"input.text {text!r}: {e}") from None
-  if "" in named or any(f.isdigit() for f in named):
-    raise ValueError(f"input.text {text!r}: name each field, as in {{body}}")
+  from tierflow.pipelines.prompts import template_fields
+  named = template_fields(text)
   fields = set(schemas.field_names(schemas.load(schema_name))) | set(
       schemas.field_names(schemas.load("source_metadata")))
   unknown = sorted(named - fields)

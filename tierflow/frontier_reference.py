@@ -133,10 +133,11 @@ def run_tiers(pipeline: str, values: Sequence[bytes], work_dir: str, *,
   batch = KafkaBatch("calibration-sample", 0, 0, len(values), 0, list(range(len(values))),
                      [now] * len(values), [None] * len(values), values)
   os.makedirs(work_dir, exist_ok=True)
-  decode = DecodeBatches(JsonCodec(schema))
+  decode = DecodeBatches(JsonCodec(schema)).with_exception_handling()
   budget = Budget(None, per_process=True) if frontier else Budget(0.0, per_process=True)
   route = RouteBatches(run, load_price_book(run.price_book),
-                       input_row_schema=decode.row_schema, budget=budget)
+                       input_row_schema=decode.row_schema, budget=budget
+                       ).with_exception_handling()
   with beam.Pipeline(runner=runner, options=PipelineOptions([])) as p:
     _ = (p | "Records" >> beam.Create([batch])
          | "Decode" >> decode
