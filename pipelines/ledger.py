@@ -91,7 +91,13 @@ def routed_part(config) -> dict:
   head = [f for f in base["fields"] if f["name"] in ("status", "error")]
   tail = [f for f in base["fields"] if f["name"] not in ("status", "error")]
   outputs = [f for stage in config.stages for f in stage.kind_impl.output_fields()]
-  return {**base, "fields": head + outputs + tail}
+  fields = head + outputs + tail
+  names = [f["name"] for f in fields]
+  clash = sorted({n for n in names if names.count(n) > 1})
+  if clash:
+    raise ValueError(f"stage output column(s) {clash} clash with the result's own columns: "
+                     "give the stage another output: NAME")
+  return {**base, "fields": fields}
 
 
 def result_schema(input_row_schema: Mapping[str, Any], config) -> dict:

@@ -1,11 +1,13 @@
 """tierflow's transforms alone, in TestPipelines (no broker): RouteThroughTiers, RouteBatches,
 and the failures of decode, route and write."""
 
+import dataclasses
 import json
 import math
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -203,3 +205,31 @@ def test_a_budget_with_expected_records_caps_the_run_without_a_ledger(server):
     assert_that(out | beam.Map(lambda r: (r["status"], r["frontier_cost_usd"],
                                           "budget cap reached" in r["error"])),
                 equal_to([("unverified", 0.0, True)] * 3))
+
+
+def test_two_classify_stages_write_their_answers_to_their_own_columns(server, tmp_path):
+  """category (output: category) and urgency (a second classify stage: its name) in one
+  pipeline, routed through the stand-in endpoints and written to Parquet."""
+  tickets = config_for(server)
+  config = dataclasses.replace(tickets, stages=(
+      tf.StageConfig(name="category", kind="classify", labels=("billing", "shipping"),
+                     output="category", threshold=0.0),
+      tf.StageConfig(name="urgency", kind="classify", labels=("urgent", "routine"),
+                     threshold=0.0)))
+  decode = tf.DecodeRecords(tf.make_codec("json", TICKET))
+  route = tf.RouteThroughTiers(config)
+  schema = route.result_schema(decode.row_schema)
+  out = str(tmp_path / "out")
+  given = rows(2)
+  given[0]["body"] = "Urgent: I was charged twice on my invoice, refund the payment now"
+  given[1]["body"] = "A routine question: where is my parcel? The delivery is late"
+  with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+    _ = p | beam.Create(given) | route | tf.WriteParquetDataset(out, schema)
+  table = pq.read_table(out)
+  assert "label" not in table.column_names
+  got = sorted((r["ticket_id"], r["category"], r["urgency"], r["status"])
+               for r in table.to_pylist())
+  assert got == [("T0", "billing", "urgent", "ok"), ("T1", "shipping", "routine", "ok")]
+  with pytest.raises(ValueError, match="both write column 'category'"):
+    dataclasses.replace(config, stages=(*config.stages, tf.StageConfig(
+        name="again", kind="classify", labels=("a", "b"), output="category")))

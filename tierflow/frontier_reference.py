@@ -11,6 +11,7 @@ each field); a summarise stage has no exact reference and is not certified.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -165,15 +166,21 @@ def write_frontier_labels(output_dir: str, path: str) -> tuple[dict[str, list[st
   notes: list[str] = []
   answered: dict[str, set] = {"model": set(), "endpoint": set()}
   unanswered = np.zeros(run.n, dtype=bool)
+  kinds = collections.Counter(s.kind for s in run.stages)
   for stage in run.stages:
     kind = KINDS.get(stage.kind)
+    if kind is not None and kind.scored and kinds[stage.kind] > 1:
+      notes.append(f"stage {stage.name} ({stage.kind}): not certified against the frontier: "
+                   f"it is one of several {stage.kind} stages, and the reference is read "
+                   f"from the one {kind.default_output} column")
+      continue
     if kind is None or not kind.scored:
       notes.append(f"stage {stage.name} ({stage.kind}): not certified against the frontier: "
                    f"free text has no exact reference to agree with, so agreement cannot be "
                    f"tested; it keeps its configured threshold and has no guarantee")
       continue
     on_frontier = stage.present & (stage.col("final_tier") == "frontier")
-    final = run.records[kind.output]
+    final = run.records[kind.default_output]
     if stage.kind == "classify":
       cols = [stage.name]
       for i in range(run.n):
