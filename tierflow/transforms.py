@@ -33,6 +33,7 @@ from tierflow.connectors.kafka_commit import CommitOffsets, Committed
 from tierflow.connectors.kafka_source import (KafkaBatch, KafkaReadConfig, KafkaRecord,
                                               ReadKafkaBatches)
 from tierflow.failures import Failure
+from tierflow.connectors.source_fields import AddSourceFields
 from tierflow.connectors.parquet_dataset import (ParquetWriteResult, WriteBatches,
                                                  WriteParquetDataset, WrittenBatch,
                                                  to_dead_letter)
@@ -41,10 +42,10 @@ from tierflow.pipelines.route_rows import RoutedOutputs, RouteThroughTiers
 from tierflow.pipelines.routing import RouteBatches
 
 __all__ = [
-    "Budget", "Codec", "CommitOffsets", "Committed", "DecodeBatches", "DecodeRecords",
-    "DecodedBatch", "DecodedRecords", "Failure", "KafkaBatch", "KafkaReadConfig", "KafkaRecord",
-    "ModelConfig", "ParquetWriteResult", "ReadKafkaBatches", "RouteBatches",
-    "RouteThroughTiers", "RoutedOutputs", "RunConfig", "StageConfig", "WriteBatches",
-    "WriteParquetDataset", "WrittenBatch", "load_config", "make_codec", "row_schema",
-    "schemas", "to_dead_letter",
+    "AddSourceFields", "Budget", "Codec", "CommitOffsets", "Committed", "DecodeBatches",
+    "DecodedBatch", "DecodedRecords", "DecodeRecords", "Failure", "KafkaBatch",
+    "KafkaReadConfig", "KafkaRecord", "load_config", "make_codec", "ModelConfig",
+    "ParquetWriteResult", "ReadKafkaBatches", "RouteBatches", "RoutedOutputs",
+    "RouteThroughTiers", "row_schema", "RunConfig", "schemas", "StageConfig", "to_dead_letter",
+    "WriteBatches", "WriteParquetDataset", "WrittenBatch",
 ]
