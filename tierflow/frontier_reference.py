@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import random
 from typing import Any, Mapping, Optional, Sequence
@@ -24,7 +25,7 @@ from tierflow.pipelines.stage_kinds import KINDS
 
 __all__ = ["ESCALATE_ALL", "sample_file", "sample_topic", "run_tiers", "write_frontier_labels"]
 
-ESCALATE_ALL = 2.0  # a threshold above any confidence: every stage goes to the frontier
+ESCALATE_ALL = math.inf  # every stage goes to the frontier
 
 
 def _draw(n_total: int, n: Optional[int], seed: int) -> list[int]:
