@@ -233,3 +233,75 @@ def test_two_classify_stages_write_their_answers_to_their_own_columns(server, tm
   with pytest.raises(ValueError, match="both write column 'category'"):
     dataclasses.replace(config, stages=(*config.stages, tf.StageConfig(
         name="again", kind="classify", labels=("a", "b"), output="category")))
+
+
+def _batch_of(n: int, bad: int = 0):
+  codec = tf.make_codec("json", TICKET)
+  values = [codec.encode({"ticket_id": f"T{i}", "created_at": T0_MS, "subject": "s",
+                          "body": "charged twice, refund"}) for i in range(n)] + [b"x"] * bad
+  return tf.KafkaBatch("tickets", 1, 0, n + bad, 0, list(range(n + bad)), [T0_MS] * (n + bad),
+                       [None] * (n + bad), values)
+
+
+def test_the_batch_transforms_raise_on_a_bug_unless_handled_as_the_cli_does(server, monkeypatch):
+  """DecodeBatches and RouteBatches: an error in code fails the bundle by default; with
+  .with_exception_handling() (what tierflow run uses) its records are dead-lettered."""
+  from tierflow.connectors import decode as decode_module
+  codec = tf.make_codec("json", TICKET)
+  decode = tf.DecodeBatches(codec)
+
+  def broken(*args, **kwargs):
+    raise AttributeError("no attribute 'rows'")
+
+  monkeypatch.setattr(decode_module, "decode_batch", broken)
+  with pytest.raises(Exception, match="no attribute 'rows'"):
+    with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+      _ = p | beam.Create([_batch_of(2)]) | tf.DecodeBatches(codec)
+  with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+    out = p | beam.Create([_batch_of(2)]) | tf.DecodeBatches(codec).with_exception_handling()
+    assert_that(out | beam.Map(lambda b: (b.rows.num_rows, b.dead_letters.column(
+        "error_type").to_pylist())), equal_to([(0, ["internal_error"] * 2)]))
+  monkeypatch.undo()
+
+  decoded = decode_batch(_batch_of(3), codec, schemas.to_arrow(decode.row_schema))
+  real_route = routing.Router.route
+
+  def broken_on_t1(self, rows, pool=None, batch_key=None):
+    if any(r["ticket_id"] == "T1" for r in rows):
+      _broken_route(self, rows)
+    return real_route(self, rows, pool, batch_key)
+
+  monkeypatch.setattr(routing.Router, "route", broken_on_t1)
+
+  def route():
+    return tf.RouteBatches(config_for(server), input_row_schema=decode.row_schema)
+
+  with pytest.raises(Exception, match="no attribute 'stages'"):
+    with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+      _ = p | beam.Create([decoded]) | route()
+  with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+    out = p | beam.Create([decoded]) | route().with_exception_handling()
+    assert_that(out | beam.Map(lambda b: (b.rows.column("status").to_pylist(),
+                                          b.dead_letters.column("reason").to_pylist())),
+                equal_to([(["ok", "failed", "ok"], [
+                    "classify: routing failed on this record: AttributeError: 'NoneType' object "
+                    "has no attribute 'stages'; extract: routing failed on this record: "
+                    "AttributeError: 'NoneType' object has no attribute 'stages'; summarise: "
+                    "routing failed on this record: AttributeError: 'NoneType' object has no "
+                    "attribute 'stages'"])]))
+
+
+def test_to_dead_letter_keeps_the_source_fields_of_a_failure_of_any_step():
+  row = {"record_id": "tickets-0-7", "kafka_topic": "tickets", "kafka_partition": 0,
+         "kafka_offset": 7, "kafka_timestamp": T0_MS, "dt": "2026-01-01", "body": "x"}
+  from tierflow.failures import failure_of_row
+  letter = tf.to_dead_letter(failure_of_row("route", "model_failure", "timeout", row),
+                             failed_at_millis=T0_MS)
+  assert (letter["record_id"], letter["kafka_offset"], letter["dt"], letter["stage"],
+          letter["error_type"], json.loads(letter["raw_value"])) == (
+      "tickets-0-7", 7, "2026-01-01", "route", "model_failure", row)
+  raw = tf.to_dead_letter(Failure("decode", "invalid_json", "bad", "t-0-1", b"\xff"),
+                          failed_at_millis=T0_MS)
+  assert (raw["record_id"], raw["kafka_offset"], raw["raw_value"], raw["dt"]) == (
+      "t-0-1", -1, b"\xff", "2026-01-01")
+  pa.Table.from_pylist([letter, raw], schema=schemas.to_arrow(schemas.load("dead_letter")))
