@@ -27,6 +27,7 @@ from tierflow import schemas
 from tierflow.connectors.batch_coder import BatchCoder
 from tierflow.connectors.codecs import MAX_MILLIS, MIN_MILLIS, Codec
 from tierflow.connectors.kafka_source import KafkaBatch, KafkaRecord, batch_name
+from tierflow.failures import Failure
 
 __all__ = ["BatchRef", "DecodeBatches", "DecodeRecords", "DecodedBatch", "DecodedRecords",
            "dead_letter", "dead_letter_table", "decode_batch", "dt_of", "row_schema",
@@ -219,7 +220,9 @@ def _everything_dead(batch: KafkaBatch, reason: str, max_record_bytes: int,
 
 class _DecodeFn(beam.DoFn):
   def __init__(self, codec: Codec, input_schema: Mapping[str, Any],
-               event_time_field: Optional[str], max_record_bytes: int):
+               event_time_field: Optional[str], max_record_bytes: int,
+               handle_errors: bool = False):
+    self._handle_errors = handle_errors
     self._codec = codec
     self._input_schema = input_schema
     self._event_time_field = event_time_field
@@ -236,6 +239,8 @@ class _DecodeFn(beam.DoFn):
                          event_time_field=self._event_time_field,
                          max_record_bytes=self._max_record_bytes)
     except Exception as e:  # noqa: BLE001 - see _everything_dead
+      if not self._handle_errors:
+        raise
       _LOGGER.exception("decoding %s failed; its %d records go to the dead letters",
                         batch.name, len(batch))
       out = _everything_dead(batch, f"decoding the batch failed: {type(e).__name__}: {e}",
@@ -247,6 +252,11 @@ class _DecodeFn(beam.DoFn):
 
 class DecodeBatches(beam.PTransform):
   """Decodes ``KafkaBatch``es with a codec into ``DecodedBatch``es (rows and dead letters).
+
+  A record that does not decode (bad bytes, oversized, a bad timestamp) is data: it
+  becomes a dead letter of its batch, with the reason. An error in the decoding code
+  raises, unless ``.with_exception_handling()`` was called (the ``tierflow run``
+  pipelines call it): then every record of that batch is dead-lettered with the reason.
 
   Args:
     codec: a ``tierflow.connectors.codecs.Codec`` for the topic's format.
@@ -273,6 +283,12 @@ class DecodeBatches(beam.PTransform):
     self._codec = codec
     self._event_time_field = event_time_field
     self._max_record_bytes = max_record_bytes
+    self._handle_errors = False
+
+  def with_exception_handling(self) -> "DecodeBatches":
+    """Dead-letters a batch the decoding code raises on instead of failing the bundle."""
+    self._handle_errors = True
+    return self
 
   @property
   def row_schema(self) -> dict:
@@ -282,7 +298,7 @@ class DecodeBatches(beam.PTransform):
   def expand(self, batches):
     return batches | "Decode" >> beam.ParDo(
         _DecodeFn(self._codec, self._codec.schema, self._event_time_field,
-                  self._max_record_bytes)).with_output_types(DecodedBatch)
+                  self._max_record_bytes, self._handle_errors)).with_output_types(DecodedBatch)
 
   def display_data(self):
     return {"format": self._codec.name, "schema": self._codec.schema.get("name", ""),
@@ -290,31 +306,54 @@ class DecodeBatches(beam.PTransform):
 
 
 class DecodedRecords(NamedTuple):
-  """Outputs of ``DecodeRecords``: decoded rows and dead letters, as dicts."""
+  """Outputs of ``DecodeRecords(...).with_exception_handling()``.
+
+  Attributes:
+    rows: the decoded rows, as dicts (``DecodeRecords.row_schema``).
+    failures: a ``tierflow.failures.Failure`` (step ``decode``) per record that did not
+      decode, its raw value in ``payload``.
+  """
   rows: beam.PCollection
-  dead_letters: beam.PCollection
+  failures: beam.PCollection
 
 
 class _DecodeRecordFn(_DecodeFn):
-  def process(self, rec: KafkaRecord, ts=beam.DoFn.TimestampParam):
+  def process(self, rec: KafkaRecord):
     batch = KafkaBatch(rec.topic, rec.partition, rec.offset, rec.offset + 1, rec.offset,
                        [rec.offset], [rec.timestamp_ms], [rec.key], [rec.value])
-    for out in super().process(batch):
-      for row in out.rows.to_pylist():
-        yield row
-      for letter in out.dead_letters.to_pylist():
-        yield beam.pvalue.TaggedOutput("dead_letters", letter)
+    try:
+      out = decode_batch(batch, self._codec, self._row_arrow,
+                         event_time_field=self._event_time_field,
+                         max_record_bytes=self._max_record_bytes)
+      failures = [Failure("decode", d["error_type"], d["reason"], d["record_id"],
+                          d["raw_value"]) for d in out.dead_letters.to_pylist()]
+    except Exception as e:  # noqa: BLE001 - an error in code: raised unless handled
+      if not self._handle_errors:
+        raise
+      out, failures = None, [Failure("decode", type(e).__name__, f"decoding raised {e!r}",
+                                     rec.record_id, rec.value)]
+    if failures and not self._handle_errors:
+      f = failures[0]
+      raise ValueError(f"record {f.record_id} does not decode ({f.error_type}): {f.reason} "
+                       "(call .with_exception_handling() to have such records as failures)")
+    self._failed.inc(len(failures))
+    for failure in failures:
+      yield beam.pvalue.TaggedOutput("failures", failure)
+    if out is not None:
+      self._decoded.inc(out.rows.num_rows)
+      yield from out.rows.to_pylist()
 
 
 class DecodeRecords(beam.PTransform):
-  """Decodes single ``KafkaRecord``s (from any source) into dict rows and dead letters.
+  """Decodes single ``KafkaRecord``s (from any source) into dict rows.
 
   The record-at-a-time form of ``DecodeBatches``, for composing into your own
-  pipelines: the same codecs, checks and dead-letter reasons; rows keep the input
-  records' timestamps. ``row_schema`` is the Avro schema of the rows.
-
-  Returns:
-    ``DecodedRecords(rows, dead_letters)``.
+  pipelines: the same codecs and checks; rows keep the input records' timestamps.
+  ``row_schema`` is the Avro schema of the rows. A record that does not decode raises
+  (``ValueError`` with the reason), as does an error in code, unless
+  ``.with_exception_handling()`` was called: then the output is
+  ``DecodedRecords(rows, failures)``, one ``tierflow.failures.Failure`` per record
+  that did not decode.
   """
 
   def __init__(self, codec: Codec, *, event_time_field: Optional[str] = "created_at",
@@ -322,14 +361,23 @@ class DecodeRecords(beam.PTransform):
     super().__init__()
     self._batches = DecodeBatches(codec, event_time_field=event_time_field,
                                   max_record_bytes=max_record_bytes)
+    self._handle_errors = False
+
+  def with_exception_handling(self) -> "DecodeRecords":
+    """Outputs ``DecodedRecords(rows, failures)`` instead of raising (see the class)."""
+    self._handle_errors = True
+    return self
 
   @property
   def row_schema(self) -> dict:
     return self._batches.row_schema
 
-  def expand(self, records) -> DecodedRecords:
+  def expand(self, records):
     b = self._batches
     out = records | "Decode" >> beam.ParDo(_DecodeRecordFn(
-        b._codec, b._codec.schema, b._event_time_field, b._max_record_bytes)).with_outputs(
-            "dead_letters", main="rows")
-    return DecodedRecords(out.rows, out.dead_letters)
+        b._codec, b._codec.schema, b._event_time_field, b._max_record_bytes,
+        self._handle_errors)).with_outputs("failures", main="rows")
+    if not self._handle_errors:
+      return out.rows
+    return DecodedRecords(out.rows, out.failures | "Failures" >> beam.Map(
+        lambda f: f).with_output_types(Failure))

@@ -60,6 +60,7 @@ from tierflow import progress, schemas
 from tierflow.connectors.decode import DEAD_LETTER_SCHEMA, BatchRef, DecodedBatch
 from tierflow.connectors.kafka_source import batch_name
 from tierflow.connectors.written_ranges import COMPACT_ABOVE, WrittenRanges, subtract
+from tierflow.failures import Failure, failure_of_row
 from tierflow.files import rename_over
 
 __all__ = [
@@ -339,26 +340,28 @@ class WriteBatches(beam.PTransform):
 
 
 class ParquetWriteResult(NamedTuple):
-  """Outputs of ``WriteParquetDataset``.
+  """Outputs of ``WriteParquetDataset(...).with_exception_handling()``.
 
   Attributes:
     files: paths (str) of the files written.
-    failed: rows that could not be written, as dicts ``{"row": <the input
-      row>, "error_type": str, "reason": str}``; see ``to_dead_letter``.
+    failures: a ``tierflow.failures.Failure`` (step ``write``) per row that could not
+      be written, the row as JSON in ``payload``; see ``to_dead_letter``.
   """
   files: pvalue.PCollection
-  failed: pvalue.PCollection
+  failures: pvalue.PCollection
 
 
-def to_dead_letter(failure: Mapping[str, Any], *, stage: str = "write_parquet",
-                   failed_at_millis: Optional[int] = None) -> dict:
-  """A ``dead_letter.avsc`` record for an element of ``ParquetWriteResult.failed``.
+def to_dead_letter(failure: Failure, *, failed_at_millis: Optional[int] = None) -> dict:
+  """A ``dead_letter.avsc`` record for a ``Failure`` (of any step).
 
-  Source fields that are missing or of the wrong type get placeholders ("",
-  -1, 0; ``dt`` from ``failed_at``); the whole row is kept as JSON in
+  Source fields come from the payload when it is a JSON row that has them, else
+  placeholders ("", -1, 0; ``dt`` from ``failed_at``); the payload is kept in
   ``raw_value``.
   """
-  row = failure.get("row")
+  try:
+    row = json.loads(failure.payload) if failure.payload else None
+  except ValueError:
+    row = None
   get = row.get if isinstance(row, Mapping) else (lambda _: None)
   if failed_at_millis is None:
     failed_at_millis = int(time.time() * 1000)
@@ -375,18 +378,17 @@ def to_dead_letter(failure: Mapping[str, Any], *, stage: str = "write_parquet",
     dt = datetime.datetime.fromtimestamp(
         failed_at_millis / 1000, tz=datetime.timezone.utc).strftime("%Y-%m-%d")
   return {
-      "record_id": _str(get("record_id")),
+      "record_id": failure.record_id or _str(get("record_id")),
       "kafka_topic": _str(get("kafka_topic")),
       "kafka_partition": _int(get("kafka_partition"), 0, 2**31, -1),
       "kafka_offset": _int(get("kafka_offset"), 0, 2**63, -1),
       "kafka_timestamp": _int(get("kafka_timestamp"), -2**63, 2**63, 0),
       "dt": dt,
-      "stage": stage,
-      "error_type": str(failure.get("error_type", "unknown")),
-      "reason": str(failure.get("reason", "")),
+      "stage": failure.step,
+      "error_type": failure.error_type,
+      "reason": failure.reason,
       "raw_key": None,
-      "raw_value": json.dumps(
-          row, default=repr, sort_keys=True, ensure_ascii=False).encode("utf-8", "replace"),
+      "raw_value": failure.payload,
       "failed_at": failed_at_millis,
   }
 
@@ -477,7 +479,8 @@ class _WriteRowsFn(beam.DoFn):
   """Collects a bundle's valid rows per (dt, topic, partition) and writes them at its end."""
 
   def __init__(self, output: str, avro_schema: Mapping[str, Any], partition_field: str,
-               compression: str):
+               compression: str, handle_errors: bool):
+    self._handle_errors = handle_errors
     self._output = output
     self._avro_schema = avro_schema
     self._partition_field = partition_field
@@ -496,9 +499,7 @@ class _WriteRowsFn(beam.DoFn):
   def process(self, row, window=beam.DoFn.WindowParam):
     error = self._validator.error(row)
     if error is not None:
-      self._failed.inc()
-      yield pvalue.TaggedOutput("failed", {"row": row, "error_type": error[0],
-                                           "reason": error[1]})
+      yield pvalue.TaggedOutput("failures", self._failure(row, *error))
       return
     key = (window, row[self._partition_field], row["kafka_topic"], row["kafka_partition"])
     self._groups.setdefault(key, []).append(row)
@@ -511,9 +512,8 @@ class _WriteRowsFn(beam.DoFn):
       directory = FileSystems.join(self._output, f"{self._partition_field}={value}")
       good, failures = self._arrow(rows)
       for failure in failures:
-        self._failed.inc()
-        yield pvalue.TaggedOutput("failed", WindowedValue(failure, window.max_timestamp(),
-                                                          [window]))
+        yield pvalue.TaggedOutput("failures", WindowedValue(failure, window.max_timestamp(),
+                                                            [window]))
       if good is None:
         continue
       table, offsets = good
@@ -537,23 +537,33 @@ class _WriteRowsFn(beam.DoFn):
         good.append(pa.Table.from_pylist([p], schema=self._schema))
         offsets.append(row["kafka_offset"])
       except Exception as e:  # noqa: BLE001
-        failures.append({"row": row, "error_type": "invalid_type",
-                         "reason": f"{type(e).__name__}: {e}"})
+        failures.append(self._failure(row, "invalid_type", f"{type(e).__name__}: {e}"))
     return ((pa.concat_tables(good), offsets) if good else None), failures
+
+  def _failure(self, row: Any, error_type: str, reason: str) -> Failure:
+    """A row that cannot be written: a ``Failure``, or with errors not handled, raised."""
+    if not self._handle_errors:
+      raise ValueError(f"a row cannot be written ({error_type}): {reason} (call "
+                       ".with_exception_handling() to have such rows as failures)")
+    self._failed.inc()
+    return failure_of_row("write", error_type, reason, row)
 
 
 class WriteParquetDataset(beam.PTransform):
   """Writes dict rows carrying Kafka source metadata to a Hive-partitioned Parquet dataset.
 
-  For a library user's own PCollection of rows. Each bundle writes one file
-  per (window, partition value, topic, Kafka partition), named after the
-  first and last offset it holds and a digest of its offsets, so a retried
-  bundle replaces its own file. Rows that do not fit the schema (wrong type,
-  missing required field, unknown field, unsafe partition value) come out on
-  ``failed`` instead of failing the bundle; I/O errors raise.
+  For a library user's own PCollection of rows: rows from Kafka (``DecodeRecords``)
+  carry the source fields it needs; give other rows theirs with
+  ``tierflow.connectors.source_fields.AddSourceFields``. Each bundle writes one file
+  per (window, partition value, topic, Kafka partition), named after the first and
+  last offset it holds and a digest of its offsets, so a retried bundle replaces its
+  own file. The output is the PCollection of the paths written.
 
-  Returns:
-    ``ParquetWriteResult(files, failed)``.
+  A row that does not fit the schema (wrong type, missing required field, unknown
+  field, unsafe partition value) raises, and the pipeline fails, unless
+  ``.with_exception_handling()`` was called: then the output is
+  ``ParquetWriteResult(files, failures)``, a ``tierflow.failures.Failure`` per such
+  row. I/O errors raise either way (the runner retries the bundle).
   """
 
   def __init__(self, output: str, avro_schema: Mapping[str, Any], *,
@@ -576,12 +586,22 @@ class WriteParquetDataset(beam.PTransform):
     self._avro_schema = json.loads(json.dumps(dict(avro_schema)))
     self._partition_field = partition_field
     self._compression = compression
+    self._handle_errors = False
 
-  def expand(self, rows) -> ParquetWriteResult:
+  def with_exception_handling(self) -> "WriteParquetDataset":
+    """Outputs ``ParquetWriteResult(files, failures)`` instead of raising on a row that
+    cannot be written."""
+    self._handle_errors = True
+    return self
+
+  def expand(self, rows):
     out = rows | "WriteRows" >> beam.ParDo(_WriteRowsFn(
-        self._output, self._avro_schema, self._partition_field,
-        self._compression)).with_outputs("failed", main="files")
-    return ParquetWriteResult(out.files, out.failed)
+        self._output, self._avro_schema, self._partition_field, self._compression,
+        self._handle_errors)).with_outputs("failures", main="files")
+    if not self._handle_errors:
+      return out.files
+    return ParquetWriteResult(out.files, out.failures | "Failures" >> beam.Map(
+        lambda f: f).with_output_types(Failure))
 
   def display_data(self):
     return {"output": DisplayDataItem(self._output, label="Output directory"),

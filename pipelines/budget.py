@@ -25,7 +25,9 @@ reservation is settled with the billed cost and the difference is reused.
 worker process has its own pool (a bounded run's batch covering ``k`` of ``N``
 offsets adds ``cap * k / N``; a streaming run gives each process the cap per
 period). It is for a single process or for tests; with several processes it
-multiplies the cap, so it must be asked for by name.
+multiplies the cap, so it must be asked for by name. ``RouteThroughTiers`` given
+``Budget(usd)`` and ``expected_records`` but no ledger uses the paced form, which
+keeps the run within the cap in any number of processes (``route_rows``).
 """
 
 from __future__ import annotations

@@ -91,11 +91,23 @@ def routed_part(config) -> dict:
   head = [f for f in base["fields"] if f["name"] in ("status", "error")]
   tail = [f for f in base["fields"] if f["name"] not in ("status", "error")]
   outputs = [f for stage in config.stages for f in stage.kind_impl.output_fields()]
-  return {**base, "fields": head + outputs + tail}
+  fields = head + outputs + tail
+  names = [f["name"] for f in fields]
+  clash = sorted({n for n in names if names.count(n) > 1})
+  if clash:
+    raise ValueError(f"stage output column(s) {clash} clash with the result's own columns: "
+                     "give the stage another output: NAME")
+  return {**base, "fields": fields}
 
 
 def result_schema(input_row_schema: Mapping[str, Any], config) -> dict:
-  """The Avro schema of result rows: the input rows' fields, then ``routed_part``."""
+  """The Avro schema of result rows: the input rows' fields, then ``routed_part``;
+  ValueError when the config's input template names a field the input rows lack."""
+  from tierflow.pipelines.prompts import template_fields
+  unknown = sorted(template_fields(config.text) - set(schemas.field_names(input_row_schema)))
+  if unknown:
+    raise ValueError(f"the input template {config.text!r} names {', '.join(unknown)}, not a "
+                     f"field of {input_row_schema.get('name')}")
   return schemas.compose(f"{input_row_schema['name'].removesuffix('Row')}Result",
                          input_row_schema, routed_part(config))
 

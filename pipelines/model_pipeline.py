@@ -176,7 +176,8 @@ def build_pipeline(p: beam.Pipeline, config: ModelPipelineConfig) -> None:
   read = ReadAndDecode(config.io)
   route = RouteBatches(config.run, config.price_book, input_row_schema=read.row_schema,
                        budget=config.budget, calibration_version=config.calibration_version,
-                       batch_state_dir=f"{config.output}/_batches", ledger=config.ledger)
+                       batch_state_dir=f"{config.output}/_batches", ledger=config.ledger
+                       ).with_exception_handling()  # a record a bug hits is written failed
   _ = (p
        | "Read" >> read
        | "Route" >> route

@@ -20,6 +20,7 @@ exactly to what was billed.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import string
@@ -30,18 +31,38 @@ from tierflow.pipelines.answers import Answer, json_objects, token_offsets
 from tierflow.pipelines.stage_kinds import StageKind
 from tierflow.prices import Usage
 
-__all__ = ["build_prompt", "parse_reply", "record_key", "render_text", "split_usage"]
+__all__ = ["build_prompt", "missing_fields", "parse_reply", "record_key", "render_text",
+           "split_usage", "template_fields"]
 
 
-class _Blank(dict):
-  def __missing__(self, key):
-    return ""
+@functools.lru_cache(maxsize=64)
+def template_fields(template: str) -> frozenset:
+  """The row fields a record-text template names (``{subject}: {body}``); ValueError for
+  a template that does not parse or has an unnamed field."""
+  try:
+    named = {field.split(".")[0].split("[")[0]
+             for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+  except ValueError as e:
+    raise ValueError(f"input.text {template!r}: {e}") from None
+  if "" in named or any(f.isdigit() for f in named):
+    raise ValueError(f"input.text {template!r}: name each field, as in {{body}}")
+  return frozenset(named)
+
+
+def missing_fields(template: str, row: Any) -> list[str]:
+  """The fields ``template`` names that ``row`` (a mapping) does not have."""
+  return sorted(f for f in template_fields(template) if f not in row)
 
 
 def render_text(template: str, row: Mapping[str, Any]) -> str:
-  """The record text a stage sees: the config's template over the row's fields."""
-  return string.Formatter().vformat(template, (), _Blank(
-      {k: ("" if v is None else v) for k, v in row.items()}))
+  """The record text a stage sees: the config's template over the row's fields (a null
+  value renders empty); KeyError for a field the row does not have."""
+  missing = missing_fields(template, row)
+  if missing:
+    raise KeyError(f"the row has no field {', '.join(missing)} (the input template "
+                   f"{template!r} names it)")
+  return string.Formatter().vformat(template, (), {
+      k: ("" if v is None else v) for k, v in row.items()})
 
 
 def record_key(i: int) -> str:

@@ -24,9 +24,8 @@ Two Beam transforms use it:
 * ``RouteBatches`` routes whole offset batches (``DecodedBatch``) in place: what
   the tierflow pipelines use, one element per batch, so nothing shuffles or
   buffers more than a batch, and the budget is earned per batch.
-* ``RouteThroughTiers`` routes a PCollection of dict rows for a user's own
-  pipeline: ``RunInference`` batches them, and the output is
-  ``RoutedOutputs(results, failed)``.
+* ``RouteThroughTiers`` (``route_rows``) routes a PCollection of dict rows for a
+  user's own pipeline.
 """
 
 from __future__ import annotations
@@ -36,15 +35,11 @@ import concurrent.futures
 import logging
 import time
 import uuid
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam import pvalue
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
-from apache_beam.transforms.window import TimestampedValue
-from apache_beam.utils.timestamp import Timestamp
 
 from tierflow import progress, schemas
 from tierflow.config import RunConfig
@@ -60,7 +55,7 @@ from tierflow.pipelines.ledger import (RoutedRecord, StageOutcome, TierOutcome, 
 from tierflow.pipelines.prompts import build_prompt, parse_reply, render_text, split_usage
 from tierflow.prices import PriceBook, load_price_book
 
-__all__ = ["RouteBatches", "RouteThroughTiers", "RoutedOutputs", "Router"]
+__all__ = ["METRICS_NAMESPACE", "RouteBatches", "Router", "RoutingCounters"]
 
 _LOGGER = logging.getLogger(__name__)
 METRICS_NAMESPACE = "tierflow.routing"
@@ -488,7 +483,7 @@ class Router:
         pool.settle(reserved_all, packed_cost)
 
 
-class _Counters:
+class RoutingCounters:
   """Beam metrics for routed records (updated on the bundle's thread)."""
 
   def __init__(self):
@@ -558,9 +553,11 @@ def _crashed(row: Mapping[str, Any], config: RunConfig, reason: str) -> RoutedRe
 class _RouteBatchFn(beam.DoFn):
   def __init__(self, config: RunConfig, book: PriceBook, budget: Budget, run_id: str,
                result_avro: dict, calibration_version: Optional[str],
-               batch_state_dir: Optional[str] = None, ledger: Optional[LedgerConfig] = None):
+               batch_state_dir: Optional[str] = None, ledger: Optional[LedgerConfig] = None,
+               handle_errors: bool = False):
     self._batch_state_dir = batch_state_dir
     self._ledger = ledger
+    self._handle_errors = handle_errors
     self._config = config
     self._book = book
     self._budget = budget
@@ -572,7 +569,7 @@ class _RouteBatchFn(beam.DoFn):
     self._router = Router(self._config, self._book, self._batch_state_dir,
                           self._ledger).open()
     self._arrow = schemas.to_arrow(self._result_avro)
-    self._counters = _Counters()
+    self._counters = RoutingCounters()
 
   def teardown(self):
     self._router.close()
@@ -607,15 +604,17 @@ class _RouteBatchFn(beam.DoFn):
     yield batch.replace(rows=table, dead_letters=dead_letters)
 
   def _route(self, rows: list, pool, batch_key: str) -> list[RoutedRecord]:
-    """Routes the batch. If routing raises, each record is routed alone: a record that
-    still fails alone fails with the reason (it never stops the run); if every one does,
-    the error is not a record's and it raises (the bundle fails, nothing is written)."""
+    """Routes the batch; an error in code raises (the bundle fails), unless errors are
+    handled: then each record is routed alone, a record that still fails alone fails
+    with the reason (it never stops the run), and if every one does, the error is not a
+    record's and it raises (nothing is written)."""
     try:
       return self._router.route(rows, pool, batch_key=batch_key)
     except TierUnavailable:
       raise
     except Exception as e:  # noqa: BLE001 - find the record(s) at fault
-      if len(rows) < 2 or "batch" in (self._config.small.mode, self._config.frontier.mode):
+      if (not self._handle_errors or len(rows) < 2
+          or "batch" in (self._config.small.mode, self._config.frontier.mode)):
         raise
       _LOGGER.warning("routing batch %s failed (%s: %s); routing its records one by one",
                       batch_key, type(e).__name__, e)
@@ -634,11 +633,13 @@ class _RouteBatchFn(beam.DoFn):
       return out
 
   def _table(self, results: list[dict], routed: list[RoutedRecord]) -> pa.Table:
-    """The result rows as Arrow; a row Arrow refuses is written as failed, with why."""
+    """The result rows as Arrow; a row Arrow refuses raises, or with errors handled is
+    written as failed, with why."""
     try:
       return pa.Table.from_pylist(results, schema=self._arrow)
     except Exception:  # noqa: BLE001 - find the row(s) at fault
-      pass
+      if not self._handle_errors:
+        raise
     tables = []
     for row, rec in zip(results, routed):
       try:
@@ -697,6 +698,13 @@ class RouteBatches(beam.PTransform):
     ledger: the ledger (``kafka_ledger.LedgerConfig``) every worker process shares: the
       budget's account and the models' rpm/tpm windows. Required for a shared budget;
       without it rate limits apply per process.
+
+  Provider failures (timeouts, 5xx after retries, refused requests, the budget cap) are
+  data: their records come out with status ``failed`` or ``unverified`` and the reason,
+  and failed ones are added to the batch's dead letters. An error in code raises, and the
+  bundle fails, unless ``.with_exception_handling()`` was called (the ``tierflow run``
+  pipelines call it): then the records it hits are written as failed and dead-lettered
+  with the reason.
   """
 
   def __init__(self, config: RunConfig, price_book: Optional[PriceBook] = None, *,
@@ -717,6 +725,13 @@ class RouteBatches(beam.PTransform):
     self._calibration = calibration_version
     self._result_avro = result_schema(input_row_schema, config)
     self._run_id = uuid.uuid4().hex
+    self._handle_errors = False
+
+  def with_exception_handling(self) -> "RouteBatches":
+    """Records an error in code hits are written as failed with the reason (dead-lettered)
+    instead of failing the bundle; see the class docstring."""
+    self._handle_errors = True
+    return self
 
   @property
   def result_schema(self) -> dict:
@@ -725,149 +740,5 @@ class RouteBatches(beam.PTransform):
   def expand(self, batches):
     return batches | "Route" >> beam.ParDo(_RouteBatchFn(
         self._config, self._book, self._budget, self._run_id, self._result_avro,
-        self._calibration, self._batch_state_dir, self._ledger)).with_output_types(DecodedBatch)
-
-
-# --- dict rows: a library user's path --------------------------------------------------
-
-
-class RoutedOutputs(NamedTuple):
-  """Outputs of ``RouteThroughTiers``.
-
-  Attributes:
-    results: a result row per input row (``status`` ok or failed), at the
-      input row's timestamp.
-    failed: the result rows of records that failed (a stage with no answer
-      from either tier, or a crash), with ``error`` saying why.
-  """
-  results: pvalue.PCollection
-  failed: pvalue.PCollection
-
-
-class _TieredHandler(ModelHandler):
-  """A RunInference handler whose 'model' is a ``Router`` over (row, timestamp) pairs."""
-
-  def __init__(self, config: RunConfig, book: PriceBook, budget: Budget,
-               expected_records: Optional[int], run_id: str,
-               ledger: Optional[LedgerConfig] = None):
-    super().__init__()
-    self._config = config
-    self._book = book
-    self._budget = budget
-    self._expected = expected_records
-    self._run_id = run_id
-    self._ledger = ledger
-
-  def load_model(self) -> Router:
-    return Router(self._config, self._book, ledger=self._ledger).open()
-
-  def run_inference(self, batch, model: Router, inference_args=None):
-    pool = budget_for(self._run_id, self._budget, self._ledger, len(batch),
-                      self._expected or 0)
-    rows = [row for row, _ in batch]
-    try:
-      routed = model.route(rows, pool)
-    finally:
-      if pool is not None:
-        pool.close()
-    return [PredictionResult(pair, rec) for pair, rec in zip(batch, routed)]
-
-  def batch_elements_kwargs(self):
-    small = self._config.small
-    return {"min_batch_size": 1, "max_batch_size": small.batch_size * small.concurrency * 4}
-
-  def get_metrics_namespace(self) -> str:
-    return METRICS_NAMESPACE
-
-
-class _LedgerFn(beam.DoFn):
-  def __init__(self, config: RunConfig, book: PriceBook, calibration: Optional[str]):
-    self._config, self._book, self._calibration = config, book, calibration
-
-  def setup(self):
-    self._counters = _Counters()
-
-  def process(self, result):
-    (_, micros), routed = result.example, result.inference
-    row, failed = ledger_row(routed, self._config, self._book, self._calibration)
-    self._counters.count([routed], [row])
-    stamped = TimestampedValue(row, Timestamp(micros=micros))
-    yield stamped
-    if failed:
-      yield pvalue.TaggedOutput("failed", stamped)
-
-
-def _stamp(row, ts=beam.DoFn.TimestampParam):
-  return row, Timestamp.of(ts).micros
-
-
-class RouteThroughTiers(beam.PTransform):
-  """Routes dict rows through the tiers; see the module docstring.
-
-  ``p | RouteThroughTiers(load_config("tickets"))`` gives
-  ``RoutedOutputs(results, failed)``; ``result_schema(input_schema)`` is the
-  Avro schema of the result rows (for ``WriteParquetDataset``).
-
-  Args:
-    config: the run config.
-    price_book: prices (default: the config's, else the bundled book).
-    budget: the frontier spend cap: one account in ``ledger`` shared by every worker
-      process (``Budget(usd, account=...)``), or ``Budget(usd, per_process=True)``.
-    expected_records: how many rows the run will route (bounded input): the spend is
-      paced over them (at most ``usd * routed / expected_records`` at any time).
-    calibration_version: written on every row.
-    ledger: the ``kafka_ledger.LedgerConfig`` the budget's account and the models'
-      rate windows live in, shared by every worker process.
-  """
-
-  def __init__(self, config: RunConfig, price_book: Optional[PriceBook] = None, *,
-               budget: Budget = Budget(), expected_records: Optional[int] = None,
-               calibration_version: Optional[str] = None,
-               ledger: Optional[LedgerConfig] = None):
-    super().__init__()
-    check_budget(budget, ledger)
-    self._ledger = ledger
-    if not isinstance(config, RunConfig):
-      raise TypeError("RouteThroughTiers takes a tierflow RunConfig (tierflow.config)")
-    if expected_records is not None and expected_records < 1:
-      raise ValueError("expected_records must be >= 1")
-    self._book = price_book or load_price_book(config.price_book)
-    Router(config, self._book)
-    self._config = config
-    self._budget = budget
-    self._expected = expected_records
-    self._calibration = calibration_version
-    self._run_id = uuid.uuid4().hex
-
-  def result_schema(self, input_schema: Mapping[str, Any]) -> dict:
-    """The Avro schema of result rows for input rows of ``input_schema``."""
-    return result_schema(input_schema, self._config)
-
-  def expand(self, rows) -> RoutedOutputs:
-    handler = _TieredHandler(self._config, self._book, self._budget, self._expected,
-                             self._run_id, self._ledger)
-    main, dlq = (rows
-                 | "KeepTimestamps" >> beam.Map(_stamp)
-                 | "Route" >> RunInference(handler).with_exception_handling())
-    ledgered = main | "Ledger" >> beam.ParDo(_LedgerFn(
-        self._config, self._book, self._calibration)).with_outputs("failed", main="results")
-    crashed = dlq.failed_inferences | "Crashed" >> beam.ParDo(_CrashedFn(
-        self._config, self._book, self._calibration))
-    failed = (ledgered.failed, crashed) | "AllFailed" >> beam.Flatten()
-    results = (ledgered.results, crashed) | "AllResults" >> beam.Flatten()
-    return RoutedOutputs(results, failed)
-
-
-class _CrashedFn(beam.DoFn):
-  """A batch the handler raised on (a bug, not a model failure): its rows fail, loudly."""
-
-  def __init__(self, config: RunConfig, book: PriceBook, calibration: Optional[str]):
-    self._config, self._book, self._calibration = config, book, calibration
-
-  def process(self, failed) -> Iterable:
-    batch, exc = failed if isinstance(failed, tuple) else (failed.batch, failed.exception)
-    _LOGGER.error("routing crashed on a batch of %d: %r", len(batch), exc)
-    for row, micros in batch:
-      routed = _crashed(row, self._config, f"routing crashed: {exc!r}")
-      out, _ = ledger_row(routed, self._config, self._book, self._calibration)
-      yield TimestampedValue(out, Timestamp(micros=micros))
+        self._calibration, self._batch_state_dir, self._ledger,
+        self._handle_errors)).with_output_types(DecodedBatch)

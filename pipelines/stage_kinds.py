@@ -65,7 +65,8 @@ class StageKind:
   """Base of the stage kinds; ``stage`` is the stage's ``StageConfig``."""
 
   kind: ClassVar[str] = ""
-  output: ClassVar[str] = ""  # the column holding the stage's answer
+  # the column holding the answer of the first stage of this kind (``StageConfig.output``)
+  default_output: ClassVar[str] = ""
   # How many alternatives per token to ask for (None: the model's configured number).
   alternatives: ClassVar[Optional[int]] = 1
 
@@ -124,6 +125,11 @@ class StageKind:
     return True
 
   # --- writing ---------------------------------------------------------------------
+  @property
+  def output(self) -> str:
+    """The column holding this stage's answer (its confidence: ``<output>_confidence``)."""
+    return self.stage.output or self.default_output
+
   def output_fields(self) -> list[dict]:
     """Avro fields of this stage's output columns (nullable: a failed stage writes null)."""
     return [
@@ -208,7 +214,7 @@ class Classify(StageKind):
   """One label out of a configured set."""
 
   kind = "classify"
-  output = "label"
+  default_output = "label"
   alternatives = None  # reads the first token's alternatives when an answer strays
 
   @classmethod
@@ -309,7 +315,7 @@ class Extract(StageKind):
   enum and pattern; written as a struct column with those types."""
 
   kind = "extract"
-  output = "extraction"
+  default_output = "extraction"
 
   @classmethod
   def check(cls, stage) -> None:
@@ -510,7 +516,7 @@ class Summarise(StageKind):
   """One sentence of at most ``max_words`` words."""
 
   kind = "summarise"
-  output = "summary"
+  default_output = "summary"
   scored = False  # exact match does not apply to free text
 
   @classmethod

@@ -22,7 +22,8 @@ class ReadAndDecode(beam.PTransform):
     super().__init__()
     self._config = config
     self._decode = DecodeBatches(config.codec(), event_time_field=config.event_time_field,
-                                 max_record_bytes=config.max_record_bytes)
+                                 max_record_bytes=config.max_record_bytes
+                                 ).with_exception_handling()  # a bug dead-letters its batch
 
   @property
   def row_schema(self) -> dict:

@@ -1,6 +1,7 @@
 """tierflow.connectors.parquet_dataset: real Beam runs, read back with pyarrow and DuckDB."""
 
 import datetime
+import json
 import os
 
 import apache_beam as beam
@@ -238,11 +239,16 @@ def test_rows_writer_writes_valid_rows_and_returns_the_rest(tmp_path):
   rows[1]["created_at"] = "yesterday"  # wrong type
   rows[2]["unknown"] = 1  # not in the schema
   rows[3]["dt"] = "../etc"  # unsafe partition value
+  with pytest.raises(Exception, match=r"a row cannot be written \(invalid_type\)"):
+    with beam.Pipeline(runner="FnApiRunner") as p:  # by default a bad row fails the run
+      _ = p | beam.Create(rows[:2]) | WriteParquetDataset(str(tmp_path / "strict"), ROW_SCHEMA)
   with beam.Pipeline(runner="FnApiRunner") as p:
-    result = p | beam.Create(rows) | WriteParquetDataset(out, ROW_SCHEMA)
-    assert_that(result.failed | beam.Map(lambda f: (f["row"]["kafka_offset"], f["error_type"])),
-                equal_to([(1, "invalid_type"), (2, "unexpected_field"),
-                          (3, "invalid_partition")]), label="failed")
+    result = p | beam.Create(rows) | WriteParquetDataset(
+        out, ROW_SCHEMA).with_exception_handling()
+    assert_that(result.failures | beam.Map(
+        lambda f: (json.loads(f.payload)["kafka_offset"], f.step, f.error_type)),
+                equal_to([(1, "write", "invalid_type"), (2, "write", "unexpected_field"),
+                          (3, "write", "invalid_partition")]), label="failed")
     assert_that(result.files | beam.Map(os.path.basename),
                 equal_to([parquet_dataset._rows_file_name("tickets", 2, [0, 4, 5])]),
                 label="files")

@@ -13,6 +13,7 @@ into a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from typing import Any, Literal, Mapping, Optional
@@ -244,7 +245,10 @@ class Example(_Strict):
 
 
 class StageConfig(_Strict):
-  """One stage. ``threshold``: records whose small-tier confidence is below it escalate.
+  """One stage. ``threshold``: records whose small-tier confidence is below it escalate
+  (a confidence in [0, 1]; ``inf`` escalates every record). ``output``: the result column
+  holding its answer (and ``<output>_confidence``); default the kind's column (``label``,
+  ``extraction``, ``summary``) for the first stage of a kind, the stage's name for others.
 
   ``examples`` (few-shot) go in the shared system prompt after the task: they help a small
   model, and they are what makes the shared prefix long enough for the providers' prompt
@@ -260,6 +264,7 @@ class StageConfig(_Strict):
   max_words: int = 40
   threshold: float = 0.5
   max_output_tokens: Optional[int] = Field(None, ge=1)
+  output: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
   @field_validator("fields", mode="before")
   @classmethod
@@ -279,9 +284,7 @@ class StageConfig(_Strict):
       problem = KINDS[self.kind](self).example_problem(example.answer)
       if problem:
         raise ValueError(f"stage {self.name}: example {n}: {problem}")
-    # Above 1 (a calibration that could not certify: +inf) escalates every record.
-    if not float(self.threshold) >= 0.0:
-      raise ValueError(f"stage {self.name}: threshold must be >= 0")
+    _check_threshold(self.name, self.threshold)
     return self
 
   @property
@@ -293,6 +296,33 @@ class StageConfig(_Strict):
   def output_tokens_per_record(self) -> int:
     """Output budget per record: the answer plus its JSON framing."""
     return self.max_output_tokens or self.kind_impl.output_tokens_per_record()
+
+
+def _check_threshold(stage: str, threshold: Any) -> None:
+  """A threshold is a confidence in [0, 1], or inf: escalate every record (what a
+  calibration that could not certify the stage gives). ``70`` or ``1.1`` is an error."""
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+    raise ValueError(f"stage {stage}: threshold must be a number, got {threshold!r}")
+  if not (0.0 <= threshold <= 1.0 or threshold == math.inf):
+    raise ValueError(f"stage {stage}: threshold {threshold!r} is not a confidence in [0, 1] "
+                     "or inf (escalate every record)")
+
+
+def _with_outputs(stages: tuple) -> tuple:
+  """The stages with their output columns set (see ``StageConfig.output``); ValueError
+  when two stages would write one column."""
+  from tierflow.pipelines.stage_kinds import KINDS
+  out, owner, kinds = [], {}, set()
+  for s in stages:
+    column = s.output or (KINDS[s.kind].default_output if s.kind not in kinds else s.name)
+    kinds.add(s.kind)
+    for name in (column, f"{column}_confidence"):
+      if name in owner:
+        raise ValueError(f"stages {owner[name]} and {s.name} would both write column "
+                         f"{name!r}: give one of them another output: NAME")
+      owner[name] = s.name
+    out.append(s if s.output == column else s.model_copy(update={"output": column}))
+  return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,13 +343,17 @@ class RunConfig:
     object.__setattr__(self, "stages", tuple(self.stages))
     if not self.stages:
       raise ValueError("config needs at least one stage")
+    for stage in self.stages:
+      if not isinstance(stage, StageConfig):
+        raise TypeError(f"stages are StageConfigs, got {type(stage).__name__} {stage!r}")
+      _check_threshold(stage.name, stage.threshold)
+    for tier in ("small", "frontier"):
+      if not isinstance(getattr(self, tier), ModelConfig):
+        raise TypeError(f"{tier} is a ModelConfig, got {type(getattr(self, tier)).__name__}")
     names = [s.name for s in self.stages]
     if len(set(names)) != len(names):
       raise ValueError(f"stage names must be unique: {names}")
-    kinds = [s.kind for s in self.stages]
-    if len(set(kinds)) != len(kinds):
-      raise ValueError(f"at most one stage of each kind (their outputs are named by kind): "
-                       f"{kinds}")
+    object.__setattr__(self, "stages", _with_outputs(self.stages))
     if self.budget_usd is not None and self.budget_usd < 0:
       raise ValueError("budget_usd must be >= 0")
     if self.frontier.samples != 1:
@@ -372,16 +406,10 @@ def _error_line(err: Mapping[str, Any]) -> str:
 
 def _check_template(text: str, schema_name: str) -> None:
   """Raises ValueError when the input template names a field the input rows cannot have
-  (a typo would otherwise render as an empty string on every record)."""
-  import string
+  (a typo would otherwise fail every record)."""
   from tierflow import schemas
-  try:
-    named = {field.split(".")[0].split("[")[0]
-             for _, field, _, _ in string.Formatter().parse(text) if field is not None}
-  except ValueError as e:
-    raise ValueError(f"input.text {text!r}: {e}") from None
-  if "" in named or any(f.isdigit() for f in named):
-    raise ValueError(f"input.text {text!r}: name each field, as in {{body}}")
+  from tierflow.pipelines.prompts import template_fields
+  named = template_fields(text)
   fields = set(schemas.field_names(schemas.load(schema_name))) | set(
       schemas.field_names(schemas.load("source_metadata")))
   unknown = sorted(named - fields)

@@ -11,7 +11,9 @@ each field); a summarise stage has no exact reference and is not certified.
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import random
 from typing import Any, Mapping, Optional, Sequence
@@ -23,7 +25,7 @@ from tierflow.pipelines.stage_kinds import KINDS
 
 __all__ = ["ESCALATE_ALL", "sample_file", "sample_topic", "run_tiers", "write_frontier_labels"]
 
-ESCALATE_ALL = 2.0  # a threshold above any confidence: every stage goes to the frontier
+ESCALATE_ALL = math.inf  # every stage goes to the frontier
 
 
 def _draw(n_total: int, n: Optional[int], seed: int) -> list[int]:
@@ -134,10 +136,11 @@ def run_tiers(pipeline: str, values: Sequence[bytes], work_dir: str, *,
   batch = KafkaBatch("calibration-sample", 0, 0, len(values), 0, list(range(len(values))),
                      [now] * len(values), [None] * len(values), values)
   os.makedirs(work_dir, exist_ok=True)
-  decode = DecodeBatches(JsonCodec(schema))
+  decode = DecodeBatches(JsonCodec(schema)).with_exception_handling()
   budget = Budget(None, per_process=True) if frontier else Budget(0.0, per_process=True)
   route = RouteBatches(run, load_price_book(run.price_book),
-                       input_row_schema=decode.row_schema, budget=budget)
+                       input_row_schema=decode.row_schema, budget=budget
+                       ).with_exception_handling()
   with beam.Pipeline(runner=runner, options=PipelineOptions([])) as p:
     _ = (p | "Records" >> beam.Create([batch])
          | "Decode" >> decode
@@ -165,15 +168,21 @@ def write_frontier_labels(output_dir: str, path: str) -> tuple[dict[str, list[st
   notes: list[str] = []
   answered: dict[str, set] = {"model": set(), "endpoint": set()}
   unanswered = np.zeros(run.n, dtype=bool)
+  kinds = collections.Counter(s.kind for s in run.stages)
   for stage in run.stages:
     kind = KINDS.get(stage.kind)
+    if kind is not None and kind.scored and kinds[stage.kind] > 1:
+      notes.append(f"stage {stage.name} ({stage.kind}): not certified against the frontier: "
+                   f"it is one of several {stage.kind} stages, and the reference is read "
+                   f"from the one {kind.default_output} column")
+      continue
     if kind is None or not kind.scored:
       notes.append(f"stage {stage.name} ({stage.kind}): not certified against the frontier: "
                    f"free text has no exact reference to agree with, so agreement cannot be "
                    f"tested; it keeps its configured threshold and has no guarantee")
       continue
     on_frontier = stage.present & (stage.col("final_tier") == "frontier")
-    final = run.records[kind.output]
+    final = run.records[kind.default_output]
     if stage.kind == "classify":
       cols = [stage.name]
       for i in range(run.n):

@@ -103,11 +103,12 @@ def resolve_label_fields(run: RunData, label_rows: list[dict],
       notes.append(f"stage {s.name} ({s.kind}) is not scored: exact match does not apply to "
                    f"free text")
       continue
-    answers = [a for a in (*run.records[kind.output], *s.col("small_answer")) if a][:1000]
+    answers = [a for a in (*run.records.get(kind.default_output, ()), *s.col("small_answer"))
+               if a][:1000]
     cols = given.get(s.name) or kind.default_label_fields(s.name, label_cols, answers)
     if kinds[s.kind] > 1:
-      notes.append(f"stage {s.name} is not scored: several {s.kind} stages share one output "
-                   f"column")
+      notes.append(f"stage {s.name} is not scored: the report scores a {s.kind} stage only "
+                   f"when it is the run's one {s.kind} stage (column {kind.default_output})")
     elif not cols:
       notes.append(f"stage {s.name} is not scored: no label column for it (use --label-field)")
     else:
@@ -152,7 +153,7 @@ def score_stage(stage: StageData, run: RunData, refs: list[Optional[dict]],
   kind = _kind(stage)
   n = run.n
   labelled = stage.present & np.array([kind.labelled(r, fields) for r in refs])
-  final_col = run.records[kind.output]
+  final_col = run.records[kind.default_output]
   tier = stage.col("final_tier")
   final, small, frontier = (np.full(n, np.nan) for _ in range(3))
   small_known = stage.small_answer_known | (tier == "small") | ~is_null(stage.col("small_error"))

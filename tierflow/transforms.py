@@ -1,9 +1,12 @@
 """tierflow's transforms, for your own Beam pipelines: the same ones ``tierflow run`` composes.
 
 Each is a ``PTransform`` that checks its arguments when constructed and builds
-in ``expand``; transforms with a failure path return a NamedTuple of outputs, as
-``RunInference(...).with_exception_handling()`` does, and say what schema their
-rows have.
+in ``expand``, and says what schema its rows have. As with Beam's ``RunInference``,
+the transforms with a failure path (decode, route, write) raise on a record they
+cannot handle unless ``.with_exception_handling()`` was called: then they return a
+NamedTuple of outputs whose ``failures`` hold ``Failure`` rows, one type for all
+three. Provider failures (timeouts, 5xx after retries, the budget cap) are not
+exceptions: routed records carry them as status ``failed`` or ``unverified``.
 
 Whole offset batches (what the tierflow pipelines use; memory holds the batches
 in flight, and the consumer group's offsets move only past written output)::
@@ -16,8 +19,8 @@ in flight, and the consumer group's offsets move only past written output)::
 
 Record by record, to mix with steps of your own (see the README)::
 
-    decode = DecodeRecords(codec)                    # KafkaRecords -> (rows, dead_letters)
-    route = RouteThroughTiers(run_config)            # rows -> (results, failed)
+    decode = DecodeRecords(codec).with_exception_handling()   # -> (rows, failures)
+    route = RouteThroughTiers(run_config).with_exception_handling()  # -> (results, failures)
     results | WriteParquetDataset(out, route.result_schema(decode.row_schema))
 
 One tier's answers to one stage, no cascade, in Beam's own ``RunInference``::
@@ -33,19 +36,21 @@ from tierflow.connectors.decode import (DecodeBatches, DecodedBatch, DecodedReco
 from tierflow.connectors.kafka_commit import CommitOffsets, Committed
 from tierflow.connectors.kafka_source import (KafkaBatch, KafkaReadConfig, KafkaRecord,
                                               ReadKafkaBatches)
+from tierflow.failures import Failure
+from tierflow.connectors.source_fields import AddSourceFields
 from tierflow.connectors.parquet_dataset import (ParquetWriteResult, WriteBatches,
                                                  WriteParquetDataset, WrittenBatch,
                                                  to_dead_letter)
 from tierflow.pipelines.budget import Budget
-from tierflow.pipelines.routing import RouteBatches, RoutedOutputs, RouteThroughTiers
+from tierflow.pipelines.route_rows import RoutedOutputs, RouteThroughTiers
+from tierflow.pipelines.routing import RouteBatches
 from tierflow.pipelines.tier_handler import TierModelHandler
 
 __all__ = [
-    "Budget", "Codec", "CommitOffsets", "Committed", "DecodeBatches", "DecodeRecords",
-    "DecodedBatch", "DecodedRecords", "KafkaBatch", "KafkaReadConfig", "KafkaRecord",
-    "ModelConfig", "ParquetWriteResult", "ReadKafkaBatches", "RouteBatches",
-    "RouteThroughTiers", "RoutedOutputs", "RunConfig", "StageConfig", "TierModelHandler",
-    "WriteBatches",
-    "WriteParquetDataset", "WrittenBatch", "load_config", "make_codec", "row_schema",
-    "schemas", "to_dead_letter",
+    "AddSourceFields", "Budget", "Codec", "CommitOffsets", "Committed", "DecodeBatches",
+    "DecodedBatch", "DecodedRecords", "DecodeRecords", "Failure", "KafkaBatch",
+    "KafkaReadConfig", "KafkaRecord", "load_config", "make_codec", "ModelConfig",
+    "ParquetWriteResult", "ReadKafkaBatches", "RouteBatches", "RoutedOutputs",
+    "RouteThroughTiers", "row_schema", "RunConfig", "schemas", "StageConfig",
+    "TierModelHandler", "to_dead_letter", "WriteBatches", "WriteParquetDataset", "WrittenBatch",
 ]

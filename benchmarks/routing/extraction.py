@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import shutil
 import sys
@@ -289,7 +290,7 @@ def run(*, alphas: Sequence[float], delta: float, splits: int, seed: int, calib_
                             local.anthropic_base_url),
         frontier_only_config=bench_config(os.path.join(work, "config_frontier_only.yaml"),
                                           local.openai_base_url, local.anthropic_base_url,
-                                          threshold=2.0),
+                                          threshold=math.inf),
         calib_labels=calib_labels, alphas=alphas, delta=delta, router=router)
   pipeline_split0 = {}
   for alpha in alphas:

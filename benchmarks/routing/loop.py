@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -489,7 +490,7 @@ def run_dataset(name: str, *, alphas: Sequence[float], delta: float, splits: int
         frontier_only_config=bench_config(ds, small_ep, upper_ep,
                                           os.path.join(d, "config_frontier_only.yaml"),
                                           small_price=small_price, upper_price=upper_price,
-                                          threshold=2.0),
+                                          threshold=math.inf),
         calib_labels=calib_labels, alphas=alphas, delta=delta, router=router)
   timings = {"train_s": train_s, **runs.timings}
 

@@ -51,6 +51,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import re
 import shutil
@@ -275,7 +276,7 @@ def run(*, small_tier: str, work: str, keep_reports: str, small_train: int = SMA
     common = ["--bootstrap-servers", broker.bootstrap_servers, "--topic", "pool",
               "--start-offset", "0"]
     outs, timings = {}, {}
-    for name, threshold in (("small_only", 0.0), ("frontier_only", 2.0),
+    for name, threshold in (("small_only", 0.0), ("frontier_only", math.inf),
                             ("routed", PIPELINE_THRESHOLD)):
       outs[name] = os.path.join(work, name)
       config = bench_config(os.path.join(work, f"{name}.yaml"), small,

@@ -1,0 +1,127 @@
+"""``AddSourceFields``: the id and partition date tierflow's sink needs, for rows from any source.
+
+Rows decoded from Kafka carry the source metadata of ``schemas/source_metadata.avsc``
+(``record_id``, ``kafka_topic``, ``kafka_partition``, ``kafka_offset``,
+``kafka_timestamp``, ``dt``), which ``WriteParquetDataset`` names its files and
+partitions by. Rows from anywhere else (``beam.Create``, a file, BigQuery) get them
+here:
+
+* ``record_id``: the row's ``id_field`` as text, or else a digest of its content
+  (SHA-256 of its canonical JSON), so the same row has the same id in every run;
+* ``kafka_topic``: the ``source`` name; ``kafka_partition`` 0; ``kafka_offset``: a
+  number derived from the id (the sink orders a file's rows and names its files by
+  offsets, so a retried bundle replaces its own file);
+* ``kafka_timestamp`` and ``dt``: from the row's ``time_field`` (epoch millis or a
+  datetime; naive means UTC), or the given ``dt`` (``YYYY-MM-DD``) at midnight UTC.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import re
+from typing import Any, Mapping, Optional
+
+import apache_beam as beam
+
+from tierflow import schemas
+from tierflow.connectors.decode import dt_of, row_schema
+
+__all__ = ["AddSourceFields"]
+
+SOURCE_FIELDS = tuple(schemas.field_names(schemas.load("source_metadata")))
+_TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,248}")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _millis(value: Any, field: str) -> int:
+  if isinstance(value, datetime.datetime):
+    if value.tzinfo is None:
+      value = value.replace(tzinfo=datetime.timezone.utc)
+    return int(value.timestamp() * 1000)
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return int(value)
+  raise ValueError(f"time field {field!r} is {type(value).__name__} {value!r}, not epoch "
+                   "millis or a datetime")
+
+
+class _AddFn(beam.DoFn):
+  def __init__(self, source: str, id_field: Optional[str], time_field: Optional[str],
+               dt: Optional[str]):
+    self._source, self._id, self._time, self._dt = source, id_field, time_field, dt
+
+  def process(self, row):
+    if not isinstance(row, Mapping):
+      raise ValueError(f"AddSourceFields takes dict rows, got {type(row).__name__}")
+    clash = [f for f in SOURCE_FIELDS if f in row]
+    if clash:
+      raise ValueError(f"the row already has source field(s) {clash}")
+    if self._id is not None:
+      if row.get(self._id) is None:
+        raise ValueError(f"the row has no {self._id!r} (id_field): {dict(row)!r:.200}")
+      record_id = str(row[self._id])
+    else:
+      canonical = json.dumps(row, sort_keys=True, default=str, ensure_ascii=False)
+      record_id = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
+    if self._time is not None:
+      if row.get(self._time) is None:
+        raise ValueError(f"the row has no {self._time!r} (time_field): {dict(row)!r:.200}")
+      millis = _millis(row[self._time], self._time)
+      dt = dt_of(millis)
+    else:
+      dt = self._dt
+      millis = int(datetime.datetime.fromisoformat(dt).replace(
+          tzinfo=datetime.timezone.utc).timestamp() * 1000)
+    offset = int.from_bytes(hashlib.sha256(record_id.encode("utf-8")).digest()[:8], "big") >> 1
+    yield {"record_id": record_id, "kafka_topic": self._source, "kafka_partition": 0,
+           "kafka_offset": offset, "kafka_timestamp": millis, "dt": dt, **row}
+
+
+class AddSourceFields(beam.PTransform):
+  """Adds ``record_id``, ``kafka_*`` and ``dt`` to dict rows from any source, so
+  ``WriteParquetDataset`` can write them (see the module docstring).
+
+  Args:
+    source: names the rows' origin; it starts their file names (``kafka_topic``).
+    id_field: the field that identifies a row; None: a digest of the row's content.
+    time_field: the row's event time (epoch millis or a datetime), for ``dt``.
+    dt: the partition date (``YYYY-MM-DD``) of every row, when there is no time_field.
+
+  A row without ``id_field`` or ``time_field``, or that already has a source field,
+  raises. ``row_schema(input_schema)`` is the Avro schema of the output rows.
+  """
+
+  def __init__(self, source: str, *, id_field: Optional[str] = None,
+               time_field: Optional[str] = None, dt: Optional[str] = None):
+    super().__init__()
+    if not isinstance(source, str) or not _TOPIC.fullmatch(source):
+      raise ValueError(f"source must be a name of [A-Za-z0-9._-] (it starts file names), "
+                       f"got {source!r}")
+    for name, value in (("id_field", id_field), ("time_field", time_field), ("dt", dt)):
+      if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r}")
+    if (time_field is None) == (dt is None):
+      raise ValueError("give time_field (each row's event time) or dt (one date for every "
+                       "row), not both or neither")
+    if dt is not None:
+      try:
+        ok = _DATE.fullmatch(dt) and datetime.date.fromisoformat(dt)
+      except ValueError:
+        ok = False
+      if not ok:
+        raise ValueError(f"dt must be a date YYYY-MM-DD, got {dt!r}")
+    self._source, self._id, self._time, self._dt = source, id_field, time_field, dt
+
+  def row_schema(self, input_schema: Mapping[str, Any]) -> dict:
+    """The Avro schema of the output rows: source metadata, then ``input_schema``'s
+    fields (ValueError when it lacks ``id_field`` or ``time_field``)."""
+    names = set(schemas.field_names(input_schema))
+    missing = [f for f in (self._id, self._time) if f is not None and f not in names]
+    if missing:
+      raise ValueError(f"{input_schema.get('name')} has no field {', '.join(missing)}")
+    return row_schema(input_schema)
+
+  def expand(self, rows):
+    return rows | "AddSourceFields" >> beam.ParDo(
+        _AddFn(self._source, self._id, self._time, self._dt))

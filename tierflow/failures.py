@@ -1,0 +1,50 @@
+"""``Failure``: the one shape of a record tierflow's transforms could not handle.
+
+Decode, route and write each raise by default, as Beam's ``RunInference`` does;
+after ``.with_exception_handling()`` they return a NamedTuple whose ``failures``
+output holds ``Failure`` rows instead, the same type from all three, with a Beam
+schema (``RowCoder``), so they can be flattened, written or queried together.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NamedTuple, Optional
+
+import apache_beam as beam
+
+__all__ = ["Failure", "failure_of_row"]
+
+STEPS = ("decode", "route", "write")
+
+
+class Failure(NamedTuple):
+  """A record a step could not handle, and why.
+
+  Attributes:
+    step: ``decode``, ``route`` or ``write``.
+    error_type: a short kind (``invalid_json``, ``missing_field``, ``model_failure``,
+      ``invalid_type``, or the exception's class name for an error in code).
+    reason: what went wrong, readable.
+    record_id: the record's id where known, else None.
+    payload: the record as it reached the step: its raw bytes (decode), or the row as
+      UTF-8 JSON (route: the result row, with its ledger, where routing produced one;
+      write: the row given).
+  """
+  step: str
+  error_type: str
+  reason: str
+  record_id: Optional[str]
+  payload: Optional[bytes]
+
+
+beam.coders.registry.register_coder(Failure, beam.coders.RowCoder)
+
+
+def failure_of_row(step: str, error_type: str, reason: str, row: Any) -> Failure:
+  """A ``Failure`` for a dict row (its ``record_id`` where it has one)."""
+  record_id = row.get("record_id") if isinstance(row, dict) else None
+  payload = json.dumps(row, default=repr, sort_keys=True, ensure_ascii=False).encode(
+      "utf-8", "backslashreplace")
+  return Failure(step, error_type, reason[:4000],
+                 record_id if isinstance(record_id, str) else None, payload)
