@@ -13,9 +13,9 @@ from tierflow_local.provider_server import LocalProviderServer
 from tierflow_local.standin_model import KeywordStandIn
 
 ROWS = [
-    {"ticket_id": "T1", "created_at": 1767225600000, "subject": "Refund",
+    {"ticket_id": "T1", "created_at": 1767225600000, "subject": "Refund", "channel": "email",
      "body": "I was charged twice for my invoice, please refund the payment."},
-    {"ticket_id": "T2", "created_at": 1767225600000, "subject": "Late",
+    {"ticket_id": "T2", "created_at": 1767225600000, "subject": "Late", "channel": "chat",
      "body": "My parcel never arrived, where is the delivery?"},
 ]
 
