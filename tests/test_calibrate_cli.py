@@ -148,6 +148,60 @@ def test_too_small_sample_refuses_and_the_run_escalates_that_stage_everywhere(
              for r in rows)
 
 
+def _small_prompts(endpoints, since):
+  """The system prompts of the small model's requests after the first ``since``."""
+  return [json.dumps(r.body) for r in endpoints.requests[since:] if r.model == "small"]
+
+
+def test_skip_small_when_uncertified_asks_the_small_tier_nothing_it_could_not_keep(
+    broker, topic, output_dir, endpoints, config_file, tmp_path, read_duckdb, capsys):
+  from tierflow.pipelines.ledger import SMALL_SKIPPED
+  from tierflow.report import build_report
+
+  cal = tmp_path / "cal.json"
+  assert cli.main(["calibrate", "--run", "tickets", "--records", _records_file(tmp_path, 12),
+                   "--config", config_file, "--labels", str(LABELS), "--stage", "classify",
+                   "--alpha", "0.05", "--out", str(cal)]) == 0
+  assert Calibration.load(cal).threshold("classify") == math.inf  # 12 records: too few
+  name = topic(partitions=1)
+  publish(broker.bootstrap_servers, name, sample_tickets()[:10])
+  with pytest.raises(ValueError, match="needs --calibration"):
+    launcher.launch("tickets", ["--bootstrap-servers", broker.bootstrap_servers, "--topic",
+                                name, "--output", output_dir, "--config", config_file,
+                                "--skip-small-when-uncertified"])
+  since = len(endpoints.requests)
+  summary = launcher.launch("tickets", [
+      "--bootstrap-servers", broker.bootstrap_servers, "--topic", name, "--output", output_dir,
+      "--config", config_file, "--calibration", str(cal), "--skip-small-when-uncertified"])
+  assert summary.exit_code == 0 and summary.rows_written == 10
+  small = _small_prompts(endpoints, since)
+  assert small and not [p for p in small if "You triage customer support tickets" in p]
+  assert [p for p in small if "You extract structured fields" in p]  # extract: asked
+  rows = read_duckdb(f"{output_dir}/results", """
+      SELECT status, s.stage, s.escalation_reason, s.escalated, s.final_tier, s.confidence,
+             s.small_answer, s.small_cost_usd, s.frontier_cost_usd, s.cost_usd
+      FROM (SELECT status, unnest(stages) AS s FROM t)""")
+  classify = [r for r in rows if r["stage"] == "classify"]
+  assert len(classify) == 10 and {r["status"] for r in rows} == {"ok"}
+  for r in classify:  # said per stage, and the frontier's answer billed as before
+    assert r["escalation_reason"] == SMALL_SKIPPED and r["escalated"]
+    assert r["final_tier"] == "frontier" and r["confidence"] is None
+    assert r["small_answer"] is None and r["small_cost_usd"] == 0
+    assert r["frontier_cost_usd"] > 0 and r["cost_usd"] == r["frontier_cost_usd"]
+  assert any(r["small_answer"] is not None for r in rows if r["stage"] == "extract")
+  report = build_report(output_dir, str(LABELS), out_dir=str(tmp_path / "report"),
+                        calibration=str(cal))
+  esc = report["stages"]["classify"]["escalation"]
+  assert esc["by_reason"]["small_skipped"] == 10 and esc["escalation_rate"] == 1.0
+  assert report["stages"]["extract"]["escalation"]["by_reason"]["small_skipped"] == 0
+  # Such an output holds no small answers for that stage: calibrating from it is refused.
+  capsys.readouterr()
+  assert cli.main(["calibrate", "--from-output", output_dir, "--labels", str(LABELS),
+                   "--stage", "classify", "--out", str(tmp_path / "again.json")]) == 2
+  assert "small tier was not asked on 10 labelled record(s)" in capsys.readouterr().err
+  assert not (tmp_path / "again.json").exists()
+
+
 def test_calibration_for_other_stages_is_refused(tmp_path, config_file):
   from tierflow.calibration import StageCalibration
   sc = calibrate_threshold([0.9] * 50, [True] * 50, 0.1, 0.1, stage="triage")

@@ -149,7 +149,8 @@ def test_stage_escalation_and_cost_match_sql(run, sql, stage):
   assert e["escalated"] == esc and e["escalation_rate"] == approx(esc / n)
   assert e["requested"] == requested and e["requested_rate"] == approx(requested / n)
   assert e["by_reason"] == {"low_confidence": low, "no_confidence_signal": nosig,
-                            "small_failure": smallfail, "other": 0, "budget_skipped": skipped}
+                            "small_failure": smallfail, "small_skipped": 0, "other": 0,
+                            "budget_skipped": skipped}
   assert low + nosig + smallfail == esc and esc + skipped == requested
   assert e["frontier_failed"] == ffail
   assert st["failed"] == missing

@@ -47,6 +47,7 @@ import numpy as np
 from tierflow import labels as labels_lib
 from tierflow import results as results_lib
 from tierflow.calibration import METHODS, Calibration, StageCalibration, calibrate_threshold
+from tierflow.pipelines.ledger import SMALL_SKIPPED_PREFIX
 
 ROUTED_KINDS = ("classify", "extract")  # the stage kinds a learned router is fitted for
 
@@ -106,6 +107,13 @@ def stage_samples(output_dir: str, labels: str, *,
           f"labelled record (stages[].small_answer); calibrate from a tierflow output written "
           f"by this version, or use --run")
     use = scores.labelled
+    not_asked = sum(1 for r in stage.col("escalation_reason")[use]
+                    if r and str(r).startswith(SMALL_SKIPPED_PREFIX))
+    if not_asked:
+      raise ValueError(
+          f"stage {name}: the small tier was not asked on {not_asked} labelled record(s) of "
+          f"this output (run with --skip-small-when-uncertified): nothing to calibrate from; "
+          f"calibrate on a sample instead (--run, or --reference frontier)")
     conf = stage.col("confidence")[use]
     correct = scores.small[use] == 1.0
     missing = np.isnan(conf)

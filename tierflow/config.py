@@ -338,6 +338,10 @@ class RunConfig:
   # stage name -> tierflow.learned_router.LearnedRouter: its score, not the confidence,
   # is compared with the stage's threshold (from a --calibration file)
   routers: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # Stages that escalate every record (threshold inf: what calibration writes for a stage it
+  # could not certify) are not sent to the small tier, whose answer could not be kept
+  # (``--skip-small-when-uncertified``). Their runs hold no small answers to calibrate from.
+  skip_small_when_uncertified: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "stages", tuple(self.stages))
@@ -380,6 +384,13 @@ class RunConfig:
     if unknown:
       raise ValueError(f"learned routers for unknown stage(s) {unknown}")
     return dataclasses.replace(self, routers=dict(routers))
+
+  @property
+  def small_skipped(self) -> frozenset:
+    """Names of the stages not sent to the small tier (``skip_small_when_uncertified``)."""
+    if not self.skip_small_when_uncertified:
+      return frozenset()
+    return frozenset(s.name for s in self.stages if math.isinf(float(s.threshold)))
 
   def with_thresholds(self, thresholds: Mapping[str, float]) -> "RunConfig":
     stages = tuple(s.model_copy(update={"threshold": float(thresholds[s.name])})

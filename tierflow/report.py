@@ -37,6 +37,7 @@ import numpy as np
 
 from tierflow.labels import (LabelFields, StageScores, pick_id_field, read_labels,
                              reference_rows, resolve_label_fields, score_stage)
+from tierflow.pipelines.ledger import SMALL_SKIPPED_PREFIX
 from tierflow.results import ID_FIELDS, RunData, StageData, is_null, mode, read_dead_letters, \
     read_run
 
@@ -44,7 +45,8 @@ __all__ = ["build_report", "REPORT_VERSION", "CHARTS", "aiq", "bootstrap", "nond
 
 REPORT_VERSION = 1
 CHARTS = ("cost_quality.png", "escalation_by_stage.png", "cost_breakdown.png")
-REASON_CLASSES = ("low_confidence", "no_confidence_signal", "small_failure", "other")
+REASON_CLASSES = ("low_confidence", "no_confidence_signal", "small_failure", "small_skipped",
+                  "other")
 _MAX_CURVE_POINTS = 500
 
 
@@ -68,6 +70,8 @@ def _reason_class(reason: Optional[str]) -> Optional[str]:
     return "no_confidence_signal"
   if reason.startswith("small tier failed"):
     return "small_failure"
+  if reason.startswith(SMALL_SKIPPED_PREFIX):
+    return "small_skipped"
   return "other"
 
 

