@@ -55,11 +55,9 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from tierflow import progress
 from tierflow.connectors.batch_coder import BatchCoder
 from tierflow.connectors.kafka_offsets import consumer, resolve_ranges, topic_partition
-from tierflow.connectors.kafka_read_config import (DEFAULT_OFFSETS_PER_BATCH, UNBOUNDED,
-                                                   KafkaReadConfig, PartitionRange)
+from tierflow.connectors.kafka_read_config import UNBOUNDED, KafkaReadConfig, PartitionRange
 
 __all__ = [
-    "DEFAULT_OFFSETS_PER_BATCH",
     "KafkaBatch",
     "KafkaReadConfig",
     "KafkaRecord",

@@ -347,11 +347,12 @@ class Router:
         outcomes[i][name].small = combine(self._kinds[name], [results[r] for results in samples])
 
   def _decide(self, outcomes: list[dict], suspects: Sequence[bool]) -> None:
+    skipped = self.config.small_skipped  # a property: computed once, not per record
     for record, suspect in zip(outcomes, suspects):
       for stage in self.config.stages:
         st = record[stage.name]
         small = st.small
-        if stage.name in self.config.small_skipped:
+        if stage.name in skipped:
           st.reason = SMALL_SKIPPED
         elif suspect:
           st.reason = ("the record holds instructions addressed to a model (possible "
@@ -663,7 +664,6 @@ def stop_if_a_tier_is_down(routed: Sequence[RoutedRecord], rows: Sequence[Mappin
   """Raises ``TierUnavailable`` when records failed (or stayed unverified) because a tier
   failed for a cause that is not theirs (``llm_clients.systemic``): written as failed,
   they would be committed past and never retried."""
-  from urllib.parse import urlparse
   hit = []
   for rec, row in zip(routed, rows):
     if row["status"] == "ok":
@@ -681,9 +681,8 @@ def stop_if_a_tier_is_down(routed: Sequence[RoutedRecord], rows: Sequence[Mappin
     return
   tier, error = hit[0]
   model = getattr(config, tier)
-  where = urlparse(model.base_url).netloc if model.base_url else "the provider's API"
   raise TierUnavailable(
-      f"{tier} tier ({model.model} at {where}) failed {len(hit)} stage answer(s) of batch "
+      f"{tier} tier ({model.model} at {model.endpoint_host}) failed {len(hit)} stage answer(s) of batch "
       f"{batch} for a cause that is not the records': {error[:300]}. Nothing of the batch "
       "was written or committed; the next run retries it")
 

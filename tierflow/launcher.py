@@ -225,12 +225,10 @@ def check_tiers(run, keys_here: bool = True) -> None:
   ``keys_here``: the run executes here; on an engine the key may live only on the
   workers, so a key missing here is a warning, not an error."""
   import os
-  from urllib.parse import urlparse
   from tierflow.connectors.llm_clients import ModelCallError, client_for
   for tier in ("small", "frontier"):
     model = getattr(run, tier)
-    where = urlparse(model.base_url).netloc if model.base_url else f"the {model.provider} API"
-    name = f"{tier} tier ({model.model} at {where})"
+    name = f"{tier} tier ({model.model} at {model.endpoint_host})"
     if model.api_key_env and not os.environ.get(model.api_key_env):
       if keys_here:
         raise ValueError(f"{name}: {model.api_key_env} is not set (the config's api_key_env)")
