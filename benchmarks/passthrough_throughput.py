@@ -28,7 +28,9 @@ records, so throughput and peak RSS can be compared at two sizes.
 
 **Start-up** (``--startup-records``, default 10): ``tierflow run passthrough`` as the
 CLI runs it, over a topic of that many records: its CPU, when it read its first record
-(from the process's start) and how long the interpreter took to exit after the run.
+(from the process's start) and how long the interpreter took to exit after the run; and,
+interleaved with it, a process that only imports the libraries such a run uses (Beam and
+its local runner, pyarrow, confluent-kafka): the floor under any start.
 
 Writes ``benchmarks/results/passthrough-<date>.json`` and prints Markdown.
 """
@@ -218,6 +220,19 @@ def child_startup(bootstrap: str, topic: str, fmt: str, n: str, spawned_at: str)
           "run_seconds": time.time() - float(spawned_at)}
 
 
+def child_imports() -> dict:
+  """The floor under any start: importing the libraries a passthrough run uses (Beam with
+  its local runner, pyarrow's Parquet and datasets, confluent-kafka), nothing of tierflow."""
+  import apache_beam  # noqa: F401
+  from apache_beam.runners.portability import fn_api_runner  # noqa: F401
+  import confluent_kafka  # noqa: F401
+  import pyarrow.dataset  # noqa: F401
+  import pyarrow.parquet  # noqa: F401
+  from tierflow._imported_heap import freeze_imported_heap  # exits as a run does (no import)
+  freeze_imported_heap()
+  return {"records": 0}
+
+
 def _peak_rss_mb() -> float:
   """This process's peak RSS (VmHWM): not the parent's view of the child's ru_maxrss,
   which on Linux keeps the pre-exec parent's pages."""
@@ -261,16 +276,20 @@ def startup(broker, fmt: str, n: int, repeats: int) -> dict:
   topic = f"bench-{fmt}-startup"
   broker.create_topic(topic, 4)
   publish_fast(broker.bootstrap_servers, topic, n, fmt)
-  runs = interleaved({"startup": lambda: run_child("startup", [
-      broker.bootstrap_servers, topic, fmt, str(n)])}, repeats, say=_say)["startup"]
+  both = interleaved({"startup": lambda: run_child("startup", [
+      broker.bootstrap_servers, topic, fmt, str(n)]),
+                      "imports": lambda: run_child("imports", [])}, repeats, say=_say)
+  runs, floor = both["startup"], both["imports"]
   return {"records": n, "runs": len(runs),
+          "imports_cpu_seconds": round(median(floor, "cpu_seconds"), 3),
+          "all_imports_cpu_seconds": [round(r["cpu_seconds"], 3) for r in floor],
           "cpu_seconds": round(median(runs, "cpu_seconds"), 3),
           "wall_seconds": round(median(runs, "wall_seconds"), 3),
           "first_record_seconds": round(median(runs, "first_record_seconds"), 3),
           "exit_seconds": round(median(runs, "exit_seconds"), 3),
           "all_cpu_seconds": [round(r["cpu_seconds"], 3) for r in runs],
           "all_exit_seconds": [round(r["exit_seconds"], 3) for r in runs],
-          "load": loads_seen(runs)}
+          "load": loads_seen(runs, floor)}
 
 
 def _say(line: str) -> None:
@@ -386,7 +405,9 @@ def markdown(r: dict) -> str:
               f"{st['runs']} runs, {load(st['load'])}: **{st['cpu_seconds']:.2f} s CPU**, "
               f"{st['wall_seconds']:.2f} s wall, first record read "
               f"{st['first_record_seconds']:.2f} s after the start, exit "
-              f"{st['exit_seconds']:.2f} s after the run"]
+              f"{st['exit_seconds']:.2f} s after the run; importing the libraries it uses "
+              f"(Beam, pyarrow, confluent-kafka; nothing of tierflow), interleaved with it: "
+              f"{st['imports_cpu_seconds']:.2f} s CPU"]
   if "rss_at_two_sizes" in r:
     lines += ["", "| peak RSS MB | " + f"{r['records']:,} records | "
               + f"{next(iter(r['rss_at_two_sizes'].values()))['records_large']:,} records | "
@@ -407,11 +428,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="also run tight and tierflow once over this many records (0: skip)")
   parser.add_argument("--startup-records", type=int, default=10,
                       help="the CLI's run over this many records, for its start (0: skip)")
-  parser.add_argument("--child", choices=(*KINDS, "startup"), help=argparse.SUPPRESS)
+  parser.add_argument("--child", choices=(*KINDS, "startup", "imports"),
+                      help=argparse.SUPPRESS)
   args, rest = parser.parse_known_args(argv)
   if args.child:
     detail = {"tight": child_tight, "raw": child_raw, "tierflow": child_tierflow,
-              "startup": child_startup}[args.child](*rest)
+              "startup": child_startup, "imports": child_imports}[args.child](*rest)
     detail["peak_rss_mb"] = _peak_rss_mb()
     print(json.dumps(detail))
     return 0

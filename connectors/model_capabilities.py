@@ -106,6 +106,7 @@ _ANTHROPIC_UNKNOWN = Capabilities("anthropic (unknown model)", logprobs=False,
 
 
 @functools.lru_cache(maxsize=256)  # asked on every request; a pure function of two names
+@functools.lru_cache(maxsize=256)
 def capabilities(provider: str, model: str) -> Capabilities:
   """The request rules for ``model`` at ``provider`` (by name, case-insensitive; a
   ``vendor/`` prefix such as ``openai/gpt-5-nano`` on a gateway is ignored)."""

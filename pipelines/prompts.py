@@ -61,8 +61,7 @@ def render_text(template: str, row: Mapping[str, Any]) -> str:
   if missing:
     raise KeyError(f"the row has no field {', '.join(missing)} (the input template "
                    f"{template!r} names it)")
-  return string.Formatter().vformat(template, (), {
-      k: ("" if v is None else v) for k, v in row.items()})
+  return template.format_map({k: ("" if v is None else v) for k, v in row.items()})
 
 
 def record_key(i: int) -> str:

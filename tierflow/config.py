@@ -13,6 +13,7 @@ into a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -44,6 +45,15 @@ def _expand(value: Any) -> Any:
   if isinstance(value, dict):
     return {k: _expand(v) for k, v in value.items()}
   return value
+
+
+@functools.lru_cache(maxsize=64)
+def _endpoint_host(base_url: Optional[str], provider: str) -> str:
+  """``ModelConfig.endpoint_host``, parsed once per URL (every result row names it)."""
+  from urllib.parse import urlparse
+  if base_url:
+    return urlparse(base_url).netloc or base_url
+  return {"openai": "api.openai.com", "anthropic": "api.anthropic.com"}[provider]
 
 
 class _Strict(BaseModel):
@@ -189,10 +199,7 @@ class ModelConfig(_Strict):
   def endpoint_host(self) -> str:
     """The host the tier's requests go to: the base URL's host[:port], else the provider's
     own API host (what the report names the tier by, with the model that answered)."""
-    from urllib.parse import urlparse
-    if self.base_url:
-      return urlparse(self.base_url).netloc or self.base_url
-    return {"openai": "api.openai.com", "anthropic": "api.anthropic.com"}[self.provider]
+    return _endpoint_host(self.base_url, self.provider)
 
   @property
   def capabilities(self):
