@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 from tierflow.connectors.circuit_breaker import CircuitBreaker, CircuitOpen
 from tierflow.connectors.kafka_ledger import USE_WITHIN_S
@@ -47,8 +47,9 @@ def estimate_tokens(text: str) -> int:
   return math.ceil(len(text.encode("utf-8")) / 3) + 4
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenInfo:
+class TokenInfo(NamedTuple):
+  """One answer token: its text, logprob and alternatives (a tuple: an answer has
+  hundreds, built per request)."""
   token: str
   logprob: float
   top: tuple = ()  # ((token, logprob), ...)
@@ -511,7 +512,7 @@ class ModelClient:
       try:
         raw = self._post(body)
         try:
-          reply = self.reply_from_body(_json_body(raw.content))
+          reply = self.reply_from_content(raw.content)
         except ModelCallError as e:
           e.uncertain_attempts = uncertain + 1  # answered, so billed, but unreadable
           raise
@@ -569,11 +570,18 @@ class ModelClient:
       return ModelCallError(kind, f"HTTP {status}" + (f" {said}" if said else ""), status)
     return ModelCallError("malformed", f"{type(e).__name__}: {str(e)[:200]}")
 
+  def reply_from_content(self, content: bytes) -> ModelReply:
+    """A ``ModelReply`` from the raw response body (``ModelCallError`` if malformed)."""
+    return self.reply_from_body(_json_body(content))
+
   def reply_from_body(self, body: dict) -> ModelReply:
     """A ``ModelReply`` from the provider's answer body (``ModelCallError`` if malformed)."""
     if not isinstance(body, dict):
       raise ModelCallError("malformed", "answer is not a JSON object")
-    reply = self._reply(body)
+    return self._checked(self._reply(body))
+
+  def _checked(self, reply: ModelReply) -> ModelReply:
+    """The reply, refused if its text cannot be written; its model name made printable."""
     try:  # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 file can hold
       reply.text.encode("utf-8")
     except UnicodeEncodeError:
@@ -642,29 +650,40 @@ class OpenAIChat(ModelClient, provider="openai"):
           "name": "answer", "schema": answer_schema, "strict": True}}
     return kwargs
 
-  def _reply(self, body: dict) -> ModelReply:
-    choices = body.get("choices") or []
-    if not choices or not isinstance(choices[0], dict):
+  def reply_from_content(self, content: bytes) -> ModelReply:
+    """Decoded straight into the parts tierflow reads (``chat_completion_body``)."""
+    return self._checked(self._reply(content))
+
+  def _reply(self, body) -> ModelReply:
+    """The reply from the raw body (bytes) or its parsed JSON object (a batch result's)."""
+    from tierflow.connectors import chat_completion_body
+    try:
+      answer = chat_completion_body.read(body)
+    except chat_completion_body.Unreadable as e:
+      raise ModelCallError("malformed", str(e)) from None
+    if not answer.choices:
       raise ModelCallError("malformed", "answer has no choices")
-    choice = choices[0]
-    text = (choice.get("message") or {}).get("content") or ""
+    choice = answer.choices[0]
+    text = (choice.message.content if choice.message is not None else None) or ""
     tokens = None
-    content = (choice.get("logprobs") or {}).get("content")
+    content = choice.logprobs.content if choice.logprobs is not None else None
     if content:
-      tokens = tuple(TokenInfo(t["token"], t["logprob"],
-                               tuple((a["token"], a["logprob"])
-                                     for a in (t.get("top_logprobs") or ())))
+      tokens = tuple(TokenInfo(t.token, t.logprob,
+                               tuple((a.token, a.logprob) for a in t.top_logprobs)
+                               if t.top_logprobs else ())
                      for t in content)
-    u = body.get("usage")
-    if not isinstance(u, dict):
+    u = answer.usage
+    if u is None:
       raise ModelCallError("malformed", "answer has no usage; refusing to guess its cost")
-    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    reasoning = (u.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
-    usage = Usage(input_tokens=max(0, (u.get("prompt_tokens") or 0) - cached),
-                  output_tokens=u.get("completion_tokens") or 0, cache_read_tokens=cached,
+    cached = (u.prompt_tokens_details.cached_tokens
+              if u.prompt_tokens_details is not None else None) or 0
+    reasoning = (u.completion_tokens_details.reasoning_tokens
+                 if u.completion_tokens_details is not None else None) or 0
+    usage = Usage(input_tokens=max(0, (u.prompt_tokens or 0) - cached),
+                  output_tokens=u.completion_tokens or 0, cache_read_tokens=cached,
                   reasoning_tokens=reasoning)
-    return ModelReply(text, tokens, usage, body.get("model") or self.cfg.model,
-                      choice.get("finish_reason") or "stop")
+    return ModelReply(text, tokens, usage, answer.model or self.cfg.model,
+                      choice.finish_reason or "stop")
 
 
 class AnthropicMessages(ModelClient, provider="anthropic"):

@@ -1,6 +1,7 @@
 """The model path's per-request costs, against the local endpoints over real HTTP: one
 client per endpoint per process (built once, under a lock), one TLS context per process,
-request bodies sent as they are (no SDK transform), answers parsed by orjson."""
+request bodies sent as they are (no SDK transform), answers parsed by orjson or, for Chat
+Completions, decoded by msgspec into the parts tierflow reads."""
 
 from __future__ import annotations
 
@@ -142,3 +143,55 @@ def test_a_lone_surrogate_in_an_answer_is_refused(server, key):
     return
   with pytest.raises(ModelCallError, match="lone surrogate"):
     ModelClient(_openai(server, key)).reply_from_body(body)
+
+
+def _answer(**over) -> dict:
+  body = {"id": "c1", "object": "chat.completion", "model": "small-2026", "choices": [{
+      "index": 0, "message": {"role": "assistant", "content": '{"label": "billing"}'},
+      "logprobs": {"content": [
+          {"token": "bill", "logprob": -0.1, "bytes": [98], "top_logprobs": [
+              {"token": "bill", "logprob": -0.1, "bytes": [98]},
+              {"token": "bug", "logprob": -2.5, "bytes": [98]}]},
+          {"token": "ing", "logprob": -0.01, "bytes": [105], "top_logprobs": []}]},
+      "finish_reason": "length"}],
+      "usage": {"prompt_tokens": 40, "completion_tokens": 7,
+                "prompt_tokens_details": {"cached_tokens": 8},
+                "completion_tokens_details": {"reasoning_tokens": 2}}}
+  body.update(over)
+  return body
+
+
+def test_a_chat_completion_reads_the_same_from_its_bytes_and_from_its_object(server, key):
+  """The sync path decodes the raw body (msgspec); a batch result gives the parsed object:
+  the same reply, every field tierflow reads."""
+  import orjson
+  client = ModelClient(_openai(server, key))
+  content = orjson.dumps(_answer())
+  from_bytes = client.reply_from_content(content)
+  assert from_bytes == client.reply_from_body(orjson.loads(content))
+  assert from_bytes.text == '{"label": "billing"}' and from_bytes.model == "small-2026"
+  assert from_bytes.truncated
+  assert [tuple(t) for t in from_bytes.tokens] == [
+      ("bill", -0.1, (("bill", -0.1), ("bug", -2.5))), ("ing", -0.01, ())]
+  u = from_bytes.usage
+  assert (u.input_tokens, u.cache_read_tokens, u.output_tokens, u.reasoning_tokens) == (
+      32, 8, 7, 2)
+
+
+@pytest.mark.parametrize("over, why", [
+    ({"choices": ["billing"]}, "at `$.choices[0]`"),
+    ({"choices": []}, "answer has no choices"),
+    ({"usage": None}, "answer has no usage"),
+    ({"choices": [{"logprobs": {"content": [{"token": "a", "logprob": "low"}]}}]},
+     "at `$.choices[0].logprobs.content[0].logprob`"),
+])
+def test_a_chat_completion_of_the_wrong_shape_is_malformed_and_says_where(server, key, over,
+                                                                           why):
+  import orjson
+  client = ModelClient(_openai(server, key))
+  for read in (lambda b: client.reply_from_content(orjson.dumps(b)), client.reply_from_body):
+    with pytest.raises(ModelCallError) as e:
+      read(_answer(**over))
+    assert e.value.kind == "malformed" and why in e.value.message
+  with pytest.raises(ModelCallError, match="answer is not a JSON object"):
+    client.reply_from_content(b"[1, 2]")
