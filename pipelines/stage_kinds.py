@@ -169,6 +169,11 @@ class StageKind:
 
   # --- scoring against labels (calibration and the report) ---------------------------
   scored: ClassVar[bool] = True  # exact-match scoring applies to this kind
+  # why it does not (a stage of this kind is then neither scored nor calibrated)
+  unscored_reason: ClassVar[str] = ""
+  # a learned router (``tierflow.learned_router``: features of the answer) is fitted for
+  # this kind's stages by ``tierflow calibrate --router logistic``
+  learned_router: ClassVar[bool] = False
 
   @classmethod
   def default_label_fields(cls, stage_name: str, label_columns: set, answers) -> list[str]:
@@ -216,6 +221,7 @@ class Classify(StageKind):
   kind = "classify"
   default_output = "label"
   alternatives = None  # reads the first token's alternatives when an answer strays
+  learned_router = True
 
   @classmethod
   def check(cls, stage) -> None:
@@ -316,6 +322,7 @@ class Extract(StageKind):
 
   kind = "extract"
   default_output = "extraction"
+  learned_router = True
 
   @classmethod
   def check(cls, stage) -> None:
@@ -517,7 +524,8 @@ class Summarise(StageKind):
 
   kind = "summarise"
   default_output = "summary"
-  scored = False  # exact match does not apply to free text
+  scored = False
+  unscored_reason = "free text has no exact reference"
 
   @classmethod
   def check(cls, stage) -> None:
