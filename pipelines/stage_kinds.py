@@ -25,7 +25,10 @@ Each kind owns:
 
 * its output columns (``output_fields``, Avro) and their values (``outputs``),
   the text of an answer for the ledger (``answer_text``), and whether an answer
-  matches a label (``matches``, for calibration and the report).
+  matches a label (``matches``, for calibration and the report), which label columns
+  an answer gives when it is the reference (``reference_columns``, calibrating against
+  the frontier), or why it cannot be scored (``unscored_reason``); and whether a learned
+  router is fitted for it (``learned_router``).
 
 Whatever a model says, the output schema is fixed by the config: a label
 outside the label set, an extraction field not configured, or a summary over
@@ -47,7 +50,7 @@ from tierflow.pipelines.answers import (WORD, Answer, gm_prob, grounded, grounde
                                         verbalised)
 
 __all__ = ["Classify", "Extract", "KINDS", "StageKind", "Summarise", "as_object", "kind_of",
-           "normalised"]
+           "normalised", "output_columns"]
 
 _STOP = frozenset(
     "the a an and or of to in on for with is are was were be been it this that at by from as "
@@ -190,6 +193,13 @@ class StageKind:
     """Exact match (whitespace/case-normalised) of one answer against its reference."""
     raise NotImplementedError
 
+  @classmethod
+  def reference_columns(cls, stage_name: str, answer: Any) -> dict:
+    """The label columns an answer (its output column's value) gives when it is the
+    reference (``tierflow calibrate --reference frontier``); what ``default_label_fields``
+    and ``matches`` read back."""
+    raise NotImplementedError
+
 
 def normalised(value: Any) -> Any:
   """A value as compared in scoring: trimmed and case-folded text, numbers to 9 decimals."""
@@ -314,6 +324,10 @@ class Classify(StageKind):
   @classmethod
   def matches(cls, answer, reference, fields) -> bool:
     return answer is not None and normalised(answer) == normalised(reference.get(fields[0]))
+
+  @classmethod
+  def reference_columns(cls, stage_name, answer) -> dict:
+    return {} if answer is None else {stage_name: answer}
 
 
 class Extract(StageKind):
@@ -518,6 +532,10 @@ class Extract(StageKind):
     return obj is not None and all(
         normalised(obj.get(f)) == normalised(reference.get(f)) for f in fields)
 
+  @classmethod
+  def reference_columns(cls, stage_name, answer) -> dict:
+    return dict(as_object(answer) or {})
+
 
 class Summarise(StageKind):
   """One sentence of at most ``max_words`` words."""
@@ -605,6 +623,18 @@ class Summarise(StageKind):
 
 
 KINDS: dict[str, type[StageKind]] = {k.kind: k for k in (Classify, Extract, Summarise)}
+
+
+def output_columns(stages: Sequence) -> list[str]:
+  """The column each of ``stages`` (in order; each with ``name``, ``kind`` and ``output``)
+  writes its answer to: its ``output`` when set, else its kind's ``default_output`` for the
+  first stage of a kind and its name for the others."""
+  out, seen = [], set()
+  for s in stages:
+    first = s.kind in KINDS and s.kind not in seen
+    out.append(s.output or (KINDS[s.kind].default_output if first else s.name))
+    seen.add(s.kind)
+  return out
 
 
 def kind_of(stage) -> StageKind:
