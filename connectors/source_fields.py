@@ -13,6 +13,9 @@ here:
   offsets, so a retried bundle replaces its own file);
 * ``kafka_timestamp`` and ``dt``: from the row's ``time_field`` (epoch millis or a
   datetime; naive means UTC), or the given ``dt`` (``YYYY-MM-DD``) at midnight UTC.
+
+A row that cannot have them raises, unless ``.with_exception_handling()`` was called
+(see ``AddSourceFields``).
 """
 
 from __future__ import annotations
@@ -20,62 +23,116 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import apache_beam as beam
 
 from tierflow import schemas
+from tierflow.connectors.codecs import MAX_MILLIS, MIN_MILLIS
 from tierflow.connectors.decode import dt_of, row_schema
+from tierflow.failures import Failure, failure_of_row
 
-__all__ = ["AddSourceFields"]
+__all__ = ["AddSourceFields", "SourceFieldsResult"]
+
+STEP = "source_fields"  # ``Failure.step`` of its failures
 
 SOURCE_FIELDS = tuple(schemas.field_names(schemas.load("source_metadata")))
 _TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,248}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
-def _millis(value: Any, field: str) -> int:
+class _RowError(ValueError):
+  """A row that cannot get its source fields: ``error_type`` as in ``Failure``."""
+
+  def __init__(self, error_type: str, reason: str, record_id: Optional[str] = None):
+    super().__init__(f"{error_type}: {reason}")
+    self.error_type, self.reason, self.record_id = error_type, reason, record_id
+
+
+def _millis(value: Any, field: str, record_id: str) -> int:
+  """Epoch millis of a time field's value (years 1-9999, as the decoders accept)."""
   if isinstance(value, datetime.datetime):
     if value.tzinfo is None:
       value = value.replace(tzinfo=datetime.timezone.utc)
     return int(value.timestamp() * 1000)
   if isinstance(value, (int, float)) and not isinstance(value, bool):
-    return int(value)
-  raise ValueError(f"time field {field!r} is {type(value).__name__} {value!r}, not epoch "
-                   "millis or a datetime")
+    if math.isfinite(value) and MIN_MILLIS <= value < MAX_MILLIS:
+      return int(value)
+    raise _RowError("invalid_timestamp", f"time field {field!r}: {value!r} ms is outside "
+                    "years 1-9999", record_id)
+  raise _RowError("invalid_timestamp", f"time field {field!r} is {type(value).__name__} "
+                  f"{value!r:.80}, not epoch millis or a datetime", record_id)
+
+
+def _with_source_fields(row: Any, source: str, id_field: Optional[str],
+                        time_field: Optional[str], dt: Optional[str]) -> dict:
+  """``row`` with its source fields; _RowError when it cannot have them."""
+  if not isinstance(row, Mapping):
+    raise _RowError("invalid_row", f"AddSourceFields takes dict rows, got "
+                    f"{type(row).__name__}")
+  clash = [f for f in SOURCE_FIELDS if f in row]
+  if clash:
+    raise _RowError("source_field_clash", f"the row already has source field(s) {clash}")
+  if id_field is not None:
+    if row.get(id_field) is None:
+      raise _RowError("missing_field", f"the row has no {id_field!r} (id_field): "
+                      f"{dict(row)!r:.200}")
+    record_id = str(row[id_field])
+  else:
+    canonical = json.dumps(row, sort_keys=True, default=str, ensure_ascii=False)
+    record_id = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
+  if time_field is not None:
+    if row.get(time_field) is None:
+      raise _RowError("missing_field", f"the row has no {time_field!r} (time_field): "
+                      f"{dict(row)!r:.200}", record_id)
+    millis = _millis(row[time_field], time_field, record_id)
+    dt = dt_of(millis)
+  else:
+    millis = int(datetime.datetime.fromisoformat(dt).replace(
+        tzinfo=datetime.timezone.utc).timestamp() * 1000)
+  offset = int.from_bytes(hashlib.sha256(record_id.encode("utf-8")).digest()[:8], "big") >> 1
+  return {"record_id": record_id, "kafka_topic": source, "kafka_partition": 0,
+          "kafka_offset": offset, "kafka_timestamp": millis, "dt": dt, **row}
 
 
 class _AddFn(beam.DoFn):
   def __init__(self, source: str, id_field: Optional[str], time_field: Optional[str],
-               dt: Optional[str]):
-    self._source, self._id, self._time, self._dt = source, id_field, time_field, dt
+               dt: Optional[str], handle_errors: bool):
+    self._args = (source, id_field, time_field, dt)
+    self._handle_errors = handle_errors
 
   def process(self, row):
-    if not isinstance(row, Mapping):
-      raise ValueError(f"AddSourceFields takes dict rows, got {type(row).__name__}")
-    clash = [f for f in SOURCE_FIELDS if f in row]
-    if clash:
-      raise ValueError(f"the row already has source field(s) {clash}")
-    if self._id is not None:
-      if row.get(self._id) is None:
-        raise ValueError(f"the row has no {self._id!r} (id_field): {dict(row)!r:.200}")
-      record_id = str(row[self._id])
-    else:
-      canonical = json.dumps(row, sort_keys=True, default=str, ensure_ascii=False)
-      record_id = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
-    if self._time is not None:
-      if row.get(self._time) is None:
-        raise ValueError(f"the row has no {self._time!r} (time_field): {dict(row)!r:.200}")
-      millis = _millis(row[self._time], self._time)
-      dt = dt_of(millis)
-    else:
-      dt = self._dt
-      millis = int(datetime.datetime.fromisoformat(dt).replace(
-          tzinfo=datetime.timezone.utc).timestamp() * 1000)
-    offset = int.from_bytes(hashlib.sha256(record_id.encode("utf-8")).digest()[:8], "big") >> 1
-    yield {"record_id": record_id, "kafka_topic": self._source, "kafka_partition": 0,
-           "kafka_offset": offset, "kafka_timestamp": millis, "dt": dt, **row}
+    try:
+      yield _with_source_fields(row, *self._args)
+      return
+    except _RowError as e:
+      if not self._handle_errors:
+        raise ValueError(f"a row cannot get its source fields ({e.error_type}): {e.reason} "
+                         "(call .with_exception_handling() to have such rows as "
+                         "failures)") from None
+      failure = failure_of_row(STEP, e.error_type, e.reason, row)
+      if e.record_id is not None:
+        failure = failure._replace(record_id=e.record_id)
+    except Exception as e:  # noqa: BLE001 - an error in code: raised unless handled
+      if not self._handle_errors:
+        raise
+      failure = failure_of_row(STEP, type(e).__name__, f"adding source fields raised {e!r}",
+                               row)
+    yield beam.pvalue.TaggedOutput("failures", failure)
+
+
+class SourceFieldsResult(NamedTuple):
+  """Outputs of ``AddSourceFields(...).with_exception_handling()``.
+
+  Attributes:
+    rows: the rows with their source fields (``AddSourceFields.row_schema``).
+    failures: a ``tierflow.failures.Failure`` (step ``source_fields``) per row that could
+      not have them, the row as JSON in ``payload``.
+  """
+  rows: beam.PCollection
+  failures: beam.PCollection
 
 
 class AddSourceFields(beam.PTransform):
@@ -88,8 +145,14 @@ class AddSourceFields(beam.PTransform):
     time_field: the row's event time (epoch millis or a datetime), for ``dt``.
     dt: the partition date (``YYYY-MM-DD``) of every row, when there is no time_field.
 
-  A row without ``id_field`` or ``time_field``, or that already has a source field,
-  raises. ``row_schema(input_schema)`` is the Avro schema of the output rows.
+  A row that cannot have them raises (``ValueError`` with the reason), as does an error
+  in code, unless ``.with_exception_handling()`` was called: then the output is
+  ``SourceFieldsResult(rows, failures)``, one ``tierflow.failures.Failure`` (step
+  ``source_fields``) per such row. A row cannot have them when it is not a dict
+  (``invalid_row``), already has a source field (``source_field_clash``), lacks
+  ``id_field`` or ``time_field`` (``missing_field``), or its time is neither epoch millis
+  nor a datetime, or outside years 1-9999 (``invalid_timestamp``).
+  ``row_schema(input_schema)`` is the Avro schema of the output rows.
   """
 
   def __init__(self, source: str, *, id_field: Optional[str] = None,
@@ -112,6 +175,12 @@ class AddSourceFields(beam.PTransform):
       if not ok:
         raise ValueError(f"dt must be a date YYYY-MM-DD, got {dt!r}")
     self._source, self._id, self._time, self._dt = source, id_field, time_field, dt
+    self._handle_errors = False
+
+  def with_exception_handling(self) -> "AddSourceFields":
+    """Outputs ``SourceFieldsResult(rows, failures)`` instead of raising (see the class)."""
+    self._handle_errors = True
+    return self
 
   def row_schema(self, input_schema: Mapping[str, Any]) -> dict:
     """The Avro schema of the output rows: source metadata, then ``input_schema``'s
@@ -123,5 +192,10 @@ class AddSourceFields(beam.PTransform):
     return row_schema(input_schema)
 
   def expand(self, rows):
-    return rows | "AddSourceFields" >> beam.ParDo(
-        _AddFn(self._source, self._id, self._time, self._dt))
+    out = rows | "AddSourceFields" >> beam.ParDo(_AddFn(
+        self._source, self._id, self._time, self._dt, self._handle_errors)).with_outputs(
+            "failures", main="rows")
+    if not self._handle_errors:
+      return out.rows
+    return SourceFieldsResult(out.rows, out.failures | "Failures" >> beam.Map(
+        lambda f: f).with_output_types(Failure))

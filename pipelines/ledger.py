@@ -169,7 +169,7 @@ def ledger_row(routed: RoutedRecord, config, book: PriceBook,
     kept_conf = final.confidence if (final is not None and final.tier == "small") else None
     out.update(kind.outputs(final.value if final is not None else None, kept_conf))
     ledgers.append({
-        "stage": stage.name, "kind": stage.kind,
+        "stage": stage.name, "kind": stage.kind, "output": kind.output,
         "final_tier": final.tier if final else None,
         "final_model": final.model if final else None,
         "confidence": small.confidence if small else None,

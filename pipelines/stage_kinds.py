@@ -25,7 +25,10 @@ Each kind owns:
 
 * its output columns (``output_fields``, Avro) and their values (``outputs``),
   the text of an answer for the ledger (``answer_text``), and whether an answer
-  matches a label (``matches``, for calibration and the report).
+  matches a label (``matches``, for calibration and the report), which label columns
+  an answer gives when it is the reference (``reference_columns``, calibrating against
+  the frontier), or why it cannot be scored (``unscored_reason``); and whether a learned
+  router is fitted for it (``learned_router``).
 
 Whatever a model says, the output schema is fixed by the config: a label
 outside the label set, an extraction field not configured, or a summary over
@@ -47,7 +50,7 @@ from tierflow.pipelines.answers import (WORD, Answer, gm_prob, grounded, grounde
                                         verbalised)
 
 __all__ = ["Classify", "Extract", "KINDS", "StageKind", "Summarise", "as_object", "kind_of",
-           "normalised"]
+           "normalised", "output_columns"]
 
 _STOP = frozenset(
     "the a an and or of to in on for with is are was were be been it this that at by from as "
@@ -169,6 +172,11 @@ class StageKind:
 
   # --- scoring against labels (calibration and the report) ---------------------------
   scored: ClassVar[bool] = True  # exact-match scoring applies to this kind
+  # why it does not (a stage of this kind is then neither scored nor calibrated)
+  unscored_reason: ClassVar[str] = ""
+  # a learned router (``tierflow.learned_router``: features of the answer) is fitted for
+  # this kind's stages by ``tierflow calibrate --router logistic``
+  learned_router: ClassVar[bool] = False
 
   @classmethod
   def default_label_fields(cls, stage_name: str, label_columns: set, answers) -> list[str]:
@@ -183,6 +191,13 @@ class StageKind:
   @classmethod
   def matches(cls, answer: Any, reference: Mapping, fields: list) -> bool:
     """Exact match (whitespace/case-normalised) of one answer against its reference."""
+    raise NotImplementedError
+
+  @classmethod
+  def reference_columns(cls, stage_name: str, answer: Any) -> dict:
+    """The label columns an answer (its output column's value) gives when it is the
+    reference (``tierflow calibrate --reference frontier``); what ``default_label_fields``
+    and ``matches`` read back."""
     raise NotImplementedError
 
 
@@ -216,6 +231,7 @@ class Classify(StageKind):
   kind = "classify"
   default_output = "label"
   alternatives = None  # reads the first token's alternatives when an answer strays
+  learned_router = True
 
   @classmethod
   def check(cls, stage) -> None:
@@ -309,6 +325,10 @@ class Classify(StageKind):
   def matches(cls, answer, reference, fields) -> bool:
     return answer is not None and normalised(answer) == normalised(reference.get(fields[0]))
 
+  @classmethod
+  def reference_columns(cls, stage_name, answer) -> dict:
+    return {} if answer is None else {stage_name: answer}
+
 
 class Extract(StageKind):
   """Configured fields, each typed (string, number, integer, boolean), with optional
@@ -316,6 +336,7 @@ class Extract(StageKind):
 
   kind = "extract"
   default_output = "extraction"
+  learned_router = True
 
   @classmethod
   def check(cls, stage) -> None:
@@ -511,13 +532,18 @@ class Extract(StageKind):
     return obj is not None and all(
         normalised(obj.get(f)) == normalised(reference.get(f)) for f in fields)
 
+  @classmethod
+  def reference_columns(cls, stage_name, answer) -> dict:
+    return dict(as_object(answer) or {})
+
 
 class Summarise(StageKind):
   """One sentence of at most ``max_words`` words."""
 
   kind = "summarise"
   default_output = "summary"
-  scored = False  # exact match does not apply to free text
+  scored = False
+  unscored_reason = "free text has no exact reference"
 
   @classmethod
   def check(cls, stage) -> None:
@@ -597,6 +623,18 @@ class Summarise(StageKind):
 
 
 KINDS: dict[str, type[StageKind]] = {k.kind: k for k in (Classify, Extract, Summarise)}
+
+
+def output_columns(stages: Sequence) -> list[str]:
+  """The column each of ``stages`` (in order; each with ``name``, ``kind`` and ``output``)
+  writes its answer to: its ``output`` when set, else its kind's ``default_output`` for the
+  first stage of a kind and its name for the others."""
+  out, seen = [], set()
+  for s in stages:
+    first = s.kind in KINDS and s.kind not in seen
+    out.append(s.output or (KINDS[s.kind].default_output if first else s.name))
+    seen.add(s.kind)
+  return out
 
 
 def kind_of(stage) -> StageKind:

@@ -1,5 +1,7 @@
 """AddSourceFields: rows that did not come from Kafka get the id and date the sink needs."""
 
+import json
+
 import apache_beam as beam
 import pyarrow.parquet as pq
 import pytest
@@ -41,11 +43,58 @@ def test_without_an_id_field_the_id_is_a_digest_of_the_content():
                 equal_to([(32, "2026-02-03", True)] * 3), label="fields")
 
 
-def test_a_row_without_its_id_raises():
-  with pytest.raises(Exception, match="the row has no 'note_id'"):
+# Rows that cannot have source fields: (row, error_type, the failure's record_id).
+BAD_ROWS = [
+    ({"text": "x", "at": DAY1}, "missing_field", None),
+    ({"note_id": "n3", "text": "x"}, "missing_field", "n3"),
+    ({"note_id": "n4", "text": "x", "at": "2026-01-01"}, "invalid_timestamp", "n4"),
+    ({"note_id": "n5", "text": "x", "at": 10**17}, "invalid_timestamp", "n5"),
+    ({"note_id": "n6", "text": "x", "at": float("nan")}, "invalid_timestamp", "n6"),
+    ({"note_id": "n7", "text": "x", "at": DAY1, "record_id": "r7"}, "source_field_clash", "r7"),
+    (["n8", "x", DAY1], "invalid_row", None),
+]
+
+
+@pytest.mark.parametrize("row, error_type, _", BAD_ROWS)
+def test_a_row_that_cannot_have_source_fields_raises(row, error_type, _):
+  with pytest.raises(Exception, match=rf"\({error_type}\).*with_exception_handling"):
     with test_pipeline.TestPipeline() as p:
-      _ = p | beam.Create([{"text": "x", "at": DAY1}]) | tf.AddSourceFields(
+      _ = p | beam.Create([row]) | tf.AddSourceFields(
           "notes", id_field="note_id", time_field="at")
+
+
+def test_with_exception_handling_such_rows_are_failures_and_the_rest_go_on():
+  add = tf.AddSourceFields("notes", id_field="note_id", time_field="at")
+  with test_pipeline.TestPipeline() as p:
+    out = p | beam.Create(NOTES + [row for row, _, _ in BAD_ROWS]) | (
+        add.with_exception_handling())
+    assert isinstance(out, tf.SourceFieldsResult)
+    assert_that(out.rows | beam.Map(lambda r: (r["record_id"], r["dt"])),
+                equal_to([("n1", "2026-01-01"), ("n2", "2026-01-02")]), label="rows")
+    assert_that(out.failures | beam.Map(lambda f: (f.step, f.error_type, f.record_id)),
+                equal_to([("source_fields", t, i) for _, t, i in BAD_ROWS]), label="failures")
+    # The payload is the row as given, as JSON.
+    assert_that(out.failures | beam.Filter(lambda f: f.record_id == "n4")
+                | beam.Map(lambda f: json.loads(f.payload)),
+                equal_to([BAD_ROWS[2][0]]), label="payload")
+
+
+def test_an_error_in_code_raises_unless_handled(monkeypatch):
+  from tierflow.connectors import source_fields
+
+  def broken(millis):
+    raise AttributeError("no attribute 'strftime'")
+
+  monkeypatch.setattr(source_fields, "dt_of", broken)
+  add = lambda: tf.AddSourceFields("notes", id_field="note_id", time_field="at")  # noqa: E731
+  with pytest.raises(Exception, match="no attribute 'strftime'"):
+    with test_pipeline.TestPipeline() as p:
+      _ = p | beam.Create(NOTES) | add()
+  with test_pipeline.TestPipeline() as p:
+    out = p | beam.Create(NOTES) | add().with_exception_handling()
+    assert_that(out.failures | beam.Map(lambda f: (f.step, f.error_type, f.record_id)),
+                equal_to([("source_fields", "AttributeError", None)] * 2))
+    assert_that(out.rows, equal_to([]), label="no rows")
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -39,7 +39,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -48,8 +47,7 @@ from tierflow import labels as labels_lib
 from tierflow import results as results_lib
 from tierflow.calibration import METHODS, Calibration, StageCalibration, calibrate_threshold
 from tierflow.pipelines.ledger import SMALL_SKIPPED_PREFIX
-
-ROUTED_KINDS = ("classify", "extract")  # the stage kinds a learned router is fitted for
+from tierflow.pipelines.stage_kinds import KINDS
 
 __all__ = ["StageSample", "stage_samples", "calibrate_output", "run_small_tier",
            "add_arguments", "run_from_args"]
@@ -180,7 +178,7 @@ def calibrate_output(output_dir: str, labels: str, *, alpha: Optional[float] = N
   results, data = {}, {}
   for name, s in samples.items():
     score, fitted = s.confidence, None
-    if router == "logistic" and s.kind in ROUTED_KINDS:
+    if router == "logistic" and KINDS[s.kind].learned_router:
       from tierflow.learned_router import fit_cross
       try:
         fitted, score = fit_cross(s.confidence, s.answers, s.correct)
@@ -188,7 +186,8 @@ def calibrate_output(output_dir: str, labels: str, *, alpha: Optional[float] = N
         notes.append(f"stage {name}: no learned router ({err}); the threshold applies to the "
                      f"confidence")
     elif router == "logistic":
-      notes.append(f"stage {name}: a learned router is fitted for {' and '.join(ROUTED_KINDS)} "
+      routed = [k for k, c in KINDS.items() if c.learned_router]
+      notes.append(f"stage {name}: a learned router is fitted for {' and '.join(routed)} "
                    f"stages only; the threshold applies to the confidence")
     sc = calibrate_threshold(
         score, s.correct, _alpha_for(name, alphas, alpha), delta, method=method,
@@ -264,9 +263,9 @@ def calibrate_against_frontier(args: argparse.Namespace, alpha: Optional[float],
   labels = os.path.join(work, "frontier_labels.jsonl")
   fields, answered, notes = fr.write_frontier_labels(work, labels)
   if not fields:
+    scored = " and ".join(k for k, c in KINDS.items() if c.scored)
     raise ValueError("no stage of this pipeline can be certified against the frontier "
-                     "(only classify and extract answers have an exact reference); "
-                     + "; ".join(notes))
+                     f"(only {scored} answers have an exact reference); " + "; ".join(notes))
   model = ", ".join(f"{m}" for m in answered["model"]) or "?"
   hosts = ", ".join(answered["endpoint"])
   calibration, more = calibrate_output(

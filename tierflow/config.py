@@ -318,11 +318,9 @@ def _check_threshold(stage: str, threshold: Any) -> None:
 def _with_outputs(stages: tuple) -> tuple:
   """The stages with their output columns set (see ``StageConfig.output``); ValueError
   when two stages would write one column."""
-  from tierflow.pipelines.stage_kinds import KINDS
-  out, owner, kinds = [], {}, set()
-  for s in stages:
-    column = s.output or (KINDS[s.kind].default_output if s.kind not in kinds else s.name)
-    kinds.add(s.kind)
+  from tierflow.pipelines.stage_kinds import output_columns
+  out, owner = [], {}
+  for s, column in zip(stages, output_columns(stages)):
     for name in (column, f"{column}_confidence"):
       if name in owner:
         raise ValueError(f"stages {owner[name]} and {s.name} would both write column "

@@ -37,7 +37,9 @@ from typing import Optional, Sequence
 RUN_TICKETS = (0, 60)  # [start, end) indexes into the bundled tickets
 CALIBRATION_TICKETS = (60, 160)
 EXAMPLE_TICKETS = (200, 240)
-CALIBRATED_STAGES = ("classify", "extract")
+# The bundled tickets config's stage the worked examples are for: its labels are the
+# tickets' gold categories (a stage name, not a kind).
+EXAMPLES_STAGE = "classify"
 ALPHA = 0.2  # target error on the answers the small tier keeps: a 135M-270M model is weak
 # (fixed before any model was tried on the tickets)
 DELTA = 0.1
@@ -45,7 +47,7 @@ SMALL_PRICE_AS = "fireworks/llama-v3p1-8b-instruct"
 FRONTIER_PRICE_AS = "claude-sonnet-4-6"
 
 __all__ = ["add_arguments", "run_from_args", "demo_config", "worked_examples",
-           "calibrate_small_tier"]
+           "calibrate_small_tier", "calibrated_stages"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,13 +61,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "sample, prompts, alpha and delta is stored from an earlier demo")
 
 
+def calibrated_stages() -> tuple[str, ...]:
+  """The stages the demo calibrates: the bundled tickets config's stages whose kind is
+  scored against labels (a summary has no exact reference)."""
+  from tierflow.config import load_config
+  return tuple(s.name for s in load_config("tickets").stages if s.kind_impl.scored)
+
+
 def worked_examples(tickets: Sequence[dict], labels: dict, per_label: int = 2) -> list[dict]:
-  """The classify stage's few-shot examples: the first ``per_label`` tickets of each
-  category among tickets 201-240, in ticket order."""
+  """The few-shot examples of the classify stage (``EXAMPLES_STAGE``): the first
+  ``per_label`` tickets of each category among tickets 201-240, in ticket order."""
   from tierflow.config import load_config
   from tierflow.pipelines.prompts import render_text
   config = load_config("tickets")
-  stage = next(s for s in config.stages if s.kind == "classify")
+  stage = next(s for s in config.stages if s.name == EXAMPLES_STAGE)
   template = config.text
   taken: dict = {label: [] for label in stage.labels}
   for ticket in tickets[EXAMPLE_TICKETS[0]:EXAMPLE_TICKETS[1]]:
@@ -104,7 +113,7 @@ def demo_config_dict(small_url: str, small_model: str, frontier_url: str,
       provider="anthropic", base_url=frontier_url, model="standin-frontier", api_key_env=None,
       price_as=FRONTIER_PRICE_AS)
   for stage in config["stages"]:
-    if stage["kind"] == "classify":
+    if stage["name"] == EXAMPLES_STAGE:
       stage["examples"] = list(examples)
   if stages is not None:
     config["stages"] = [s for s in config["stages"] if s["name"] in stages]
@@ -124,11 +133,11 @@ def calibrate_small_tier(sample: Sequence[dict], work: str, small_url: str, smal
   classify and extract stages against ``gold``: (output dir, calibration, notes)."""
   from tierflow.calibrate_command import calibrate_output, run_small_tier
   config = demo_config(os.path.join(work, "calibrate.yaml"), small_url, small_model,
-                       frontier_url, examples, stages=CALIBRATED_STAGES)
+                       frontier_url, examples, stages=calibrated_stages())
   out = run_small_tier("tickets", _write_jsonl(os.path.join(work, "sample.jsonl"), sample),
                        os.path.join(work, "calibration-run"), config=config)
   calibration, notes = calibrate_output(out, gold, alpha=ALPHA, delta=DELTA,
-                                        stages=list(CALIBRATED_STAGES))
+                                        stages=list(calibrated_stages()))
   return out, calibration, notes
 
 
@@ -136,13 +145,14 @@ def _calibration_key(llama, model, sample: Sequence[dict], labels: dict,
                      examples: Sequence[dict]) -> str:
   """The key of the demo's calibration in ``demo_calibrations`` (what it depends on)."""
   from tierflow import demo_calibrations
-  config = demo_config_dict("", model.name, "", examples, stages=CALIBRATED_STAGES)
+  stages = calibrated_stages()
+  config = demo_config_dict("", model.name, "", examples, stages=stages)
   for tier in config["models"].values():
     tier.pop("base_url")
   return demo_calibrations.calibration_key(
       model_sha256=demo_calibrations.file_sha256(model.path()), server=llama.settings(),
       sample=sample, labels={t["ticket_id"]: labels[t["ticket_id"]] for t in sample},
-      config=config, stages=CALIBRATED_STAGES, alpha=ALPHA, delta=DELTA)
+      config=config, stages=stages, alpha=ALPHA, delta=DELTA)
 
 
 def _headline(report: dict, calibration) -> list[str]:
@@ -228,7 +238,7 @@ def run_from_args(args: argparse.Namespace, rest: Sequence[str]) -> int:
             f"{demo_calibrations.store_dir() / key}); --recalibrate calibrates afresh",
             flush=True)
     else:
-      print(f"[4/6] calibrating {' and '.join(CALIBRATED_STAGES)} on {len(sample)} labelled "
+      print(f"[4/6] calibrating {' and '.join(calibrated_stages())} on {len(sample)} labelled "
             f"tickets: the small tier answers them, and each stage gets the threshold that "
             f"keeps error <= {ALPHA:g} with probability >= {1 - DELTA:g}", flush=True)
       _, calibration, notes = calibrate_small_tier(sample, work, llama.base_url,

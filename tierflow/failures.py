@@ -1,8 +1,8 @@
 """``Failure``: the one shape of a record tierflow's transforms could not handle.
 
-Decode, route and write each raise by default, as Beam's ``RunInference`` does;
-after ``.with_exception_handling()`` they return a NamedTuple whose ``failures``
-output holds ``Failure`` rows instead, the same type from all three, with a Beam
+Adding source fields, decode, route and write each raise by default, as Beam's
+``RunInference`` does; after ``.with_exception_handling()`` they return a NamedTuple
+whose ``failures`` output holds ``Failure`` rows instead, the same type from all four, with a Beam
 schema (``RowCoder``), so they can be flattened, written or queried together.
 """
 
@@ -15,21 +15,21 @@ import apache_beam as beam
 
 __all__ = ["Failure", "failure_of_row"]
 
-STEPS = ("decode", "route", "write")
+STEPS = ("source_fields", "decode", "route", "write")
 
 
 class Failure(NamedTuple):
   """A record a step could not handle, and why.
 
   Attributes:
-    step: ``decode``, ``route`` or ``write``.
+    step: ``source_fields`` (``AddSourceFields``), ``decode``, ``route`` or ``write``.
     error_type: a short kind (``invalid_json``, ``missing_field``, ``model_failure``,
       ``invalid_type``, or the exception's class name for an error in code).
     reason: what went wrong, readable.
     record_id: the record's id where known, else None.
     payload: the record as it reached the step: its raw bytes (decode), or the row as
       UTF-8 JSON (route: the result row, with its ledger, where routing produced one;
-      write: the row given).
+      source_fields and write: the row given).
   """
   step: str
   error_type: str

@@ -5,13 +5,14 @@ frontier tier's answers taken as the reference the small tier is certified again
 sample comes from a JSONL file or a Kafka topic's offset range, goes through the pipeline's
 own decoding and routing in-process with every stage escalated, and its output holds, per
 record and stage, the small tier's answer and confidence and the frontier's answer and
-billed cost. The frontier's answers become a labels file (classify: the label; extract:
-each field); a summarise stage has no exact reference and is not certified.
+billed cost. The frontier's answers, read from each stage's own output column, become a
+labels file (its kind's ``reference_columns``; classify: a column named like the stage
+holding the label; extract: each field); a summarise stage has no exact reference and is
+not certified.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from tierflow import results as results_lib
+from tierflow.labels import why_unscored
 from tierflow.pipelines.stage_kinds import KINDS
 
 __all__ = ["ESCALATE_ALL", "sample_file", "sample_topic", "run_tiers", "write_frontier_labels"]
@@ -168,31 +170,31 @@ def write_frontier_labels(output_dir: str, path: str) -> tuple[dict[str, list[st
   notes: list[str] = []
   answered: dict[str, set] = {"model": set(), "endpoint": set()}
   unanswered = np.zeros(run.n, dtype=bool)
-  kinds = collections.Counter(s.kind for s in run.stages)
+  owner: dict[str, str] = {}  # label column -> the stage it is the reference of
   for stage in run.stages:
     kind = KINDS.get(stage.kind)
-    if kind is not None and kind.scored and kinds[stage.kind] > 1:
-      notes.append(f"stage {stage.name} ({stage.kind}): not certified against the frontier: "
-                   f"it is one of several {stage.kind} stages, and the reference is read "
-                   f"from the one {kind.default_output} column")
-      continue
     if kind is None or not kind.scored:
       notes.append(f"stage {stage.name} ({stage.kind}): not certified against the frontier: "
-                   f"free text has no exact reference to agree with, so agreement cannot be "
-                   f"tested; it keeps its configured threshold and has no guarantee")
+                   f"{why_unscored(stage)} to agree with, so agreement cannot be tested; it "
+                   f"keeps its configured threshold and has no guarantee")
+      continue
+    final = run.answers(stage)
+    if final is None:
+      notes.append(f"stage {stage.name}: not certified against the frontier: the sample's "
+                   f"results have no column {stage.output} (its output)")
       continue
     on_frontier = stage.present & (stage.col("final_tier") == "frontier")
-    final = run.records[kind.default_output]
-    if stage.kind == "classify":
-      cols = [stage.name]
-      for i in range(run.n):
-        rows[i][stage.name] = final[i] if on_frontier[i] else None
-    else:
-      cols = sorted({k for i in range(run.n) if on_frontier[i]
-                     for k in (_as_dict(final[i]) or {})})
-      for i in range(run.n):
-        if on_frontier[i]:
-          rows[i].update({k: (_as_dict(final[i]) or {}).get(k) for k in cols})
+    given = {i: kind.reference_columns(stage.name, final[i])
+             for i in np.flatnonzero(on_frontier)}
+    cols = sorted({c for row in given.values() for c in row})
+    taken = [c for c in cols if c in owner]
+    if taken:
+      notes.append(f"stage {stage.name}: not certified against the frontier: its label "
+                   f"column(s) {', '.join(taken)} are stage {owner[taken[0]]}'s")
+      continue
+    for i, row in given.items():
+      rows[i].update({c: row.get(c) for c in cols})
+    owner.update(dict.fromkeys(cols, stage.name))
     unanswered |= stage.present & ~on_frontier
     if cols:
       fields[stage.name] = cols
@@ -207,7 +209,3 @@ def write_frontier_labels(output_dir: str, path: str) -> tuple[dict[str, list[st
         f.write(json.dumps(row, default=str) + "\n")
   return fields, {k: sorted(v) for k, v in answered.items()}, notes
 
-
-def _as_dict(value: Any) -> Optional[dict]:
-  from tierflow.pipelines.stage_kinds import as_object
-  return as_object(value)

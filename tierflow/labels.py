@@ -5,7 +5,8 @@ label columns a stage is scored against, and what counts as a match, belong to
 the stage's kind (``tierflow.pipelines.stage_kinds``): a classify stage compares
 its label with a column named like the stage, ``category`` or ``label``; an
 extract stage every configured field with the column of the same name; a
-summarise stage is not scored (exact match does not apply to free text).
+summarise stage is not scored (exact match does not apply to free text). Each
+stage's final answers are read from its own output column (``RunData.answers``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tierflow.pipelines.stage_kinds import KINDS
 from tierflow.results import ID_FIELDS, RunData, StageData, dataset_files, is_null, read_table
 
 __all__ = ["LabelFields", "StageScores", "parse_label_fields", "pick_id_field", "read_labels",
-           "reference_rows", "resolve_label_fields", "score_stage"]
+           "reference_rows", "resolve_label_fields", "score_stage", "why_unscored"]
 
 LabelFields = Mapping[str, Union[str, Sequence[str]]]
 
@@ -79,6 +80,12 @@ def _kind(stage: StageData):
   return KINDS.get(stage.kind)
 
 
+def why_unscored(stage: StageData) -> str:
+  """Why a stage is not scored: its kind's reason (or that the kind is unknown)."""
+  kind = _kind(stage)
+  return kind.unscored_reason if kind is not None else f"unknown kind {stage.kind!r}"
+
+
 def resolve_label_fields(run: RunData, label_rows: list[dict],
                          label_fields: Optional[LabelFields]) -> tuple[dict, list[str]]:
   """({stage: label columns} to score, notes on the stages left unscored)."""
@@ -91,28 +98,38 @@ def resolve_label_fields(run: RunData, label_rows: list[dict],
     kind = _kind(by_name[name])
     if kind is None or not kind.scored:
       raise ValueError(f"stage {name} is a {by_name[name].kind} stage; exact-match scoring "
-                       f"does not apply to it (score free text with a judge instead)")
+                       f"does not apply to it ({why_unscored(by_name[name])}; score it with a "
+                       f"judge instead)")
     missing = [c for c in cols if c not in label_cols]
     if missing:
       raise ValueError(f"label column(s) {missing} for stage {name} are not in the labels")
-  notes, out = [], {}
-  kinds = collections.Counter(s.kind for s in run.stages)
+  notes, found = [], {}
   for s in run.stages:
     kind = _kind(s)
     if kind is None or not kind.scored:
-      notes.append(f"stage {s.name} ({s.kind}) is not scored: exact match does not apply to "
-                   f"free text")
+      notes.append(f"stage {s.name} ({s.kind}) is not scored: {why_unscored(s)}")
       continue
-    answers = [a for a in (*run.records.get(kind.default_output, ()), *s.col("small_answer"))
-               if a][:1000]
-    cols = given.get(s.name) or kind.default_label_fields(s.name, label_cols, answers)
-    if kinds[s.kind] > 1:
-      notes.append(f"stage {s.name} is not scored: the report scores a {s.kind} stage only "
-                   f"when it is the run's one {s.kind} stage (column {kind.default_output})")
+    final = run.answers(s)
+    if final is None:
+      notes.append(f"stage {s.name} is not scored: the results have no column {s.output} "
+                   f"(its output)")
+      continue
+    answers = [a for a in (*final, *s.col("small_answer")) if a][:1000]
+    found[s.name] = given.get(s.name) or kind.default_label_fields(s.name, label_cols, answers)
+  # A label column several stages would score is a default only for the stage named like it.
+  claimed = collections.Counter(c for cols in found.values() for c in cols)
+  out = {}
+  for name, cols in found.items():
+    shared = [c for c in cols if claimed[c] > 1 and c != name]
+    if name in given:
+      out[name] = given[name]
+    elif shared:
+      notes.append(f"stage {name} is not scored: label column(s) {', '.join(shared)} would "
+                   f"score other stages too (name its columns with --label-field)")
     elif not cols:
-      notes.append(f"stage {s.name} is not scored: no label column for it (use --label-field)")
+      notes.append(f"stage {name} is not scored: no label column for it (use --label-field)")
     else:
-      out[s.name] = cols
+      out[name] = cols
   return out, notes
 
 
@@ -153,7 +170,7 @@ def score_stage(stage: StageData, run: RunData, refs: list[Optional[dict]],
   kind = _kind(stage)
   n = run.n
   labelled = stage.present & np.array([kind.labelled(r, fields) for r in refs])
-  final_col = run.records[kind.default_output]
+  final_col = run.answers(stage)
   tier = stage.col("final_tier")
   final, small, frontier = (np.full(n, np.nan) for _ in range(3))
   small_known = stage.small_answer_known | (tier == "small") | ~is_null(stage.col("small_error"))

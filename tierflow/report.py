@@ -38,6 +38,7 @@ import numpy as np
 from tierflow.labels import (LabelFields, StageScores, pick_id_field, read_labels,
                              reference_rows, resolve_label_fields, score_stage)
 from tierflow.pipelines.ledger import SMALL_SKIPPED_PREFIX
+from tierflow.pipelines.stage_kinds import KINDS
 from tierflow.results import ID_FIELDS, RunData, StageData, is_null, mode, read_dead_letters, \
     read_run
 
@@ -806,10 +807,10 @@ def _guarantee(report: dict) -> list[str]:
   for name in names:
     c = cal["stages"].get(name)
     if c is None:
-      out.append(f"{name}: no guarantee (not calibrated: "
-                 + ("free text has no exact reference" if report["stages"][name]["kind"]
-                    == "summarise" else "not in the calibration file")
-                 + "); it escalates on its configured threshold.")
+      kind = KINDS.get(report["stages"][name]["kind"])
+      why = (kind.unscored_reason if kind is not None else "") or "not in the calibration file"
+      out.append(f"{name}: no guarantee (not calibrated: {why}); it escalates on its "
+                 f"configured threshold.")
       continue
     a, d, n = c["alpha"], c["delta"], c["n"]
     if c["method"] == "crc":

@@ -5,7 +5,9 @@ here, so they agree on what a run produced. Files are found and opened with
 Beam's ``FileSystems``, so an output on ``gs://``, ``s3://`` or any filesystem
 Beam knows reads like a local one. Rows are deduplicated by ``record_id`` (one
 rule: an ``ok`` row if any, else the last row read, files in name order), since
-overlapping runs can store a record twice.
+overlapping runs can store a record twice. Each stage's answers are read from its own
+output column, which the ledger names (``stages[].output``; for outputs written before it
+did, the column its config gave by default: ``StageConfig.output``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import types
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -24,14 +27,15 @@ __all__ = ["ID_FIELDS", "RunData", "StageData", "dataset_files", "read_dead_lett
            "read_run", "read_table"]
 
 ID_FIELDS = ("ticket_id", "doc_id", "record_id")
-RECORD_COLUMNS = ("record_id", "status", "label", "extraction", "summary", "escalated",
-                  "budget_skipped", "injection_suspected", "cost_usd", "small_cost_usd", "frontier_cost_usd",
-                  "frontier_only_cost_usd", "price_book_version", "calibration_version")
-STAGE_FIELDS = ("stage", "kind", "final_tier", "final_model", "confidence", "confidence_signal",
-                "threshold", "route_score", "escalated", "escalation_reason", "budget_skipped",
-                "small_model", "small_endpoint", "small_cost_usd", "small_answer",
-                "small_field_confidence", "small_error", "frontier_model", "frontier_endpoint",
-                "frontier_cost_usd", "frontier_error", "cost_usd", "frontier_only_cost_usd")
+RECORD_COLUMNS = ("record_id", "status", "escalated", "budget_skipped", "injection_suspected",
+                  "cost_usd", "small_cost_usd", "frontier_cost_usd", "frontier_only_cost_usd",
+                  "price_book_version", "calibration_version")
+STAGE_FIELDS = ("stage", "kind", "output", "final_tier", "final_model", "confidence",
+                "confidence_signal", "threshold", "route_score", "escalated",
+                "escalation_reason", "budget_skipped", "small_model", "small_endpoint",
+                "small_cost_usd", "small_answer", "small_field_confidence", "small_error",
+                "frontier_model", "frontier_endpoint", "frontier_cost_usd", "frontier_error",
+                "cost_usd", "frontier_only_cost_usd")
 _FLOATS = {"confidence", "threshold", "route_score", "small_cost_usd", "frontier_cost_usd",
            "cost_usd", "frontier_only_cost_usd"}
 _BOOLS = {"escalated", "budget_skipped"}
@@ -39,9 +43,11 @@ _BOOLS = {"escalated", "budget_skipped"}
 
 @dataclasses.dataclass
 class StageData:
-  """One stage's ledger as arrays aligned with the deduplicated records."""
+  """One stage's ledger as arrays aligned with the deduplicated records; ``output``: the
+  record column holding its answer (``RunData.answers``)."""
   name: str
   kind: str
+  output: str
   present: np.ndarray
   cols: dict[str, np.ndarray]
   small_answer_known: np.ndarray
@@ -60,6 +66,11 @@ class RunData:
   @property
   def n(self) -> int:
     return len(self.records["record_id"])
+
+  def answers(self, stage: StageData) -> Optional[np.ndarray]:
+    """The final answer of ``stage`` per record (its output column), or None when the
+    results have no such column."""
+    return self.records.get(stage.output)
 
 
 def _join(*parts: str) -> str:
@@ -120,9 +131,26 @@ def _read_file(path: str, id_candidates: Sequence[str]) -> tuple[dict, dict]:
   names = {flat.type.field(i).name for i in range(flat.type.num_fields)}
   st = {f: (pc.struct_field(flat, f).to_pylist() if f in names else [None] * len(flat))
         for f in STAGE_FIELDS}
+  st["output"] = _stage_outputs(st)
+  for c in dict.fromkeys(st["output"]):
+    if c in table.column_names and c not in rec:
+      rec[c] = column(table, c, n)
   st["_row"] = pc.list_parent_indices(stages).to_numpy().tolist()
   st["_has_small_answer"] = [("small_answer" in names)] * len(flat)
   return rec, st
+
+
+def _stage_outputs(st: dict[str, list]) -> list[str]:
+  """Per ledger entry of a file, its stage's output column: as the ledger names it, else
+  (written before it did) the column the stage's config gave by default."""
+  from tierflow.pipelines.stage_kinds import output_columns
+  first: dict[str, dict] = {}
+  for name, kind, output in zip(st["stage"], st["kind"], st["output"]):
+    seen = first.setdefault(name, {"name": name, "kind": kind, "output": output})
+    seen["output"] = seen["output"] or output
+  stages = [types.SimpleNamespace(**s) for s in first.values()]
+  column = dict(zip(first, output_columns(stages)))
+  return [column[name] for name in st["stage"]]
 
 
 def dedupe_order(record_ids: list, status: list) -> list[int]:
@@ -201,7 +229,8 @@ def _stage_arrays(st: dict[str, list], position: np.ndarray, n: int) -> list[Sta
     known = np.zeros(n, dtype=bool)
     known[where] = has_answer[mask]
     kind = mode(cols["kind"][present]) or "?"
-    out.append(StageData(name, kind, present, cols, known))
+    output = mode(cols["output"][present]) or name
+    out.append(StageData(name, kind, output, present, cols, known))
   return out
 
 

@@ -2,10 +2,10 @@
 
 Each is a ``PTransform`` that checks its arguments when constructed and builds
 in ``expand``, and says what schema its rows have. As with Beam's ``RunInference``,
-the transforms with a failure path (decode, route, write) raise on a record they
-cannot handle unless ``.with_exception_handling()`` was called: then they return a
-NamedTuple of outputs whose ``failures`` hold ``Failure`` rows, one type for all
-three. Provider failures (timeouts, 5xx after retries, the budget cap) are not
+the transforms with a failure path (adding source fields, decode, route, write) raise on
+a record they cannot handle unless ``.with_exception_handling()`` was called: then they
+return a NamedTuple of outputs whose ``failures`` hold ``Failure`` rows, one type for all
+four. Provider failures (timeouts, 5xx after retries, the budget cap) are not
 exceptions: routed records carry them as status ``failed`` or ``unverified``.
 
 Whole offset batches (what the tierflow pipelines use; memory holds the batches
@@ -37,7 +37,7 @@ from tierflow.connectors.kafka_commit import CommitOffsets, Committed
 from tierflow.connectors.kafka_source import (KafkaBatch, KafkaReadConfig, KafkaRecord,
                                               ReadKafkaBatches)
 from tierflow.failures import Failure
-from tierflow.connectors.source_fields import AddSourceFields
+from tierflow.connectors.source_fields import AddSourceFields, SourceFieldsResult
 from tierflow.connectors.parquet_dataset import (ParquetWriteResult, WriteBatches,
                                                  WriteParquetDataset, WrittenBatch,
                                                  to_dead_letter)
@@ -51,6 +51,7 @@ __all__ = [
     "DecodedBatch", "DecodedRecords", "DecodeRecords", "Failure", "KafkaBatch",
     "KafkaReadConfig", "KafkaRecord", "load_config", "make_codec", "ModelConfig",
     "ParquetWriteResult", "ReadKafkaBatches", "RouteBatches", "RoutedOutputs",
-    "RouteThroughTiers", "row_schema", "RunConfig", "schemas", "StageConfig",
-    "TierModelHandler", "to_dead_letter", "WriteBatches", "WriteParquetDataset", "WrittenBatch",
+    "RouteThroughTiers", "row_schema", "RunConfig", "schemas", "SourceFieldsResult",
+    "StageConfig", "TierModelHandler", "to_dead_letter", "WriteBatches", "WriteParquetDataset",
+    "WrittenBatch",
 ]
