@@ -11,8 +11,12 @@ here:
 * ``kafka_topic``: the ``source`` name; ``kafka_partition`` 0; ``kafka_offset``: a
   number derived from the id (the sink orders a file's rows and names its files by
   offsets, so a retried bundle replaces its own file);
-* ``kafka_timestamp`` and ``dt``: from the row's ``time_field`` (epoch millis or a
-  datetime; naive means UTC), or the given ``dt`` (``YYYY-MM-DD``) at midnight UTC.
+* ``kafka_timestamp`` and ``dt``: from the row's ``time_field`` (epoch millis, a
+  datetime, naive meaning UTC, or a Beam ``Timestamp``), or the given ``dt``
+  (``YYYY-MM-DD``) at midnight UTC.
+
+Rows are dicts or schema'd rows; when the input has a Beam schema, the output rows are
+``beam.Row``s of the source fields' row type followed by the input's.
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ import re
 from typing import Any, Mapping, Optional
 
 import apache_beam as beam
+from apache_beam.utils.timestamp import Timestamp
 
 from tierflow import schemas
+from tierflow.beam_schema import (as_dict, beam_row_type, is_row, joined, row_converter,
+                                  row_type_of)
 from tierflow.connectors.decode import dt_of, row_schema
 
 __all__ = ["AddSourceFields"]
 
 SOURCE_FIELDS = tuple(schemas.field_names(schemas.load("source_metadata")))
+SOURCE_TYPE = beam_row_type(schemas.load("source_metadata"))
 _TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,248}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -42,18 +50,33 @@ def _millis(value: Any, field: str) -> int:
     return int(value.timestamp() * 1000)
   if isinstance(value, (int, float)) and not isinstance(value, bool):
     return int(value)
+  if isinstance(value, Timestamp):
+    return value.micros // 1000
   raise ValueError(f"time field {field!r} is {type(value).__name__} {value!r}, not epoch "
-                   "millis or a datetime")
+                   "millis, a datetime or a Beam Timestamp")
 
 
 class _AddFn(beam.DoFn):
   def __init__(self, source: str, id_field: Optional[str], time_field: Optional[str],
-               dt: Optional[str]):
+               dt: Optional[str], schemad: bool):
     self._source, self._id, self._time, self._dt = source, id_field, time_field, dt
+    self._schemad = schemad
+
+  def setup(self):
+    self._source_row = row_converter(schemas.load("source_metadata"))[1]
 
   def process(self, row):
+    added = self._add(as_dict(row) if is_row(row) else row)
+    if not self._schemad:
+      yield added
+      return
+    kept = as_dict(row, deep=False) if is_row(row) else dict(row)
+    source = self._source_row({k: added[k] for k in SOURCE_FIELDS})
+    yield beam.Row(**source._asdict(), **kept)
+
+  def _add(self, row) -> dict:
     if not isinstance(row, Mapping):
-      raise ValueError(f"AddSourceFields takes dict rows, got {type(row).__name__}")
+      raise ValueError(f"AddSourceFields takes dicts or beam.Rows, got {type(row).__name__}")
     clash = [f for f in SOURCE_FIELDS if f in row]
     if clash:
       raise ValueError(f"the row already has source field(s) {clash}")
@@ -74,13 +97,15 @@ class _AddFn(beam.DoFn):
       millis = int(datetime.datetime.fromisoformat(dt).replace(
           tzinfo=datetime.timezone.utc).timestamp() * 1000)
     offset = int.from_bytes(hashlib.sha256(record_id.encode("utf-8")).digest()[:8], "big") >> 1
-    yield {"record_id": record_id, "kafka_topic": self._source, "kafka_partition": 0,
-           "kafka_offset": offset, "kafka_timestamp": millis, "dt": dt, **row}
+    return {"record_id": record_id, "kafka_topic": self._source, "kafka_partition": 0,
+            "kafka_offset": offset, "kafka_timestamp": millis, "dt": dt, **row}
 
 
 class AddSourceFields(beam.PTransform):
-  """Adds ``record_id``, ``kafka_*`` and ``dt`` to dict rows from any source, so
-  ``WriteParquetDataset`` can write them (see the module docstring).
+  """Adds ``record_id``, ``kafka_*`` and ``dt`` to rows from any source, so
+  ``WriteParquetDataset`` can write them (see the module docstring). Dict rows give
+  dicts; rows of a schema'd PCollection give ``beam.Row``s (the source fields, then the
+  input's).
 
   Args:
     source: names the rows' origin; it starts their file names (``kafka_topic``).
@@ -123,5 +148,13 @@ class AddSourceFields(beam.PTransform):
     return row_schema(input_schema)
 
   def expand(self, rows):
-    return rows | "AddSourceFields" >> beam.ParDo(
-        _AddFn(self._source, self._id, self._time, self._dt))
+    input_type = row_type_of(rows.element_type)
+    add = beam.ParDo(_AddFn(self._source, self._id, self._time, self._dt,
+                            input_type is not None))
+    if input_type is not None:
+      names = {name for name, _ in input_type._fields}
+      missing = [f for f in (self._id, self._time) if f is not None and f not in names]
+      if missing:
+        raise ValueError(f"the input rows' schema has no field {', '.join(missing)}")
+      add = add.with_output_types(joined(SOURCE_TYPE, input_type))
+    return rows | "AddSourceFields" >> add
