@@ -23,8 +23,8 @@ moves the consumer group only past output that is durable.
 
 ``WriteParquetDataset`` writes rows one by one (a library user's own PCollection of
 dicts or schema'd rows: ``beam.Row``s, written as ``beam_schema.as_dict`` gives them,
-so the files are the same either way), one file per (dt, topic, partition) and bundle, named after the
-first and last offset it holds plus a digest of its offsets.
+so the files are the same either way), one file per (dt, topic, partition) and bundle,
+named after the first and last offset it holds plus a digest of its offsets.
 
 The partition column (``dt``) lives only in the directory name: BigQuery
 refuses Hive keys that overlap file columns, and Spark and DuckDB would

@@ -3,8 +3,9 @@
 ``RunInference`` batches the rows for a ``Router`` (``routing``) and each comes out
 as a result row (the input fields, each stage's output column, status, cost and
 ledger) at the input row's timestamp: a ``beam.Row`` of the input's row type plus
-the routed columns when the input has a Beam schema, else a dict. As with ``RunInference``, an error in code
-raises unless ``.with_exception_handling()`` was called; see ``RouteThroughTiers``.
+the routed columns when the input has a Beam schema, else a dict. As with
+``RunInference``, an error in code raises unless ``.with_exception_handling()`` was
+called; see ``RouteThroughTiers``.
 """
 
 from __future__ import annotations
@@ -172,9 +173,11 @@ class RouteThroughTiers(beam.PTransform):
   rows' timestamps. Rows are dicts or schema'd rows (``beam.Row``); the results follow
   the input: when it has a Beam schema (``DecodeRecords``' rows, ``ToRows``), they are
   ``beam.Row``s of its row type plus the routed columns (``beam_row_type`` of the
-  result schema), ready for ``beam.dataframe`` and SQL; otherwise dicts. Provider failures are data, not exceptions: a timeout, a 5xx after
-  retries, a refused request or the budget cap gives status ``unverified`` (a small
-  answer kept, and why) or ``failed`` (a stage with no answer, and why).
+  result schema), ready for ``beam.dataframe`` and SQL; otherwise dicts.
+
+  Provider failures are data, not exceptions: a timeout, a 5xx after retries, a refused
+  request or the budget cap gives status ``unverified`` (a small answer kept, and why)
+  or ``failed`` (a stage with no answer, and why).
 
   An error in code (a bug in routing, say) and a row the input template cannot render
   (not a dict or a row, or without a field it names) raise, and the pipeline fails. After

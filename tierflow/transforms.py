@@ -53,10 +53,11 @@ from tierflow.pipelines.routing import RouteBatches
 from tierflow.pipelines.tier_handler import TierModelHandler
 
 __all__ = [
-    "AddSourceFields", "as_dict", "beam_row_type", "Budget", "Codec", "CommitOffsets", "Committed", "DecodeBatches",
-    "DecodedBatch", "DecodedRecords", "DecodeRecords", "Failure", "KafkaBatch",
-    "KafkaReadConfig", "KafkaRecord", "load_config", "make_codec", "ModelConfig",
+    "AddSourceFields", "as_dict", "beam_row_type", "Budget", "Codec", "CommitOffsets",
+    "Committed", "DecodeBatches", "DecodedBatch", "DecodedRecords", "DecodeRecords", "Failure",
+    "KafkaBatch", "KafkaReadConfig", "KafkaRecord", "load_config", "make_codec", "ModelConfig",
     "ParquetWriteResult", "ReadKafkaBatches", "RouteBatches", "RoutedOutputs",
     "RouteThroughTiers", "row_schema", "RunConfig", "schemas", "StageConfig",
-    "TierModelHandler", "to_dead_letter", "ToRows", "WriteBatches", "WriteParquetDataset", "WrittenBatch",
+    "TierModelHandler", "to_dead_letter", "ToRows", "WriteBatches", "WriteParquetDataset",
+    "WrittenBatch",
 ]
