@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
 from tierflow import schemas
+from tierflow.beam_schema import ToRows
 from tierflow.connectors.batch_coder import BatchCoder
 from tierflow.connectors.codecs import MAX_MILLIS, MIN_MILLIS, Codec
 from tierflow.connectors.kafka_source import KafkaBatch, KafkaRecord, batch_name
@@ -309,7 +310,7 @@ class DecodedRecords(NamedTuple):
   """Outputs of ``DecodeRecords(...).with_exception_handling()``.
 
   Attributes:
-    rows: the decoded rows, as dicts (``DecodeRecords.row_schema``).
+    rows: the decoded rows, ``beam.Row``s of ``DecodeRecords.row_type``.
     failures: a ``tierflow.failures.Failure`` (step ``decode``) per record that did not
       decode, its raw value in ``payload``.
   """
@@ -345,11 +346,14 @@ class _DecodeRecordFn(_DecodeFn):
 
 
 class DecodeRecords(beam.PTransform):
-  """Decodes single ``KafkaRecord``s (from any source) into dict rows.
+  """Decodes single ``KafkaRecord``s (from any source) into schema'd rows.
 
   The record-at-a-time form of ``DecodeBatches``, for composing into your own
   pipelines: the same codecs and checks; rows keep the input records' timestamps.
-  ``row_schema`` is the Avro schema of the rows. A record that does not decode raises
+  ``row_schema`` is the Avro schema of the rows; each is a ``beam.Row`` of its Beam row
+  type, ``row_type`` (``tierflow.beam_schema``: timestamps as Beam ``Timestamp``s), so the
+  PCollection has a Beam schema (``beam.dataframe``, SQL); ``tierflow.beam_schema.as_dict``
+  turns a row into a dict. A record that does not decode raises
   (``ValueError`` with the reason), as does an error in code, unless
   ``.with_exception_handling()`` was called: then the output is
   ``DecodedRecords(rows, failures)``, one ``tierflow.failures.Failure`` per record
@@ -361,6 +365,7 @@ class DecodeRecords(beam.PTransform):
     super().__init__()
     self._batches = DecodeBatches(codec, event_time_field=event_time_field,
                                   max_record_bytes=max_record_bytes)
+    self._to_rows = ToRows(self._batches.row_schema)
     self._handle_errors = False
 
   def with_exception_handling(self) -> "DecodeRecords":
@@ -372,12 +377,18 @@ class DecodeRecords(beam.PTransform):
   def row_schema(self) -> dict:
     return self._batches.row_schema
 
+  @property
+  def row_type(self):
+    """The Beam row type of the rows (``beam_schema.beam_row_type(row_schema)``)."""
+    return self._to_rows.row_type
+
   def expand(self, records):
     b = self._batches
     out = records | "Decode" >> beam.ParDo(_DecodeRecordFn(
         b._codec, b._codec.schema, b._event_time_field, b._max_record_bytes,
         self._handle_errors)).with_outputs("failures", main="rows")
+    rows = out.rows | "Rows" >> self._to_rows
     if not self._handle_errors:
-      return out.rows
-    return DecodedRecords(out.rows, out.failures | "Failures" >> beam.Map(
+      return rows
+    return DecodedRecords(rows, out.failures | "Failures" >> beam.Map(
         lambda f: f).with_output_types(Failure))

@@ -21,9 +21,10 @@ half done is replaced or rolled back. Once every file of a batch is in place
 the transform emits a ``WrittenBatch``: the commit step (``kafka_commit``)
 moves the consumer group only past output that is durable.
 
-``WriteParquetDataset`` writes plain dict rows (a library user's own
-PCollection), one file per (dt, topic, partition) and bundle, named after the
-first and last offset it holds plus a digest of its offsets.
+``WriteParquetDataset`` writes rows one by one (a library user's own PCollection of
+dicts or schema'd rows: ``beam.Row``s, written as ``beam_schema.as_dict`` gives them,
+so the files are the same either way), one file per (dt, topic, partition) and bundle,
+named after the first and last offset it holds plus a digest of its offsets.
 
 The partition column (``dt``) lives only in the directory name: BigQuery
 refuses Hive keys that overlap file columns, and Spark and DuckDB would
@@ -57,6 +58,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.display import DisplayDataItem
 
 from tierflow import progress, schemas
+from tierflow.beam_schema import as_dict, is_row
 from tierflow.connectors.decode import DEAD_LETTER_SCHEMA, BatchRef, DecodedBatch
 from tierflow.connectors.kafka_source import batch_name
 from tierflow.connectors.written_ranges import COMPACT_ABOVE, WrittenRanges, subtract
@@ -336,7 +338,7 @@ class WriteBatches(beam.PTransform):
     }
 
 
-# --- plain dict rows --------------------------------------------------------------
+# --- rows one by one: dicts or schema'd rows -----------------------------------------
 
 
 class ParquetWriteResult(NamedTuple):
@@ -435,7 +437,7 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 
 
 class _RowValidator:
-  """Checks a dict row against the Arrow schema before it is routed to a file."""
+  """Checks a row (a dict) against the Arrow schema before it is routed to a file."""
 
   def __init__(self, arrow_schema: pa.Schema, partition_field: str):
     self._partition_field = partition_field
@@ -445,7 +447,7 @@ class _RowValidator:
   def error(self, row: Any) -> Optional[tuple[str, str]]:
     """(error_type, reason) for a row that cannot be written, else None."""
     if not isinstance(row, Mapping):
-      return "invalid_type", f"row is a {type(row).__name__}, not a dict"
+      return "invalid_type", f"row is a {type(row).__name__}, not a dict or a beam.Row"
     unexpected = sorted(str(k) for k in row if k not in self._names)
     if unexpected:
       return "unexpected_field", f"fields not in the schema: {unexpected}"
@@ -497,6 +499,8 @@ class _WriteRowsFn(beam.DoFn):
     self._groups: dict = {}
 
   def process(self, row, window=beam.DoFn.WindowParam):
+    if is_row(row):
+      row = as_dict(row)
     error = self._validator.error(row)
     if error is not None:
       yield pvalue.TaggedOutput("failures", self._failure(row, *error))
@@ -550,10 +554,12 @@ class _WriteRowsFn(beam.DoFn):
 
 
 class WriteParquetDataset(beam.PTransform):
-  """Writes dict rows carrying Kafka source metadata to a Hive-partitioned Parquet dataset.
+  """Writes rows carrying Kafka source metadata to a Hive-partitioned Parquet dataset.
 
-  For a library user's own PCollection of rows: rows from Kafka (``DecodeRecords``)
-  carry the source fields it needs; give other rows theirs with
+  For a library user's own PCollection of rows, dicts or schema'd rows (``beam.Row``:
+  ``DecodeRecords`` and ``RouteThroughTiers`` over schema'd input give them), written
+  alike (``beam_schema.as_dict``). Rows from Kafka (``DecodeRecords``) carry the source
+  fields it needs; give other rows theirs with
   ``tierflow.connectors.source_fields.AddSourceFields``. Each bundle writes one file
   per (window, partition value, topic, Kafka partition), named after the first and
   last offset it holds and a digest of its offsets, so a retried bundle replaces its

@@ -11,8 +11,12 @@ here:
 * ``kafka_topic``: the ``source`` name; ``kafka_partition`` 0; ``kafka_offset``: a
   number derived from the id (the sink orders a file's rows and names its files by
   offsets, so a retried bundle replaces its own file);
-* ``kafka_timestamp`` and ``dt``: from the row's ``time_field`` (epoch millis or a
-  datetime; naive means UTC), or the given ``dt`` (``YYYY-MM-DD``) at midnight UTC.
+* ``kafka_timestamp`` and ``dt``: from the row's ``time_field`` (epoch millis, a
+  datetime, naive meaning UTC, or a Beam ``Timestamp``), or the given ``dt``
+  (``YYYY-MM-DD``) at midnight UTC.
+
+Rows are dicts or schema'd rows; when the input has a Beam schema, the output rows are
+``beam.Row``s of the source fields' row type followed by the input's.
 
 A row that cannot have them raises, unless ``.with_exception_handling()`` was called
 (see ``AddSourceFields``).
@@ -28,8 +32,11 @@ import re
 from typing import Any, Mapping, NamedTuple, Optional
 
 import apache_beam as beam
+from apache_beam.utils.timestamp import Timestamp
 
 from tierflow import schemas
+from tierflow.beam_schema import (as_dict, beam_row_type, is_row, joined, row_converter,
+                                  row_type_of)
 from tierflow.connectors.codecs import MAX_MILLIS, MIN_MILLIS
 from tierflow.connectors.decode import dt_of, row_schema
 from tierflow.failures import Failure, failure_of_row
@@ -39,6 +46,7 @@ __all__ = ["AddSourceFields", "SourceFieldsResult"]
 STEP = "source_fields"  # ``Failure.step`` of its failures
 
 SOURCE_FIELDS = tuple(schemas.field_names(schemas.load("source_metadata")))
+SOURCE_TYPE = beam_row_type(schemas.load("source_metadata"))
 _TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,248}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -62,15 +70,18 @@ def _millis(value: Any, field: str, record_id: str) -> int:
       return int(value)
     raise _RowError("invalid_timestamp", f"time field {field!r}: {value!r} ms is outside "
                     "years 1-9999", record_id)
+  if isinstance(value, Timestamp):
+    return value.micros // 1000
   raise _RowError("invalid_timestamp", f"time field {field!r} is {type(value).__name__} "
-                  f"{value!r:.80}, not epoch millis or a datetime", record_id)
+                  f"{value!r:.80}, not epoch millis, a datetime or a Beam Timestamp",
+                  record_id)
 
 
 def _with_source_fields(row: Any, source: str, id_field: Optional[str],
                         time_field: Optional[str], dt: Optional[str]) -> dict:
   """``row`` with its source fields; _RowError when it cannot have them."""
   if not isinstance(row, Mapping):
-    raise _RowError("invalid_row", f"AddSourceFields takes dict rows, got "
+    raise _RowError("invalid_row", f"AddSourceFields takes dicts or beam.Rows, got "
                     f"{type(row).__name__}")
   clash = [f for f in SOURCE_FIELDS if f in row]
   if clash:
@@ -99,13 +110,17 @@ def _with_source_fields(row: Any, source: str, id_field: Optional[str],
 
 class _AddFn(beam.DoFn):
   def __init__(self, source: str, id_field: Optional[str], time_field: Optional[str],
-               dt: Optional[str], handle_errors: bool):
+               dt: Optional[str], handle_errors: bool, schemad: bool):
     self._args = (source, id_field, time_field, dt)
     self._handle_errors = handle_errors
+    self._schemad = schemad
+
+  def setup(self):
+    self._source_row = row_converter(schemas.load("source_metadata"))[1]
 
   def process(self, row):
     try:
-      yield _with_source_fields(row, *self._args)
+      yield self._add(row)
       return
     except _RowError as e:
       if not self._handle_errors:
@@ -122,6 +137,15 @@ class _AddFn(beam.DoFn):
                                row)
     yield beam.pvalue.TaggedOutput("failures", failure)
 
+  def _add(self, row):
+    """A dict, or of a schema'd input a ``beam.Row``: the source fields, then the row's."""
+    added = _with_source_fields(as_dict(row) if is_row(row) else row, *self._args)
+    if not self._schemad:
+      return added
+    kept = as_dict(row, deep=False) if is_row(row) else dict(row)
+    source = self._source_row({k: added[k] for k in SOURCE_FIELDS})
+    return beam.Row(**source._asdict(), **kept)
+
 
 class SourceFieldsResult(NamedTuple):
   """Outputs of ``AddSourceFields(...).with_exception_handling()``.
@@ -136,22 +160,26 @@ class SourceFieldsResult(NamedTuple):
 
 
 class AddSourceFields(beam.PTransform):
-  """Adds ``record_id``, ``kafka_*`` and ``dt`` to dict rows from any source, so
-  ``WriteParquetDataset`` can write them (see the module docstring).
+  """Adds ``record_id``, ``kafka_*`` and ``dt`` to rows from any source, so
+  ``WriteParquetDataset`` can write them (see the module docstring). Dict rows give
+  dicts; rows of a schema'd PCollection give ``beam.Row``s (the source fields, then the
+  input's).
 
   Args:
     source: names the rows' origin; it starts their file names (``kafka_topic``).
     id_field: the field that identifies a row; None: a digest of the row's content.
-    time_field: the row's event time (epoch millis or a datetime), for ``dt``.
+    time_field: the row's event time (epoch millis, a datetime or a Beam ``Timestamp``), for
+      ``dt``.
     dt: the partition date (``YYYY-MM-DD``) of every row, when there is no time_field.
 
   A row that cannot have them raises (``ValueError`` with the reason), as does an error
   in code, unless ``.with_exception_handling()`` was called: then the output is
   ``SourceFieldsResult(rows, failures)``, one ``tierflow.failures.Failure`` (step
-  ``source_fields``) per such row. A row cannot have them when it is not a dict
-  (``invalid_row``), already has a source field (``source_field_clash``), lacks
-  ``id_field`` or ``time_field`` (``missing_field``), or its time is neither epoch millis
-  nor a datetime, or outside years 1-9999 (``invalid_timestamp``).
+  ``source_fields``) per such row. A row cannot have them when it is neither a dict nor a
+  ``beam.Row`` (``invalid_row``), already has a source field (``source_field_clash``),
+  lacks ``id_field`` or ``time_field`` (``missing_field``), or its time is not epoch
+  millis, a datetime or a Beam ``Timestamp``, or is outside years 1-9999
+  (``invalid_timestamp``).
   ``row_schema(input_schema)`` is the Avro schema of the output rows.
   """
 
@@ -192,9 +220,16 @@ class AddSourceFields(beam.PTransform):
     return row_schema(input_schema)
 
   def expand(self, rows):
-    out = rows | "AddSourceFields" >> beam.ParDo(_AddFn(
-        self._source, self._id, self._time, self._dt, self._handle_errors)).with_outputs(
-            "failures", main="rows")
+    input_type = row_type_of(rows.element_type)
+    add = beam.ParDo(_AddFn(self._source, self._id, self._time, self._dt,
+                            self._handle_errors, input_type is not None))
+    if input_type is not None:
+      names = {name for name, _ in input_type._fields}
+      missing = [f for f in (self._id, self._time) if f is not None and f not in names]
+      if missing:
+        raise ValueError(f"the input rows' schema has no field {', '.join(missing)}")
+      add = add.with_output_types(joined(SOURCE_TYPE, input_type))
+    out = rows | "AddSourceFields" >> add.with_outputs("failures", main="rows")
     if not self._handle_errors:
       return out.rows
     return SourceFieldsResult(out.rows, out.failures | "Failures" >> beam.Map(

@@ -1,9 +1,11 @@
-"""``RouteThroughTiers``: the router over a PCollection of dict rows, for your own pipelines.
+"""``RouteThroughTiers``: the router over a PCollection of rows, for your own pipelines.
 
 ``RunInference`` batches the rows for a ``Router`` (``routing``) and each comes out
 as a result row (the input fields, each stage's output column, status, cost and
-ledger) at the input row's timestamp. As with ``RunInference``, an error in code
-raises unless ``.with_exception_handling()`` was called; see ``RouteThroughTiers``.
+ledger) at the input row's timestamp: a ``beam.Row`` of the input's row type plus
+the routed columns when the input has a Beam schema, else a dict. As with
+``RunInference``, an error in code raises unless ``.with_exception_handling()`` was
+called; see ``RouteThroughTiers``.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
+from tierflow.beam_schema import (as_dict, beam_row_type, is_row, joined, row_converter,
+                                  row_type_of)
 from tierflow.config import RunConfig
 from tierflow.connectors.kafka_ledger import LedgerConfig
 from tierflow.failures import Failure, failure_of_row
 from tierflow.pipelines.budget import Budget, budget_for, check_budget
-from tierflow.pipelines.ledger import ledger_row, result_schema
-from tierflow.pipelines.prompts import missing_fields
+from tierflow.pipelines.ledger import ledger_row, result_schema, routed_part
+from tierflow.pipelines.prompts import missing_fields, template_fields
 from tierflow.pipelines.routing import METRICS_NAMESPACE, Router, RoutingCounters
 from tierflow.prices import PriceBook, load_price_book
 
@@ -47,7 +51,7 @@ class RoutedOutputs(NamedTuple):
 
 
 class _TieredHandler(ModelHandler):
-  """A RunInference handler whose 'model' is a ``Router`` over (row, timestamp) pairs."""
+  """A RunInference handler whose 'model' is a ``Router`` over (row, timestamp, kept)."""
 
   def __init__(self, config: RunConfig, book: PriceBook, budget: Budget,
                expected_records: Optional[int], run_id: str,
@@ -66,7 +70,7 @@ class _TieredHandler(ModelHandler):
   def run_inference(self, batch, model: Router, inference_args=None):
     pool = budget_for(self._run_id, self._budget, self._ledger, len(batch),
                       self._expected or 0)
-    rows = [row for row, _ in batch]
+    rows = [row for row, *_ in batch]
     try:
       routed = model.route(rows, pool)
     finally:
@@ -83,19 +87,27 @@ class _TieredHandler(ModelHandler):
 
 
 class _CheckRowsFn(beam.DoFn):
-  """Keeps each row with its timestamp; a row that is not a dict with every field the
+  """(the row as a dict for the router, its timestamp, and with ``keep`` the input row's
+  own field values); a row that is not a dict or a schema'd row with every field the
   input template names raises, or with errors handled is a ``Failure``."""
 
-  def __init__(self, template: str, handle_errors: bool):
-    self._template, self._handle = template, handle_errors
+  def __init__(self, template: str, handle_errors: bool, keep: bool):
+    self._template, self._handle, self._keep = template, handle_errors, keep
 
   def process(self, row, ts=beam.DoFn.TimestampParam):
+    given = row
+    if is_row(row):
+      row = as_dict(row)
     if not isinstance(row, Mapping):
-      error_type, reason = "invalid_type", f"a row is a dict, not a {type(row).__name__}"
+      error_type, reason = "invalid_type", (
+          f"a row is a dict or a beam.Row, not a {type(row).__name__}")
     else:
       missing = missing_fields(self._template, row)
       if not missing:
-        yield dict(row), Timestamp.of(ts).micros
+        kept = None
+        if self._keep:
+          kept = as_dict(given, deep=False) if is_row(given) else dict(given)
+        yield dict(row), Timestamp.of(ts).micros, kept
         return
       error_type, reason = "missing_field", (
           f"the row has no field {', '.join(missing)}, which the input template "
@@ -107,25 +119,32 @@ class _CheckRowsFn(beam.DoFn):
 
 
 class _LedgerFn(beam.DoFn):
-  """Result rows from routed records; with errors handled, failed ones are ``Failure``s."""
+  """Result rows from routed records (with ``schemad``, ``beam.Row``s: the input row's own
+  values and the routed columns); with errors handled, failed ones are ``Failure``s."""
 
   def __init__(self, config: RunConfig, book: PriceBook, calibration: Optional[str],
-               handle_errors: bool):
+               handle_errors: bool, schemad: bool):
     self._config, self._book, self._calibration = config, book, calibration
-    self._handle = handle_errors
+    self._handle, self._schemad = handle_errors, schemad
 
   def setup(self):
     self._counters = RoutingCounters()
+    routed = routed_part(self._config)
+    self._routed_names = [f["name"] for f in routed["fields"]]
+    self._routed = row_converter(routed)[1]
 
   def process(self, result):
-    (_, micros), routed = result.example, result.inference
+    (_, micros, kept), routed = result.example, result.inference
     row, failed = ledger_row(routed, self._config, self._book, self._calibration)
     self._counters.count([routed], [row])
     if failed and self._handle:
       yield pvalue.TaggedOutput("failures", failure_of_row(
           "route", "model_failure", row["error"] or "no answer", row))
-    else:
-      yield TimestampedValue(row, Timestamp(micros=micros))
+      return
+    if self._schemad:
+      added = self._routed({name: row[name] for name in self._routed_names})
+      row = beam.Row(**kept, **added._asdict())
+    yield TimestampedValue(row, Timestamp(micros=micros))
 
 
 def _crashed(failed) -> Iterable[Failure]:
@@ -136,7 +155,7 @@ def _crashed(failed) -> Iterable[Failure]:
     name, text = exc[0].__name__, exc[1]
   else:
     name, text = type(exc).__name__, repr(exc)
-  for row, _ in batch:
+  for row, *_ in batch:
     yield failure_of_row("route", name, f"routing raised {text}", row)
 
 
@@ -146,17 +165,22 @@ def _check_type(name: str, value: Any, kind: Any, what: str) -> None:
 
 
 class RouteThroughTiers(beam.PTransform):
-  """Routes dict rows through the small tier, escalating the uncertain to the frontier.
+  """Routes rows through the small tier, escalating the uncertain to the frontier.
 
   ``rows | RouteThroughTiers(config)`` is a PCollection of result rows, one per row
   (the row's fields, each stage's output column, ``status``, ``error``, cost and the
   per-stage ledger; ``result_schema(input_schema)`` is their Avro schema), at the
-  rows' timestamps. Provider failures are data, not exceptions: a timeout, a 5xx after
-  retries, a refused request or the budget cap gives status ``unverified`` (a small
-  answer kept, and why) or ``failed`` (a stage with no answer, and why).
+  rows' timestamps. Rows are dicts or schema'd rows (``beam.Row``); the results follow
+  the input: when it has a Beam schema (``DecodeRecords``' rows, ``ToRows``), they are
+  ``beam.Row``s of its row type plus the routed columns (``beam_row_type`` of the
+  result schema), ready for ``beam.dataframe`` and SQL; otherwise dicts.
+
+  Provider failures are data, not exceptions: a timeout, a 5xx after retries, a refused
+  request or the budget cap gives status ``unverified`` (a small answer kept, and why)
+  or ``failed`` (a stage with no answer, and why).
 
   An error in code (a bug in routing, say) and a row the input template cannot render
-  (not a dict, or without a field it names) raise, and the pipeline fails. After
+  (not a dict or a row, or without a field it names) raise, and the pipeline fails. After
   ``.with_exception_handling()`` the output is ``RoutedOutputs(results, failures)``
   instead: ``results`` holds the ``ok`` and ``unverified`` rows, ``failures`` a
   ``tierflow.failures.Failure`` for every other record, ``failed`` ones included.
@@ -212,20 +236,33 @@ class RouteThroughTiers(beam.PTransform):
     the input template names a field ``input_schema`` does not have."""
     return result_schema(input_schema, self._config)
 
+  def _result_type(self, input_type):
+    """The row type of results for input rows of ``input_type`` (schema'd input)."""
+    names = {name for name, _ in input_type._fields}
+    unknown = sorted(template_fields(self._config.text) - names)
+    if unknown:
+      raise ValueError(f"the input template {self._config.text!r} names "
+                       f"{', '.join(unknown)}, not a field of the input rows' schema")
+    return joined(input_type, beam_row_type(routed_part(self._config)))
+
   def expand(self, rows):
     handle = self._handle_errors
+    input_type = row_type_of(rows.element_type)
+    result_type = None if input_type is None else self._result_type(input_type)
+    schemad = result_type is not None
     handler = _TieredHandler(self._config, self._book, self._budget, self._expected,
                              self._run_id, self._ledger)
     checked = rows | "CheckRows" >> beam.ParDo(
-        _CheckRowsFn(self._config.text, handle)).with_outputs("failures", main="rows")
+        _CheckRowsFn(self._config.text, handle, schemad)).with_outputs("failures", main="rows")
     route = RunInference(handler)
     if not handle:
       routed = checked.rows | "Route" >> route
     else:
       routed, dlq = checked.rows | "Route" >> route.with_exception_handling()
-    ledgered = routed | "Ledger" >> beam.ParDo(_LedgerFn(
-        self._config, self._book, self._calibration, handle)).with_outputs(
-            "failures", main="results")
+    ledger = beam.ParDo(_LedgerFn(self._config, self._book, self._calibration, handle, schemad))
+    if schemad:
+      ledger = ledger.with_output_types(result_type)
+    ledgered = routed | "Ledger" >> ledger.with_outputs("failures", main="results")
     if not handle:
       return ledgered.results
     crashed = dlq.failed_inferences | "Crashed" >> beam.FlatMap(_crashed)

@@ -1,5 +1,5 @@
 """docs/library.md's three examples run as written (each asserts its own outputs with
-assert_that); what they write is checked here."""
+assert_that, Example 2 a beam.dataframe count too); what they write is checked here."""
 
 import os
 import pathlib
@@ -39,6 +39,13 @@ def test_example_1_rows_from_create_through_one_classify_stage_to_the_sink(monke
   assert sorted((r["ticket_id"], r["label"], r["dir"]) for r in rows) == [
       ("T1", "billing", "dt=2026-01-01"), ("T2", "shipping", "dt=2026-01-02")]
   assert all(r["status"] == "ok" and r["cost_usd"] > 0 and "extraction" not in r for r in rows)
+  # Beam's WriteToParquet wrote the same rows, dt a column there (a directory in tierflow's)
+  [flat] = [os.path.join(scope["flat_dir"], f) for f in os.listdir(scope["flat_dir"])]
+  table = pq.read_table(flat)
+  assert flat.endswith(".parquet") and "dt" in table.column_names
+  assert sorted(table.to_pylist(), key=lambda r: r["record_id"]) == sorted(
+      ({**{k: v for k, v in r.items() if k != "dir"}, "dt": r["dir"].removeprefix("dt=")}
+       for r in rows), key=lambda r: r["record_id"])
 
 
 def test_example_2_kafka_records_through_decode_a_user_map_route_and_write(monkeypatch,

@@ -108,3 +108,46 @@ def test_arguments_are_checked_when_constructed(kwargs, match):
     tf.AddSourceFields(**kwargs)
   with pytest.raises(ValueError, match="has no field missing"):
     tf.AddSourceFields("s", time_field="missing").row_schema(SCHEMA)
+
+
+def test_schemad_rows_keep_their_schema_with_the_source_fields_first(tmp_path):
+  """beam.Rows of a schema give beam.Rows of row_schema(...)'s row type, the same ids and
+  dates as dicts, and the same Parquet; a time or id field the schema lacks is refused
+  when the pipeline is built."""
+  add = tf.AddSourceFields("notes", id_field="note_id", time_field="at")
+  with test_pipeline.TestPipeline() as p:
+    given = p | beam.Create(NOTES)
+    schemad = given | "Schemad" >> tf.ToRows(SCHEMA) | "AddToRows" >> add
+    dicts = given | "AddToDicts" >> add
+    assert schemad.element_type == tf.beam_row_type(add.row_schema(SCHEMA))
+    assert_that(schemad | beam.Map(lambda r: (r.record_id, r.dt, r.kafka_timestamp.micros,
+                                              r.at.micros)),
+                equal_to([("n1", "2026-01-01", (DAY1 + 5) * 1000, (DAY1 + 5) * 1000),
+                          ("n2", "2026-01-02", (DAY1 + 86_400_000) * 1000,
+                           (DAY1 + 86_400_000) * 1000)]), label="rows")
+    _ = schemad | "WriteRows" >> tf.WriteParquetDataset(str(tmp_path / "rows"),
+                                                         add.row_schema(SCHEMA))
+    _ = dicts | "WriteDicts" >> tf.WriteParquetDataset(str(tmp_path / "dicts"),
+                                                        add.row_schema(SCHEMA))
+  assert pq.read_table(tmp_path / "rows").equals(pq.read_table(tmp_path / "dicts"))
+  p = test_pipeline.TestPipeline()
+  rows = p | beam.Create(NOTES) | tf.ToRows(SCHEMA)
+  with pytest.raises(ValueError, match="schema has no field when"):
+    _ = rows | tf.AddSourceFields("notes", time_field="when")
+
+
+def test_schemad_rows_with_exception_handling_keep_their_schema_and_fail_alone():
+  """A schema'd row without its time is a Failure; the others come out as beam.Rows of
+  the row type, as without exception handling."""
+  nullable = {**SCHEMA, "fields": [*SCHEMA["fields"][:2], {
+      "name": "at", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}]}]}
+  add = tf.AddSourceFields("notes", id_field="note_id", time_field="at")
+  with test_pipeline.TestPipeline() as p:
+    rows = p | beam.Create(NOTES + [{"note_id": "n9", "text": "c", "at": None}]) | (
+        tf.ToRows(nullable))
+    out = rows | add.with_exception_handling()
+    assert out.rows.element_type == tf.beam_row_type(add.row_schema(nullable))
+    assert_that(out.rows | beam.Map(lambda r: (r.record_id, r.dt)),
+                equal_to([("n1", "2026-01-01"), ("n2", "2026-01-02")]), label="rows")
+    assert_that(out.failures | beam.Map(lambda f: (f.step, f.error_type, f.record_id)),
+                equal_to([("source_fields", "missing_field", "n9")]), label="failures")

@@ -43,6 +43,19 @@ def test_a_tier_answers_a_stage_inside_run_inference(tier):
   assert paths == ({"/v1/chat/completions"} if tier == "small" else {"/v1/messages"})
 
 
+def test_decoded_rows_beam_rows_with_a_schema_are_answered_as_dicts_are():
+  from tierflow import transforms as tf
+  codec = tf.make_codec("json", tf.schemas.load("ticket"))
+  records = [tf.KafkaRecord("tickets", 0, i, 1767225600000, None, codec.encode(row))
+             for i, row in enumerate(ROWS)]
+  with LocalProviderServer(KeywordStandIn(), models=("small", "frontier")) as server:
+    with TestPipeline() as p:
+      answers = (p | beam.Create(records) | tf.DecodeRecords(codec)
+                 | RunInference(TierModelHandler(_config(server), stage="classify"))
+                 | beam.Map(lambda r: (r.example.record_id, r.inference.value)))
+      assert_that(answers, equal_to([("tickets-0-0", "billing"), ("tickets-0-1", "shipping")]))
+
+
 def test_a_failing_endpoint_raises_unless_handled_and_is_asked_1_plus_retries_times():
   with LocalProviderServer(KeywordStandIn(), models=("small", "frontier"),
                            faults=["server_error:-1"]) as server:

@@ -148,7 +148,7 @@ def test_decode_route_and_write_fail_with_one_failure_type(server, tmp_path):
   with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
     decoded = p | beam.Create(records) | decode.with_exception_handling()
     routed = decoded.rows | route.with_exception_handling()
-    bad = routed.results | beam.Map(lambda r: {**r, "extra": 1})
+    bad = routed.results | beam.Map(lambda r: {**tf.as_dict(r), "extra": 1})
     written = ((routed.results, bad) | beam.Flatten()
                | tf.WriteParquetDataset(str(tmp_path / "b"), schema).with_exception_handling())
     failures = (decoded.failures, routed.failures, written.failures) | "All" >> beam.Flatten()
@@ -305,3 +305,140 @@ def test_to_dead_letter_keeps_the_source_fields_of_a_failure_of_any_step():
   assert (raw["record_id"], raw["kafka_offset"], raw["raw_value"], raw["dt"]) == (
       "t-0-1", -1, b"\xff", "2026-01-01")
   pa.Table.from_pylist([letter, raw], schema=schemas.to_arrow(schemas.load("dead_letter")))
+
+
+# --- schema'd rows: beam.Row in, beam.Row out; dicts in, dicts out ------------------------
+
+def one_classify_stage(server, **frontier):
+  """Example 1's config: one classify stage (threshold 0.5); a vague text escalates."""
+  return dataclasses.replace(
+      config_for(server).with_model("frontier", **frontier),
+      stages=(tf.StageConfig(name="category", kind="classify",
+                             labels=("billing", "shipping", "account"), threshold=0.5),))
+
+
+def kafka_records(*bodies):
+  codec = tf.make_codec("json", TICKET)
+  return [tf.KafkaRecord("tickets", 0, i, T0_MS, None, codec.encode(
+      {"ticket_id": f"T{i}", "created_at": T0_MS + i, "subject": "help", "body": body}))
+      for i, body in enumerate(bodies)]
+
+
+BODIES = ("I was charged twice on my invoice, refund the payment",
+          "My parcel never arrived, where is the delivery?",
+          "Hello, I have a question")  # no keyword: escalates, and the frontier fails
+
+
+def test_decoded_and_routed_rows_have_beam_schemas_that_dataframes_group_by_status(server):
+  """DecodeRecords gives beam.Rows of its row type; RouteThroughTiers over them gives
+  beam.Rows of the result schema's row type, which beam.dataframe groups by status."""
+  from apache_beam.dataframe.convert import to_dataframe, to_pcollection
+  from apache_beam.dataframe.transforms import DataframeTransform
+  server.faults.add("server_error", count=-1, flavour="anthropic")
+  decode = tf.DecodeRecords(tf.make_codec("json", TICKET))
+  route = tf.RouteThroughTiers(one_classify_stage(server, max_retries=0))
+  with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+    decoded = p | beam.Create(kafka_records(*BODIES)) | decode
+    results = decoded | route
+    assert decoded.element_type == tf.beam_row_type(decode.row_schema)
+    assert results.element_type == tf.beam_row_type(route.result_schema(decode.row_schema))
+    assert_that(results | beam.Map(lambda r: (r.ticket_id, r.label, r.created_at.micros)),
+                equal_to([("T0", "billing", T0_MS * 1000), ("T1", "shipping", (T0_MS + 1) * 1000),
+                          ("T2", "billing", (T0_MS + 2) * 1000)]), label="rows")
+    counts = results | DataframeTransform(
+        lambda df: df.groupby("status").record_id.count().to_frame("n"), include_indexes=True)
+    assert_that(counts | beam.Map(lambda r: (r.status, r.n)),
+                equal_to([("ok", 2), ("unverified", 1)]), label="counts")
+    df = to_dataframe(results)
+    escalated = to_pcollection(df[df.escalated][["ticket_id", "error"]])
+    assert_that(escalated | beam.Map(lambda r: (r.ticket_id, r.error.startswith("unverified"))),
+                equal_to([("T2", True)]), label="escalated")
+
+
+def parquet_files(root) -> dict:
+  """{path under root: its table} of the .parquet files under root."""
+  return {str(path.relative_to(root)): pq.read_table(path)
+          for path in sorted(root.rglob("*.parquet"))}
+
+
+def test_parquet_from_schemad_rows_is_the_parquet_from_dicts(server, tmp_path):
+  """The same records written as dicts and as beam.Rows, and routed as each: the same
+  files, the same tables (pyarrow, with their metadata) and the same rows (DuckDB)."""
+  import duckdb
+  decode = tf.DecodeRecords(tf.make_codec("json", TICKET))
+  route = tf.RouteThroughTiers(one_classify_stage(server))
+  schema = route.result_schema(decode.row_schema)
+  given = rows(3)  # dicts, as decode_batch gives them (timestamps as datetimes)
+  with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+    dicts = p | beam.Create(given)
+    as_rows = dicts | "Rows" >> tf.ToRows(decode.row_schema)
+    _ = dicts | "WriteDicts" >> tf.WriteParquetDataset(str(tmp_path / "dicts"),
+                                                        decode.row_schema)
+    _ = as_rows | "WriteRows" >> tf.WriteParquetDataset(str(tmp_path / "rows"),
+                                                         decode.row_schema)
+    routed_dicts = dicts | "RouteDicts" >> route
+    routed_rows = as_rows | "RouteRows" >> route
+    assert routed_rows.element_type == tf.beam_row_type(schema)
+    _ = routed_dicts | "WriteRoutedDicts" >> tf.WriteParquetDataset(
+        str(tmp_path / "routed_dicts"), schema)
+    _ = routed_rows | "WriteRoutedRows" >> tf.WriteParquetDataset(
+        str(tmp_path / "routed_rows"), schema)
+  for a, b in (("dicts", "rows"), ("routed_dicts", "routed_rows")):
+    want, got = parquet_files(tmp_path / a), parquet_files(tmp_path / b)
+    assert len(want) == 1 and list(got) == list(want)  # the same file names
+    [(name, table)] = want.items()
+    assert table.num_rows == 3 and got[name].equals(table, check_metadata=True)
+    files = [str(tmp_path / d / name) for d in (a, b)]
+    assert duckdb.sql(f"SELECT count(*) FROM (SELECT * FROM read_parquet('{files[0]}') "
+                      f"EXCEPT ALL SELECT * FROM read_parquet('{files[1]}'))").fetchall() == [(0,)]
+  routed = parquet_files(tmp_path / "routed_rows")[name].to_pylist()
+  assert [(r["ticket_id"], r["created_at"].timestamp() * 1000, r["stages"][0]["stage"])
+          for r in sorted(routed, key=lambda r: r["ticket_id"])] == [
+      (f"T{i}", T0_MS + i, "category") for i in range(3)]
+
+
+def test_route_through_tiers_takes_rows_and_dicts_and_its_failures_are_failures(server):
+  """Dicts give dicts, as before; beam.Rows without a declared schema are routed as dicts;
+  schema'd rows give beam.Rows, and with exception handling a record no tier answers is
+  a Failure (payload: its result row) whatever the input's form."""
+  server.faults.add("server_error", count=-1, flavour="anthropic")
+  config = one_classify_stage(server, max_retries=0)
+  decode = tf.DecodeRecords(tf.make_codec("json", TICKET))
+  with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+    given = p | beam.Create(rows(2))
+    plain_rows = given | "Unschemad" >> beam.Map(lambda d: beam.Row(**d))
+    schemad = given | "Schemad" >> tf.ToRows(decode.row_schema)
+
+    def form(r):
+      return ("dict", r) if isinstance(r, dict) else ("row", tf.as_dict(r))
+
+    for name, pcoll, want in (("dicts", given, "dict"), ("rows", plain_rows, "dict"),
+                              ("schemad", schemad, "row")):
+      out = pcoll | f"Route_{name}" >> tf.RouteThroughTiers(config)
+      assert_that(out | f"Form_{name}" >> beam.Map(form) | f"Fields_{name}" >> beam.Map(
+          lambda f: (f[0], f[1]["ticket_id"], f[1]["status"])),
+          equal_to([(want, f"T{i}", "ok") for i in range(2)]), label=f"out_{name}")
+    handled = schemad | "Handled" >> tf.RouteThroughTiers(  # every record escalates
+        config.with_thresholds({"category": math.inf})).with_exception_handling()
+    assert handled.failures.element_type is Failure
+    assert_that(handled.results | beam.Map(lambda r: (r.ticket_id, r.status)),
+                equal_to([("T0", "unverified"), ("T1", "unverified")]), label="results")
+  server.faults.add("server_error", count=-1, flavour="openai")
+  with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+    failed = (p | beam.Create(rows(1)) | tf.ToRows(decode.row_schema)
+              | tf.RouteThroughTiers(config.with_model("small", max_retries=0))
+              .with_exception_handling())
+    assert_that(failed.failures | beam.Map(lambda f: (
+        type(f), f.step, f.error_type, f.record_id, json.loads(f.payload)["ticket_id"])),
+        equal_to([(Failure, "route", "model_failure", "tickets-0-0", "T0")]), label="failures")
+
+
+def test_schemad_input_without_a_field_the_template_names_is_refused_when_built(server):
+  """With a Beam schema the input's fields are known when the pipeline is built: a
+  template field the rows lack is refused then, before any record is routed."""
+  schema = tf.DecodeRecords(tf.make_codec("json", TICKET)).row_schema
+  no_body = {**schema, "fields": [f for f in schema["fields"] if f["name"] != "body"]}
+  p = test_pipeline.TestPipeline(runner="FnApiRunner")
+  given = p | beam.Create([]) | tf.ToRows(no_body)
+  with pytest.raises(ValueError, match="names body, not a field of the input rows' schema"):
+    _ = given | tf.RouteThroughTiers(config_for(server))

@@ -6,12 +6,14 @@ whose ``failures`` output holds ``Failure`` rows instead, the same type from all
 schema (``RowCoder``), so they can be flattened, written or queried together.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: Beam reads the field types of ``Failure``
+# from its annotations, which must be types, not strings, for its schema to have them.
 import json
 from typing import Any, NamedTuple, Optional
 
 import apache_beam as beam
+
+from tierflow.beam_schema import as_dict, is_row
 
 __all__ = ["Failure", "failure_of_row"]
 
@@ -42,7 +44,9 @@ beam.coders.registry.register_coder(Failure, beam.coders.RowCoder)
 
 
 def failure_of_row(step: str, error_type: str, reason: str, row: Any) -> Failure:
-  """A ``Failure`` for a dict row (its ``record_id`` where it has one)."""
+  """A ``Failure`` for a row, a dict or a schema'd row (its ``record_id`` where it has one)."""
+  if is_row(row):
+    row = as_dict(row)
   record_id = row.get("record_id") if isinstance(row, dict) else None
   payload = json.dumps(row, default=repr, sort_keys=True, ensure_ascii=False).encode(
       "utf-8", "backslashreplace")

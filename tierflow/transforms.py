@@ -17,11 +17,16 @@ in flight, and the consumer group's offsets move only past written output)::
     written = batches | decode | route | WriteBatches(out, route.result_schema)
     written | CommitOffsets(config)
 
-Record by record, to mix with steps of your own (see the README)::
+Record by record, to mix with steps of your own (see docs/library.md)::
 
     decode = DecodeRecords(codec).with_exception_handling()   # -> (rows, failures)
     route = RouteThroughTiers(run_config).with_exception_handling()  # -> (results, failures)
     results | WriteParquetDataset(out, route.result_schema(decode.row_schema))
+
+Their rows have Beam schemas: ``DecodeRecords`` gives ``beam.Row``s, ``ToRows(avro_schema)``
+makes them of dicts, and ``AddSourceFields`` and ``RouteThroughTiers`` keep a schema'd
+input schema'd (of dicts, they give dicts), so ``beam.dataframe`` works on the results;
+``beam_row_type`` is an Avro schema's Beam row type, ``as_dict`` a row as a dict.
 
 One tier's answers to one stage, no cascade, in Beam's own ``RunInference``::
 
@@ -29,6 +34,7 @@ One tier's answers to one stage, no cascade, in Beam's own ``RunInference``::
 """
 
 from tierflow import schemas
+from tierflow.beam_schema import ToRows, as_dict, beam_row_type
 from tierflow.config import ModelConfig, RunConfig, StageConfig, load_config
 from tierflow.connectors.codecs import Codec, make_codec
 from tierflow.connectors.decode import (DecodeBatches, DecodedBatch, DecodedRecords,
@@ -47,11 +53,12 @@ from tierflow.pipelines.routing import RouteBatches
 from tierflow.pipelines.tier_handler import TierModelHandler
 
 __all__ = [
-    "AddSourceFields", "Budget", "Codec", "CommitOffsets", "Committed", "DecodeBatches",
-    "DecodedBatch", "DecodedRecords", "DecodeRecords", "Failure", "KafkaBatch",
-    "KafkaReadConfig", "KafkaRecord", "load_config", "make_codec", "ModelConfig",
+    "AddSourceFields", "as_dict", "beam_row_type", "Budget", "Codec", "CommitOffsets",
+    "Committed", "DecodeBatches", "DecodedBatch", "DecodedRecords", "DecodeRecords", "Failure",
+    "KafkaBatch", "KafkaReadConfig", "KafkaRecord", "load_config", "make_codec", "ModelConfig",
     "ParquetWriteResult", "ReadKafkaBatches", "RouteBatches", "RoutedOutputs",
     "RouteThroughTiers", "row_schema", "RunConfig", "schemas", "SourceFieldsResult",
-    "StageConfig", "TierModelHandler", "to_dead_letter", "WriteBatches", "WriteParquetDataset",
+    "StageConfig", "TierModelHandler", "to_dead_letter", "ToRows", "WriteBatches",
+    "WriteParquetDataset",
     "WrittenBatch",
 ]
