@@ -45,7 +45,7 @@ from tierflow.connectors.llm_clients import (ModelCallError, ModelClient, ModelR
                                              estimate_tokens, kind_of_status)
 from tierflow.files import read_text, rename_over
 
-__all__ = ["ProviderBatch", "OpenAIBatches", "AnthropicBatches", "BatchResult", "BatchLimits", "LIMITS", "custom_id"]
+__all__ = ["ProviderBatch", "OpenAIBatches", "AnthropicBatches", "BatchResult", "BatchLimits", "custom_id"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -62,10 +62,6 @@ class BatchLimits:
   enqueued_tokens: Optional[int] = None
 
 
-# The providers' documented limits (openai 3.63 ``batch_create_params``; Anthropic's
-# Message Batches reference), bytes in decimal megabytes: a little under either reading.
-LIMITS = {"openai": BatchLimits(50_000, 200_000_000),
-          "anthropic": BatchLimits(100_000, 256_000_000)}
 
 _OPENAI_FINAL = frozenset({"completed", "expired", "cancelled", "failed"})
 # Anthropic's error types in an errored result, as the HTTP statuses they stand for.
@@ -113,11 +109,14 @@ class ProviderBatch:
     poll_s: seconds before the first status check; later checks back off (x1.5 each, to
       at most 32x, at most 300 s) with +-20% jitter.
     max_wait_s: from the first submission; then the running batches are cancelled.
-    limits: per-batch limits (default: the provider's, ``LIMITS``).
+    limits: per-batch limits (default: the provider's, its class's ``limits``).
     settle_s: how long a cancelled batch may take to become final.
   """
 
   provider = ""
+  # The provider's documented limits per batch (bytes in decimal megabytes: a little under
+  # either reading).
+  limits: BatchLimits
   _PROVIDERS: dict = {}
 
   def __init_subclass__(cls, provider: str = "", **kwargs):
@@ -126,12 +125,17 @@ class ProviderBatch:
       cls.provider = provider
       ProviderBatch._PROVIDERS[provider] = cls
 
+  @staticmethod
+  def of_provider(provider: str) -> type:
+    """The batch API class of ``provider`` (ValueError if it has none)."""
+    try:
+      return ProviderBatch._PROVIDERS[provider]
+    except KeyError:
+      raise ValueError(f"no batch API for provider {provider!r}") from None
+
   def __new__(cls, client: ModelClient, *args, **kwargs):
     if cls is ProviderBatch:
-      try:
-        cls = ProviderBatch._PROVIDERS[client.cfg.provider]
-      except KeyError:
-        raise ValueError(f"no batch API for provider {client.cfg.provider!r}") from None
+      cls = ProviderBatch.of_provider(client.cfg.provider)
     return super().__new__(cls)
 
   def __init__(self, client: ModelClient, state_path: Optional[str] = None, *,
@@ -144,7 +148,7 @@ class ProviderBatch:
     self._sdk = client.sdk_client
     self._state_path = state_path
     self._poll_s, self._max_wait_s, self._settle_s = poll_s, max_wait_s, settle_s
-    self._limits = limits or LIMITS[client.cfg.provider]
+    self._limits = limits or self.limits
     self._sleep, self._clock, self._jitter = sleep, clock, jitter
     self._state: dict = {}
     self.batch_ids: list[str] = []
@@ -453,6 +457,8 @@ class ProviderBatch:
 class OpenAIBatches(ProviderBatch, provider="openai"):
   """OpenAI's Batch API: a JSONL input file, a batch over it, output and error files."""
 
+  limits = BatchLimits(50_000, 200_000_000)  # openai 3.63 ``batch_create_params``
+
   def _line(self, cid: str, body: dict) -> bytes:
     return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
                        "body": body}).encode()
@@ -543,6 +549,8 @@ class OpenAIBatches(ProviderBatch, provider="openai"):
 
 class AnthropicBatches(ProviderBatch, provider="anthropic"):
   """Anthropic's Message Batches: the requests in the create call, results streamed."""
+
+  limits = BatchLimits(100_000, 256_000_000)  # the Message Batches reference
 
   def _line(self, cid: str, body: dict) -> bytes:
     return json.dumps({"custom_id": cid, "params": body}).encode()

@@ -399,6 +399,7 @@ class ModelClient:
   max_retry_wait_s = 60.0
   provider: str = ""
   path = ""  # the completion route, relative to the SDK client's base URL
+  default_host = ""  # the provider's own API host, where its SDK sends without a base URL
   _PROVIDERS: dict = {}
 
   def __init_subclass__(cls, provider: str = "", **kwargs):
@@ -407,13 +408,18 @@ class ModelClient:
       cls.provider = provider
       ModelClient._PROVIDERS[provider] = cls
 
+  @staticmethod
+  def of_provider(provider: str) -> type:
+    """The client class of ``provider`` (ValueError if there is none)."""
+    try:
+      return ModelClient._PROVIDERS[provider]
+    except KeyError:
+      raise ValueError(f"no client for provider {provider!r} "
+                       f"(known: {sorted(ModelClient._PROVIDERS)})") from None
+
   def __new__(cls, cfg: "ModelConfig", *args, **kwargs):
     if cls is ModelClient:
-      try:
-        cls = ModelClient._PROVIDERS[cfg.provider]
-      except KeyError:
-        raise ValueError(f"no client for provider {cfg.provider!r} "
-                         f"(known: {sorted(ModelClient._PROVIDERS)})") from None
+      cls = ModelClient.of_provider(cfg.provider)
     return super().__new__(cls)
 
   def __init__(self, cfg: "ModelConfig", sleep=time.sleep,
@@ -610,6 +616,7 @@ class OpenAIChat(ModelClient, provider="openai"):
   """Chat Completions through the ``openai`` SDK, on any OpenAI-compatible endpoint."""
 
   path = "/chat/completions"
+  default_host = "api.openai.com"
 
   def _import_sdk(self):
     import openai
@@ -690,6 +697,7 @@ class AnthropicMessages(ModelClient, provider="anthropic"):
   """Messages through the ``anthropic`` SDK."""
 
   path = "/v1/messages"
+  default_host = "api.anthropic.com"
 
   def _import_sdk(self):
     import anthropic

@@ -103,10 +103,11 @@ _OPEN_WEIGHTS = Capabilities("open-weight (OpenAI-compatible server)", logprobs=
 _ANTHROPIC_UNKNOWN = Capabilities("anthropic (unknown model)", logprobs=False,
                                   temperature=False, token_limit="max_tokens",
                                   structured_output=None, known=False)
+# A model no rule names, by provider; elsewhere an OpenAI-compatible open-weight server's.
+_UNKNOWN = {"anthropic": _ANTHROPIC_UNKNOWN}
 
 
 @functools.lru_cache(maxsize=256)  # asked on every request; a pure function of two names
-@functools.lru_cache(maxsize=256)
 def capabilities(provider: str, model: str) -> Capabilities:
   """The request rules for ``model`` at ``provider`` (by name, case-insensitive; a
   ``vendor/`` prefix such as ``openai/gpt-5-nano`` on a gateway is ignored)."""
@@ -114,4 +115,4 @@ def capabilities(provider: str, model: str) -> Capabilities:
   for rule_provider, pattern, caps in _RULES:
     if rule_provider == provider and pattern.match(name):
       return caps
-  return _ANTHROPIC_UNKNOWN if provider == "anthropic" else _OPEN_WEIGHTS
+  return _UNKNOWN.get(provider, _OPEN_WEIGHTS)

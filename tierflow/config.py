@@ -53,7 +53,8 @@ def _endpoint_host(base_url: Optional[str], provider: str) -> str:
   from urllib.parse import urlparse
   if base_url:
     return urlparse(base_url).netloc or base_url
-  return {"openai": "api.openai.com", "anthropic": "api.anthropic.com"}[provider]
+  from tierflow.connectors.llm_clients import ModelClient
+  return ModelClient.of_provider(provider).default_host
 
 
 class _Strict(BaseModel):
@@ -209,8 +210,8 @@ class ModelConfig(_Strict):
   @property
   def batch_limits(self):
     """The per-batch limits: the provider's, lowered by ``batch_max_*``."""
-    from tierflow.connectors.batch_api import LIMITS, BatchLimits
-    own = LIMITS[self.provider]
+    from tierflow.connectors.batch_api import BatchLimits, ProviderBatch
+    own = ProviderBatch.of_provider(self.provider).limits
     return BatchLimits(min(own.requests, self.batch_max_requests or own.requests),
                        min(own.bytes, self.batch_max_bytes or own.bytes),
                        self.batch_max_enqueued_tokens)
