@@ -43,6 +43,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from tierflow.connectors.llm_clients import (ModelCallError, ModelClient, ModelReply,
                                              estimate_tokens, kind_of_status)
+from tierflow.connectors.providers import ByProvider
 from tierflow.files import read_text, rename_over
 
 __all__ = ["ProviderBatch", "OpenAIBatches", "AnthropicBatches", "BatchResult", "BatchLimits", "custom_id"]
@@ -95,7 +96,7 @@ def _prompt_tokens(body: dict) -> int:
                                     ensure_ascii=False))
 
 
-class ProviderBatch:
+class ProviderBatch(ByProvider):
   """The batches of one tier's requests to one model endpoint.
 
   ``ProviderBatch(client, ...)`` is the batch API of the client's provider:
@@ -113,30 +114,15 @@ class ProviderBatch:
     settle_s: how long a cancelled batch may take to become final.
   """
 
-  provider = ""
   # The provider's documented limits per batch (bytes in decimal megabytes: a little under
   # either reading).
   limits: BatchLimits
   _PROVIDERS: dict = {}
+  _what = "batch API"
 
-  def __init_subclass__(cls, provider: str = "", **kwargs):
-    super().__init_subclass__(**kwargs)
-    if provider:
-      cls.provider = provider
-      ProviderBatch._PROVIDERS[provider] = cls
-
-  @staticmethod
-  def of_provider(provider: str) -> type:
-    """The batch API class of ``provider`` (ValueError if it has none)."""
-    try:
-      return ProviderBatch._PROVIDERS[provider]
-    except KeyError:
-      raise ValueError(f"no batch API for provider {provider!r}") from None
-
-  def __new__(cls, client: ModelClient, *args, **kwargs):
-    if cls is ProviderBatch:
-      cls = ProviderBatch.of_provider(client.cfg.provider)
-    return super().__new__(cls)
+  @classmethod
+  def _provider_of(cls, client: ModelClient, *args, **kwargs) -> str:
+    return client.cfg.provider
 
   def __init__(self, client: ModelClient, state_path: Optional[str] = None, *,
                poll_s: float = 30.0, max_wait_s: float = 86_400.0,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 from tierflow.connectors.circuit_breaker import CircuitBreaker, CircuitOpen
 from tierflow.connectors.kafka_ledger import USE_WITHIN_S
+from tierflow.connectors.providers import ByProvider
 from tierflow.prices import Usage
 
 if TYPE_CHECKING:
@@ -381,7 +383,7 @@ def retry_after_seconds(headers) -> Optional[float]:
   return None
 
 
-class ModelClient:
+class ModelClient(ByProvider):
   """One model endpoint. Thread-safe; create once per worker (RunInference does).
 
   ``ModelClient(cfg)`` is the provider's client: ``OpenAIChat`` (Chat Completions, any
@@ -397,30 +399,16 @@ class ModelClient:
   """
 
   max_retry_wait_s = 60.0
-  provider: str = ""
   path = ""  # the completion route, relative to the SDK client's base URL
   default_host = ""  # the provider's own API host, where its SDK sends without a base URL
+  sdk_module = ""  # the SDK's package, imported when a client is first built
+  sdk_client_class = ""  # its client class
   _PROVIDERS: dict = {}
+  _what = "client"
 
-  def __init_subclass__(cls, provider: str = "", **kwargs):
-    super().__init_subclass__(**kwargs)
-    if provider:
-      cls.provider = provider
-      ModelClient._PROVIDERS[provider] = cls
-
-  @staticmethod
-  def of_provider(provider: str) -> type:
-    """The client class of ``provider`` (ValueError if there is none)."""
-    try:
-      return ModelClient._PROVIDERS[provider]
-    except KeyError:
-      raise ValueError(f"no client for provider {provider!r} "
-                       f"(known: {sorted(ModelClient._PROVIDERS)})") from None
-
-  def __new__(cls, cfg: "ModelConfig", *args, **kwargs):
-    if cls is ModelClient:
-      cls = ModelClient.of_provider(cfg.provider)
-    return super().__new__(cls)
+  @classmethod
+  def _provider_of(cls, cfg: "ModelConfig", *args, **kwargs) -> str:
+    return cfg.provider
 
   def __init__(self, cfg: "ModelConfig", sleep=time.sleep,
                ledger: Optional["LedgerConfig"] = None):
@@ -428,19 +416,15 @@ class ModelClient:
     self.limiter = _limiter_for(cfg, ledger)
     self.breaker = _breaker_for(cfg)
     self._sleep = sleep
-    self._sdk = self._import_sdk()
-    self._client = self._make_sdk_client(_api_key(cfg), _http_client(self._sdk))
+    self._sdk = importlib.import_module(self.sdk_module)  # when a client of it is made
+    # The SDK client, with tierflow's retries (none of the SDK's), timeout and header.
+    self._client = getattr(self._sdk, self.sdk_client_class)(
+        api_key=_api_key(cfg), base_url=cfg.base_url, max_retries=0, timeout=cfg.timeout_s,
+        default_headers=_worker_header(), http_client=_http_client(self._sdk))
     self._response_type = _httpx_of(self._sdk).Response
     self.retries = 0  # retries made over this client's life (for metrics and tests)
 
   # -- what each provider's subclass says --------------------------------------------------
-  def _import_sdk(self):
-    """The provider's SDK module, imported when a client of it is made."""
-    raise NotImplementedError
-
-  def _make_sdk_client(self, key: str, http_client):
-    """The SDK client, with tierflow's retries (none of the SDK's), timeout and header."""
-    raise NotImplementedError
 
   def request_body(self, system: str, user: str, max_tokens: int, *,
                    top_logprobs: Optional[int] = None,
@@ -617,15 +601,7 @@ class OpenAIChat(ModelClient, provider="openai"):
 
   path = "/chat/completions"
   default_host = "api.openai.com"
-
-  def _import_sdk(self):
-    import openai
-    return openai
-
-  def _make_sdk_client(self, key: str, http_client):
-    return self._sdk.OpenAI(api_key=key, base_url=self.cfg.base_url, max_retries=0,
-                            timeout=self.cfg.timeout_s, default_headers=_worker_header(),
-                            http_client=http_client)
+  sdk_module, sdk_client_class = "openai", "OpenAI"
 
   def request_body(self, system: str, user: str, max_tokens: int, *,
                    top_logprobs: Optional[int] = None,
@@ -698,15 +674,7 @@ class AnthropicMessages(ModelClient, provider="anthropic"):
 
   path = "/v1/messages"
   default_host = "api.anthropic.com"
-
-  def _import_sdk(self):
-    import anthropic
-    return anthropic
-
-  def _make_sdk_client(self, key: str, http_client):
-    return self._sdk.Anthropic(api_key=key, base_url=self.cfg.base_url, max_retries=0,
-                               timeout=self.cfg.timeout_s, default_headers=_worker_header(),
-                               http_client=http_client)
+  sdk_module, sdk_client_class = "anthropic", "Anthropic"
 
   def request_body(self, system: str, user: str, max_tokens: int, *,
                    top_logprobs: Optional[int] = None,

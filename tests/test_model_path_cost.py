@@ -195,3 +195,20 @@ def test_a_chat_completion_of_the_wrong_shape_is_malformed_and_says_where(server
     assert e.value.kind == "malformed" and why in e.value.message
   with pytest.raises(ModelCallError, match="answer is not a JSON object"):
     client.reply_from_content(b"[1, 2]")
+
+
+def test_each_provider_has_its_classes_and_an_unknown_one_is_refused(server, key):
+  """ModelClient(cfg) and ProviderBatch(client) are the provider's own classes; their
+  registries know nothing else."""
+  from tierflow.connectors import batch_api
+  for cfg, client_class, batch_class in (
+      (_openai(server, key), llm_clients.OpenAIChat, batch_api.OpenAIBatches),
+      (_anthropic(server, key), llm_clients.AnthropicMessages, batch_api.AnthropicBatches)):
+    client = ModelClient(cfg)
+    assert type(client) is client_class and client.sdk_client.__module__.startswith(
+        cfg.provider)
+    assert type(batch_api.ProviderBatch(client)) is batch_class
+    assert cfg.batch_limits.requests == batch_class.limits.requests
+  for registry, what in ((ModelClient, "client"), (batch_api.ProviderBatch, "batch API")):
+    with pytest.raises(ValueError, match=f"no {what} for provider 'gemini'"):
+      registry.of_provider("gemini")
