@@ -111,28 +111,15 @@ def systemic(error: Optional[str]) -> bool:
   return kind in _SYSTEMIC
 
 
-class RateLimiter:
-  """Requests- and tokens-per-minute limits over a sliding 60 s window (thread-safe).
-
-  The limits are this process's own (``SharedRateLimiter`` shares them between processes
-  through the ledger) and adapt to the provider: a 429 halves them (``throttled``), each
-  answered request raises them by one request (and its tokens) per minute (``answered``)
-  back up to the share: additive increase, multiplicative decrease.
-  """
+class _AdaptiveShare:
+  """The share of its rpm/tpm limits a limiter uses (``factor``), adapting to the provider:
+  a 429 halves it (``throttled``), each answered request raises it by one request per
+  minute (``answered``) back up to the whole: additive increase, multiplicative decrease.
+  A subclass sets ``rpm`` and ``_lock``."""
 
   min_factor = 1 / 16
-  # The window this side keeps: a little over the provider's 60 s, so a request sent just
-  # as its predecessor of a minute ago leaves the window here is not counted in the
-  # provider's window still (its clock starts when the request arrives, not when sent).
-  window_s = 61.0
-
-  def __init__(self, rpm: Optional[int], tpm: Optional[int], clock=time.monotonic,
-               sleep=time.sleep):
-    self.rpm, self.tpm = rpm, tpm
-    self._clock, self._sleep = clock, sleep
-    self._events: deque = deque()  # (time, tokens)
-    self._lock = threading.Lock()
-    self.factor = 1.0  # the adaptive share of the limits in force
+  rpm: Optional[int]
+  factor = 1.0
 
   def throttled(self) -> None:
     """The provider answered 429: halve the limits in force."""
@@ -144,6 +131,28 @@ class RateLimiter:
     if self.rpm and self.factor < 1:
       with self._lock:
         self.factor = min(1.0, self.factor + 1 / self.rpm)
+
+
+class RateLimiter(_AdaptiveShare):
+  """Requests- and tokens-per-minute limits over a sliding 60 s window (thread-safe).
+
+  The limits are this process's own (``SharedRateLimiter`` shares them between processes
+  through the ledger) and adapt to the provider: a 429 halves them (``throttled``), each
+  answered request raises them by one request (and its tokens) per minute (``answered``)
+  back up to the share: additive increase, multiplicative decrease.
+  """
+
+  # The window this side keeps: a little over the provider's 60 s, so a request sent just
+  # as its predecessor of a minute ago leaves the window here is not counted in the
+  # provider's window still (its clock starts when the request arrives, not when sent).
+  window_s = 61.0
+
+  def __init__(self, rpm: Optional[int], tpm: Optional[int], clock=time.monotonic,
+               sleep=time.sleep):
+    self.rpm, self.tpm = rpm, tpm
+    self._clock, self._sleep = clock, sleep
+    self._events: deque = deque()  # (time, tokens)
+    self._lock = threading.Lock()
 
   def _limits(self) -> tuple[int, int]:
     rpm = max(1, int(self.rpm * self.factor)) if self.rpm else 0
@@ -188,7 +197,7 @@ class RateLimiter:
       waited += wait
 
 
-class SharedRateLimiter:
+class SharedRateLimiter(_AdaptiveShare):
   """An endpoint's rpm/tpm limits shared by every worker process through the ledger
   (``kafka_ledger``): a process claims a few requests' worth of the window at a time
   and sends them within ``USE_WITHIN_S``; the ledger grants claims only while the last
@@ -197,8 +206,6 @@ class SharedRateLimiter:
   this process claims under; answered requests grow them back (AIMD), as ``RateLimiter``.
   """
 
-  min_factor = RateLimiter.min_factor
-
   def __init__(self, ledger, scope: str, rpm: Optional[int], tpm: Optional[int],
                clock=time.monotonic, sleep=time.sleep):
     self.rpm, self.tpm = rpm, tpm
@@ -206,16 +213,6 @@ class SharedRateLimiter:
     self._clock, self._sleep = clock, sleep
     self._lock = threading.Lock()
     self._grants: deque = deque()  # [expires (monotonic), requests left, tokens left]
-    self.factor = 1.0
-
-  def throttled(self) -> None:
-    with self._lock:
-      self.factor = max(self.min_factor, self.factor / 2)
-
-  def answered(self) -> None:
-    if self.rpm and self.factor < 1:
-      with self._lock:
-        self.factor = min(1.0, self.factor + 1 / self.rpm)
 
   def _take(self, tokens: int) -> bool:
     now = self._clock()
