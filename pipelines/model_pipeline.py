@@ -23,7 +23,7 @@ from tierflow.pipelines.budget import Budget
 from tierflow.pipelines.options import (KafkaSourceOptions, ParquetSinkOptions,
                                         RunLimitsOptions, SourceSinkConfig, _add, _Unprefixed)
 from tierflow.pipelines.routing import RouteBatches
-from tierflow.pipelines.transforms import ReadAndDecode, WriteAndCommit
+from tierflow.pipelines.kafka_to_parquet import ReadAndDecode, WriteAndCommit
 from tierflow.prices import PriceBook, load_price_book
 
 MODEL_ROWS_PER_FILE = 10_000

@@ -10,7 +10,7 @@ import apache_beam as beam
 
 from tierflow.pipelines.options import (KafkaSourceOptions, ParquetSinkOptions, RunLimitsOptions,
                                         SourceSinkConfig)
-from tierflow.pipelines.transforms import ReadAndDecode, WriteAndCommit
+from tierflow.pipelines.kafka_to_parquet import ReadAndDecode, WriteAndCommit
 
 NAME = "passthrough"
 OPTIONS = (KafkaSourceOptions, ParquetSinkOptions, RunLimitsOptions)

@@ -1,4 +1,4 @@
-"""The composite transforms every tierflow pipeline is built from: read + decode, write + commit."""
+"""The two ends of every tierflow pipeline: Kafka read + decode, Parquet write + commit."""
 
 from __future__ import annotations
 
