@@ -18,6 +18,12 @@ exit included) between N and N/10 records, over the difference in records: what
 one more record costs, start-up left out. Also the CPU from the launch to its end
 over N (start-up partly in). ``passthrough`` over the N records, for reference.
 The three run in interleaved rounds, each in a fresh process (``fresh_runs``).
+**The SDKs alone**, the tight path under them: the endpoints count every request of
+each N-record run and log the last 1,000; a fresh process sends those logged bodies
+again, one after another, with the bare ``openai`` and ``anthropic`` SDKs (no
+retries) and reads each answer without parsing it. Its CPU per request, times the
+run's requests per record, is what any client of the SDKs pays for the same
+requests; tierflow's own cost per record is the marginal CPU less that.
 
 **Part B, throughput against the bound.** The endpoints answer after a fixed
 latency L. A one-stage config (classify, threshold 0: nothing escalates) runs at
@@ -39,6 +45,7 @@ import datetime as _dt
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,6 +118,50 @@ def child(pipeline: str, argv: list[str]) -> dict:
           "escalated": summary.metrics.get("tierflow.routing.records_escalated", 0)}
 
 
+def child_sdk_floor(log_path: str, openai_url: str, anthropic_url: str) -> dict:
+  """The tight path under the model stages: the request bodies a tickets run sent (from
+  the endpoints' log), sent again one after another with the bare SDKs (``post`` of the
+  body as it is, no retries), each answer read but not parsed: the least any client of
+  these SDKs pays for those requests. CPU per request, per tier; nothing of tierflow's."""
+  import anthropic
+  import openai
+  import orjson
+  from tierflow.connectors.llm_clients import _httpx_of
+
+  def httpx_of(client):
+    return _httpx_of(sys.modules[type(client).__module__.partition(".")[0]])
+
+  logged = json.loads(Path(log_path).read_text())
+  clients = {"/v1/chat/completions": (openai.OpenAI(base_url=openai_url, api_key="local",
+                                                    max_retries=0), "/chat/completions"),
+             "/v1/messages": (anthropic.Anthropic(base_url=anthropic_url, api_key="local",
+                                                  max_retries=0), "/v1/messages")}
+  out = {}
+  for path, (client, route) in clients.items():
+    bodies = [orjson.dumps(r["body"]) for r in logged if r["path"] == path]  # as tierflow
+    if not bodies:
+      continue
+    response_type = httpx_of(client).Response  # the raw response, as tierflow asks
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    for body in bodies:
+      client.post(route, content=body, cast_to=response_type).content
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    out["small" if "chat" in path else "frontier"] = {
+        "requests": len(bodies), "cpu_ms_per_request": cpu * 1000 / len(bodies)}
+  return out
+
+
+def _control(base_url: str, method: str) -> dict:
+  """The local endpoints' request statistics (``/_control/stats``; DELETE resets them)."""
+  import urllib.request
+  from urllib.parse import urlsplit
+  parts = urlsplit(base_url)
+  req = urllib.request.Request(f"{parts.scheme}://{parts.netloc}/_control/stats", method=method)
+  with urllib.request.urlopen(req, timeout=30) as resp:
+    return json.loads(resp.read())
+
+
 PROFILE_DIR = os.environ.get("TIERFLOW_BENCH_PROFILE")  # py-spy flame graphs of each child
 
 
@@ -152,11 +203,18 @@ def part_a(broker, records: int, repeats: int) -> dict:
   with Endpoints(0.0) as ep:
     path = _write_config(config(ep))
 
+    log_path = Path(tempfile.mkdtemp(prefix="bench-model-log-")) / "requests.json"
+
     def tickets(name: str, n: int):
       def run():
+        _control(ep.openai, "DELETE")
         r = run_child("tickets", _argv(broker, name, path))
         if r["records"] != n or r["failed"]:
           raise RuntimeError(f"tickets wrote {r['records']} of {n} rows, {r['failed']} failed")
+        stats = _control(ep.openai, "GET")
+        r["requests"] = {tier: stats["by_model"].get(tier, 0) for tier in ("small", "frontier")}
+        if n == records:  # the bodies the floor sends again (the log keeps the last 1,000)
+          log_path.write_text(json.dumps(stats["requests"]))
         return r
       return run
 
@@ -165,8 +223,16 @@ def part_a(broker, records: int, repeats: int) -> dict:
                         "passthrough": lambda: run_child("passthrough",
                                                          _argv(broker, topic, None))},
                        repeats, say=lambda line: print(line, file=sys.stderr, flush=True))
+    floors = [run_fresh([sys.executable, str(Path(__file__).resolve()), "--child-floor",
+                         str(log_path), ep.openai, ep.anthropic], cwd=str(HERE.parent))
+              for _ in range(repeats)]
   big, little = median(runs["tickets"], "cpu_seconds"), median(runs["tickets_small"],
                                                                "cpu_seconds")
+  per_request = {tier: statistics.median(f[tier]["cpu_ms_per_request"] for f in floors)
+                 for tier in ("small", "frontier")}
+  sent = {tier: statistics.median(r["requests"][tier] for r in runs["tickets"])
+          for tier in ("small", "frontier")}
+  floor_ms = sum(sent[t] * per_request[t] for t in sent) / records
   return {"records": records, "records_small": small, **runs,
           "load": loads_seen(*runs.values()),
           "tickets_marginal_cpu_ms_per_record": round((big - little) * 1000 / (records - small),
@@ -177,7 +243,11 @@ def part_a(broker, records: int, repeats: int) -> dict:
               median(runs["tickets"], "launch_cpu_seconds") * 1000 / records, 3),
           "passthrough_cpu_ms_per_record": round(
               median(runs["passthrough"], "launch_cpu_seconds") * 1000 / records, 3),
-          "escalated_share": round(median(runs["tickets"], "escalated") / records, 3)}
+          "escalated_share": round(median(runs["tickets"], "escalated") / records, 3),
+          "requests_per_record": {t: round(sent[t] / records, 3) for t in sent},
+          "sdk_cpu_ms_per_request": {t: round(v, 3) for t, v in per_request.items()},
+          "sdk_floor_cpu_ms_per_record": round(floor_ms, 3),
+          "sdk_floor_runs": floors}
 
 
 def part_b(broker, grid: list[tuple[int, int]], latency: float, target_s: float,
@@ -226,7 +296,13 @@ def markdown(r: dict) -> str:
               f"| tickets, launch to end over {a['records']:,} | "
               f"{a['tickets_cpu_ms_per_record']:.2f} |",
               f"| passthrough, launch to end over {a['records']:,} | "
-              f"{a['passthrough_cpu_ms_per_record']:.3f} |", ""]
+              f"{a['passthrough_cpu_ms_per_record']:.3f} |",
+              f"| the SDKs alone: the run's requests ({a['requests_per_record']['small']:.3f} "
+              f"small, {a['requests_per_record']['frontier']:.3f} frontier per record) sent "
+              f"again with the bare SDKs, answers read, not parsed "
+              f"({a['sdk_cpu_ms_per_request']['small']:.2f} and "
+              f"{a['sdk_cpu_ms_per_request']['frontier']:.2f} ms per request) | "
+              f"{a['sdk_floor_cpu_ms_per_record']:.2f} |", ""]
   if "b" in r:
     b = r["b"]
     lines += [f"Part B: latency L = {b['latency_seconds']} s, one stage, nothing escalates",
@@ -248,9 +324,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--grid", default=DEFAULT_GRID)
   parser.add_argument("--target-seconds", type=float, default=20.0)
   parser.add_argument("--child", help=argparse.SUPPRESS)
+  parser.add_argument("--child-floor", nargs=3, help=argparse.SUPPRESS)
   args, rest = parser.parse_known_args(argv)
   if args.child:
     print(json.dumps(child(args.child, rest)))
+    return 0
+  if args.child_floor:
+    print(json.dumps(child_sdk_floor(*args.child_floor)))
     return 0
   from tierflow_local.broker import EmbeddedBroker
   result = {"benchmark": "model_throughput",
