@@ -7,6 +7,7 @@ really spent never passes the cap, and requests measured at an endpoint enforcin
 requests a minute never exceed it and are never refused.
 """
 
+import collections
 import json
 import multiprocessing
 import os
@@ -180,5 +181,11 @@ def test_four_processes_share_one_rate_limit_and_a_restart_gets_no_fresh_share(b
   times = sorted(q.received_at for q in requests if q.status == 200)
   for i, t in enumerate(times):  # at most R in any 60 s window, measured at the endpoint
     assert sum(1 for u in times[i:] if u < t + 60) <= r
-  assert len({q.headers.get("x-tierflow-worker") for q in requests}) == 5
+  # Every original process was served. The replacement may not be: it waits for the window
+  # that the killed process's grants still fill, racing three others for each grant that
+  # frees (no fairness between processes is promised), and a run of 55 s leaves it about
+  # 24 such races (it once lost them all here, on a slow day).
+  workers = collections.Counter(q.headers.get("x-tierflow-worker") for q in requests)
+  print(f"requests per worker: {dict(workers)}")
+  assert len(workers) >= 4
   assert len([t for t in times if t < times[0] + 60]) >= 0.8 * r  # the limit was the bound
