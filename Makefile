@@ -53,8 +53,8 @@ demo: install-demo
 test: install-test engines
 	$(VENV)/bin/pytest -q
 
-# The developer loop: everything but the slow tests and those on the real engines (under a
-# minute, no engines needed).
+# The developer loop: everything but the slow tests and those on the real engines (3 to 6
+# minutes on 2 cores, no engines needed).
 test-fast: install-test
 	$(VENV)/bin/pytest -q -m "not slow and not engines"
 
