@@ -63,7 +63,6 @@ class BatchLimits:
   enqueued_tokens: Optional[int] = None
 
 
-
 _OPENAI_FINAL = frozenset({"completed", "expired", "cancelled", "failed"})
 # Anthropic's error types in an errored result, as the HTTP statuses they stand for.
 _ANTHROPIC_STATUS = {"invalid_request_error": 400, "authentication_error": 401,

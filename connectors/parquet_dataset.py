@@ -58,7 +58,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.display import DisplayDataItem
 
 from tierflow import progress, schemas
-from tierflow.beam_schema import as_dict, is_row
+from tierflow.beam_schema import plain
 from tierflow.connectors.decode import DEAD_LETTER_SCHEMA, BatchRef, DecodedBatch
 from tierflow.connectors.kafka_source import batch_name
 from tierflow.connectors.written_ranges import COMPACT_ABOVE, WrittenRanges, subtract
@@ -499,8 +499,7 @@ class _WriteRowsFn(beam.DoFn):
     self._groups: dict = {}
 
   def process(self, row, window=beam.DoFn.WindowParam):
-    if is_row(row):
-      row = as_dict(row)
+    row = plain(row)
     error = self._validator.error(row)
     if error is not None:
       yield pvalue.TaggedOutput("failures", self._failure(row, *error))

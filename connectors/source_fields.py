@@ -35,7 +35,7 @@ import apache_beam as beam
 from apache_beam.utils.timestamp import Timestamp
 
 from tierflow import schemas
-from tierflow.beam_schema import (as_dict, beam_row_type, is_row, joined, row_converter,
+from tierflow.beam_schema import (beam_row_type, fields_of, joined, plain, row_converter,
                                   row_type_of)
 from tierflow.connectors.codecs import MAX_MILLIS, MIN_MILLIS
 from tierflow.connectors.decode import dt_of, row_schema
@@ -139,10 +139,10 @@ class _AddFn(beam.DoFn):
 
   def _add(self, row):
     """A dict, or of a schema'd input a ``beam.Row``: the source fields, then the row's."""
-    added = _with_source_fields(as_dict(row) if is_row(row) else row, *self._args)
+    added = _with_source_fields(plain(row), *self._args)
     if not self._schemad:
       return added
-    kept = as_dict(row, deep=False) if is_row(row) else dict(row)
+    kept = fields_of(row)
     source = self._source_row({k: added[k] for k in SOURCE_FIELDS})
     return beam.Row(**source._asdict(), **kept)
 

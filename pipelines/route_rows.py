@@ -20,7 +20,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from tierflow.beam_schema import (as_dict, beam_row_type, is_row, joined, row_converter,
+from tierflow.beam_schema import (beam_row_type, fields_of, joined, plain, row_converter,
                                   row_type_of)
 from tierflow.config import RunConfig
 from tierflow.connectors.kafka_ledger import LedgerConfig
@@ -95,18 +95,14 @@ class _CheckRowsFn(beam.DoFn):
     self._template, self._handle, self._keep = template, handle_errors, keep
 
   def process(self, row, ts=beam.DoFn.TimestampParam):
-    given = row
-    if is_row(row):
-      row = as_dict(row)
+    given, row = row, plain(row)
     if not isinstance(row, Mapping):
       error_type, reason = "invalid_type", (
           f"a row is a dict or a beam.Row, not a {type(row).__name__}")
     else:
       missing = missing_fields(self._template, row)
       if not missing:
-        kept = None
-        if self._keep:
-          kept = as_dict(given, deep=False) if is_row(given) else dict(given)
+        kept = fields_of(given) if self._keep else None
         yield dict(row), Timestamp.of(ts).micros, kept
         return
       error_type, reason = "missing_field", (

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from apache_beam.ml.inference.base import PredictionResult, RemoteModelHandler
 
-from tierflow.beam_schema import as_dict, is_row
+from tierflow.beam_schema import plain
 from tierflow.config import RunConfig
 from tierflow.pipelines.prompts import render_text
 from tierflow.pipelines.routing import METRICS_NAMESPACE, Router
@@ -56,8 +56,7 @@ class TierModelHandler(RemoteModelHandler):
 
   def request(self, batch: Sequence[Mapping[str, Any]], model: Router,
               inference_args: Optional[dict] = None) -> Iterable[PredictionResult]:
-    texts = [render_text(self._config.text, as_dict(row) if is_row(row) else row)
-             for row in batch]
+    texts = [render_text(self._config.text, plain(row)) for row in batch]
     outcomes = model.answer(self._tier, self._stage, texts)
     name = getattr(self._config, self._tier).model
     return [PredictionResult(row, outcome, name) for row, outcome in zip(batch, outcomes)]

@@ -34,8 +34,8 @@ import numpy as np
 from apache_beam.typehints.row_type import RowTypeConstraint
 from apache_beam.utils.timestamp import Timestamp
 
-__all__ = ["ToRows", "as_dict", "beam_row_type", "is_row", "joined", "row_converter",
-           "row_type_of"]
+__all__ = ["ToRows", "as_dict", "beam_row_type", "fields_of", "is_row", "joined", "plain",
+           "row_converter", "row_type_of"]
 
 _PRIMITIVES = {
     "boolean": bool, "int": np.int32, "long": np.int64, "float": np.float32,
@@ -228,6 +228,18 @@ def as_dict(row: Any, *, deep: bool = True) -> dict:
     raise TypeError(f"as_dict takes a beam.Row, a NamedTuple or a dataclass, got "
                     f"{type(row).__name__}")
   return {k: _plain(v) for k, v in values.items()} if deep else dict(values)
+
+
+def plain(row: Any) -> Any:
+  """A row as the router, the sinks and pyarrow take it: a schema'd row as ``as_dict``
+  gives it, anything else (a dict, or what a check then refuses) as it is."""
+  return as_dict(row) if is_row(row) else row
+
+
+def fields_of(row: Any) -> dict:
+  """A new dict of a row's own fields, their values as they are (a schema'd row's or a
+  mapping's): what a schema'd output row is built from."""
+  return as_dict(row, deep=False) if is_row(row) else dict(row)
 
 
 class ToRows(beam.PTransform):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -61,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "sample, prompts, alpha and delta is stored from an earlier demo")
 
 
+@functools.lru_cache(maxsize=None)  # asked at each step of a demo; the bundled config is fixed
 def calibrated_stages() -> tuple[str, ...]:
   """The stages the demo calibrates: the bundled tickets config's stages whose kind is
   scored against labels (a summary has no exact reference)."""

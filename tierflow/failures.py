@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Optional
 
 import apache_beam as beam
 
-from tierflow.beam_schema import as_dict, is_row
+from tierflow.beam_schema import plain
 
 __all__ = ["Failure", "failure_of_row"]
 
@@ -45,8 +45,7 @@ beam.coders.registry.register_coder(Failure, beam.coders.RowCoder)
 
 def failure_of_row(step: str, error_type: str, reason: str, row: Any) -> Failure:
   """A ``Failure`` for a row, a dict or a schema'd row (its ``record_id`` where it has one)."""
-  if is_row(row):
-    row = as_dict(row)
+  row = plain(row)
   record_id = row.get("record_id") if isinstance(row, dict) else None
   payload = json.dumps(row, default=repr, sort_keys=True, ensure_ascii=False).encode(
       "utf-8", "backslashreplace")
