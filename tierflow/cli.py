@@ -22,7 +22,10 @@ from tierflow import _quiet
 
 _quiet.install()  # before Beam is imported: it logs a spurious warning on import
 
-from tierflow import launcher  # noqa: E402
+from tierflow._lean_imports import lean_imports  # noqa: E402
+
+with lean_imports():  # no collections, no pandas: 0.17 s less of a run's start
+  from tierflow import launcher  # noqa: E402
 
 
 def _setup_logging(verbosity: int) -> None:
