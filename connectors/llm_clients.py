@@ -298,6 +298,66 @@ def client_for(cfg: "ModelConfig", ledger: Optional["LedgerConfig"] = None) -> "
                       _CLIENTS_LOCK)
 
 
+def check_endpoint(cfg: "ModelConfig", timeout_s: float = 10.0) -> None:
+  """Asks a tier's endpoint for its models, a call no provider bills: raises
+  ``ModelCallError`` when it cannot be reached or refuses the key. An endpoint without a
+  models list (404, 405) passes: it answered.
+
+  The request is the provider's documented ``GET`` of its models list, to the URL and with
+  the key header its SDK would use (``ModelClient.models_request``), sent by the standard
+  library: the check imports no SDK. The anthropic SDK's import alone costs about 1 s of
+  CPU, which a run pays only once a record escalates, not before it reads."""
+  import json
+  import urllib.error
+  import urllib.request
+  cls = ModelClient.of_provider(cfg.provider)
+  url, headers = cls.models_request(cfg, _api_key(cfg))
+  headers = {**headers, **_worker_header(), "accept": "application/json",
+             "user-agent": f"tierflow/{_tierflow_version()}"}
+  request = urllib.request.Request(url, headers=headers, method="GET")
+  try:
+    with urllib.request.urlopen(request, timeout=timeout_s, context=_check_tls_context()):
+      return
+  except urllib.error.HTTPError as e:
+    if e.code in (404, 405):
+      return
+    try:
+      said = _message_in(json.loads(e.read(65536) or b"null"))
+    except ValueError:
+      said = ""
+    raise ModelCallError(kind_of_status(e.code), f"HTTP {e.code}" + (f": {said}" if said else ""),
+                         e.code) from None
+  except (OSError, http_client_errors()) as e:  # refused, unresolvable, timed out, cut off
+    raise ModelCallError("connection", f"cannot reach {cfg.base_url or url.rsplit('/', 2)[0]} "
+                         f"({type(getattr(e, 'reason', e)).__name__})") from None
+
+
+def http_client_errors() -> type:
+  import http.client
+  return http.client.HTTPException
+
+
+@functools.lru_cache(maxsize=None)
+def _check_tls_context():
+  """Certificates as the SDKs' HTTP stack verifies them: ``SSL_CERT_FILE``/``SSL_CERT_DIR``
+  when set, else certifi's bundle (an SDK dependency), else the system's."""
+  import ssl
+  cafile, capath = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+  if not (cafile or capath):
+    try:
+      import certifi
+      cafile = certifi.where()
+    except ImportError:
+      pass
+  return ssl.create_default_context(cafile=cafile, capath=capath)
+
+
+@functools.lru_cache(maxsize=None)
+def _tierflow_version() -> str:
+  from tierflow import __version__
+  return __version__
+
+
 def _httpx_of(sdk):
   """The httpx package the SDK is built on (``httpx``, or ``httpx2`` in later releases)."""
   base = next(c for c in sdk.DefaultHttpxClient.__mro__ if c.__name__ == "Client")
@@ -344,7 +404,11 @@ _KEYLIKE = re.compile(r"\b(?:sk|pk|rk|key|sess)-[\w*.-]{3,}", re.I)
 def _provider_message(e) -> str:
   """The provider's own one-line reason for a 4xx/5xx (``error.message`` in both APIs'
   bodies), cut to 200 characters; it names the parameter, never the key."""
-  body = getattr(e, "body", None)  # the openai SDK has already unwrapped "error"
+  return _message_in(getattr(e, "body", None))  # the openai SDK has unwrapped "error"
+
+
+def _message_in(body) -> str:
+  """``error.message`` (or ``message``) of an error body, keys masked, 200 characters."""
   error = body.get("error", body) if isinstance(body, dict) else None
   message = error.get("message") if isinstance(error, dict) else None
   if not isinstance(message, str):
@@ -404,6 +468,11 @@ class ModelClient(ByProvider):
   _what = "client"
 
   @classmethod
+  def models_request(cls, cfg: "ModelConfig", key: str) -> tuple[str, dict]:
+    """(URL, headers) of the provider's unbilled models list (``check_endpoint``)."""
+    raise NotImplementedError
+
+  @classmethod
   def _provider_of(cls, cfg: "ModelConfig", *args, **kwargs) -> str:
     return cfg.provider
 
@@ -453,21 +522,6 @@ class ModelClient(ByProvider):
 
   def __repr__(self) -> str:  # never the key
     return f"ModelClient({self.cfg.provider}:{self.cfg.model})"
-
-  def check(self, timeout_s: float = 10.0) -> None:
-    """Asks the endpoint for its models (a call no provider bills): raises
-    ``ModelCallError`` when it cannot be reached or refuses the key. An endpoint without
-    a models list (404, 405) passes: it answered."""
-    sdk = self._sdk
-    try:
-      self._client.with_options(timeout=timeout_s, max_retries=0).models.list()
-    except sdk.APIStatusError as e:
-      if e.status_code in (404, 405):
-        return
-      raise self._classify(e) from None
-    except (sdk.APITimeoutError, sdk.APIConnectionError) as e:
-      raise ModelCallError("connection", f"cannot reach {self.cfg.base_url or 'the API'} "
-                           f"({type(e).__name__})") from None
 
   def complete(self, system: str, user: str, max_tokens: int, *,
                top_logprobs: Optional[int] = None,
@@ -600,6 +654,13 @@ class OpenAIChat(ModelClient, provider="openai"):
   default_host = "api.openai.com"
   sdk_module, sdk_client_class = "openai", "OpenAI"
 
+  @classmethod
+  def models_request(cls, cfg: "ModelConfig", key: str) -> tuple[str, dict]:
+    """``GET /models`` under the base URL the SDK uses (the config's, ``OPENAI_BASE_URL``,
+    or the API's), with the key as a bearer token."""
+    base = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or f"https://{cls.default_host}/v1"
+    return f"{base.rstrip('/')}/models", {"authorization": f"Bearer {key}"}
+
   def request_body(self, system: str, user: str, max_tokens: int, *,
                    top_logprobs: Optional[int] = None,
                    answer_schema: Optional[dict] = None) -> dict:
@@ -672,6 +733,22 @@ class AnthropicMessages(ModelClient, provider="anthropic"):
   path = "/v1/messages"
   default_host = "api.anthropic.com"
   sdk_module, sdk_client_class = "anthropic", "Anthropic"
+  api_version = "2023-06-01"  # the API version its reference documents (preflight only)
+
+  @classmethod
+  def models_request(cls, cfg: "ModelConfig", key: str) -> tuple[str, dict]:
+    """``GET /v1/models`` under the base URL the SDK uses (the config's,
+    ``ANTHROPIC_BASE_URL``, or the API's), with the documented ``x-api-key`` and
+    ``anthropic-version`` headers, and the headers the SDK adds from
+    ``ANTHROPIC_CUSTOM_HEADERS`` (one ``Name: value`` per line, for gateways)."""
+    base = cfg.base_url or os.environ.get("ANTHROPIC_BASE_URL") or f"https://{cls.default_host}"
+    custom = {}
+    for line in (os.environ.get("ANTHROPIC_CUSTOM_HEADERS") or "").split("\n"):
+      name, colon, value = line.partition(":")
+      if colon and name.strip():
+        custom[name.strip().lower()] = value.strip()
+    return f"{base.rstrip('/')}/v1/models", {**custom, "x-api-key": key,
+                                             "anthropic-version": cls.api_version}
 
   def request_body(self, system: str, user: str, max_tokens: int, *,
                    top_logprobs: Optional[int] = None,

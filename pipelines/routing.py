@@ -35,11 +35,12 @@ import concurrent.futures
 import logging
 import time
 import uuid
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
 
 from tierflow import progress, schemas
 from tierflow.config import RunConfig
@@ -59,6 +60,7 @@ __all__ = ["METRICS_NAMESPACE", "RouteBatches", "Router", "RoutingCounters"]
 
 _LOGGER = logging.getLogger(__name__)
 METRICS_NAMESPACE = "tierflow.routing"
+ROUTED_AHEAD = 4  # batches of a bundle in flight at most (``_RouteBatchFn``)
 
 
 def _packs(indexes: Sequence[int], size: int) -> list[list[int]]:
@@ -557,7 +559,29 @@ def _crashed(row: Mapping[str, Any], config: RunConfig, reason: str) -> RoutedRe
 # --- whole batches: the pipelines' path -----------------------------------------------
 
 
+class _Routed(NamedTuple):
+  """A batch routed: what ``_RouteBatchFn`` emits, and what it counts on the bundle's thread."""
+  batch: DecodedBatch
+  routed: list
+  results: list
+  started: float
+  finished: float
+
+
+class _InFlight(NamedTuple):
+  batch: DecodedBatch
+  timestamp: Any
+  window: Any
+  pane: Any
+  future: concurrent.futures.Future
+
+
 class _RouteBatchFn(beam.DoFn):
+  """Routes each batch; with both tiers synchronous, routes the next batches of the bundle
+  while earlier ones finish (``ROUTED_AHEAD``), so the tier's request slots stay full
+  across batch boundaries (partitions of any size) and reading overlaps the model calls.
+  Every batch is emitted, in the order it came, by the end of its bundle."""
+
   def __init__(self, config: RunConfig, book: PriceBook, budget: Budget, run_id: str,
                result_avro: dict, calibration_version: Optional[str],
                batch_state_dir: Optional[str] = None, ledger: Optional[LedgerConfig] = None,
@@ -577,11 +601,67 @@ class _RouteBatchFn(beam.DoFn):
                           self._ledger).open()
     self._arrow = schemas.to_arrow(self._result_avro)
     self._counters = RoutingCounters()
+    sync = "batch" not in (self._config.small.mode, self._config.frontier.mode)
+    self._ahead = concurrent.futures.ThreadPoolExecutor(
+        max_workers=ROUTED_AHEAD, thread_name_prefix="tierflow-batch") if sync else None
+    small = self._config.small
+    self._slots = small.concurrency * small.batch_size  # records that fill the small tier
+    self._in_flight: collections.deque = collections.deque()
+    self._busy_until = 0.0
 
   def teardown(self):
+    if self._ahead is not None:
+      self._ahead.shutdown(wait=True, cancel_futures=True)
     self._router.close()
 
-  def process(self, batch: DecodedBatch):
+  def process(self, batch: DecodedBatch, timestamp=beam.DoFn.TimestampParam,
+              window=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+    if self._ahead is None:  # a batch-mode tier: one batch at a time
+      yield self._count(self._route_batch(batch))
+      return
+    self._in_flight.append(_InFlight(batch, timestamp, window, pane,
+                                     self._ahead.submit(self._route_batch, batch)))
+    while self._in_flight and (self._in_flight[0].future.done() or self._wait_for_first()):
+      yield self._emit(self._in_flight.popleft())
+
+  def finish_bundle(self):
+    while self._in_flight:
+      yield self._emit(self._in_flight.popleft())
+
+  def _wait_for_first(self) -> bool:
+    """Whether to wait for the oldest batch before taking another: when the batches behind
+    it hold enough records to keep every slot of the small tier busy meanwhile, or when
+    ``ROUTED_AHEAD`` are in flight."""
+    if len(self._in_flight) >= ROUTED_AHEAD:
+      return True
+    behind = sum(b.batch.rows.num_rows for b in list(self._in_flight)[1:])
+    return len(self._in_flight) > 1 and behind >= self._slots
+
+  def _emit(self, item: _InFlight) -> WindowedValue:
+    try:
+      done = item.future.result()
+    except BaseException:
+      self._abandon()
+      raise
+    return WindowedValue(self._count(done), item.timestamp, (item.window,), item.pane)
+
+  def _abandon(self) -> None:
+    """A batch failed and so does the bundle: the batches routed after it finish (their
+    requests are under way) and are dropped with it; the runner retries them all."""
+    while self._in_flight:
+      concurrent.futures.wait([self._in_flight.popleft().future])
+
+  def _count(self, done: _Routed) -> DecodedBatch:
+    """Metrics and progress for a routed batch, on the bundle's thread (Beam's metrics
+    are the bundle's); the time routing was busy counts once however batches overlap."""
+    self._counters.count(done.routed, done.results)
+    busy = done.finished - max(done.started, self._busy_until)
+    if busy > 0:
+      self._counters.route_millis.inc(int(busy * 1000))
+    self._busy_until = max(self._busy_until, done.finished)
+    return done.batch
+
+  def _route_batch(self, batch: DecodedBatch) -> _Routed:
     ref = batch.ref
     rows = batch.rows.to_pylist()
     started = time.monotonic()
@@ -592,7 +672,7 @@ class _RouteBatchFn(beam.DoFn):
     finally:
       if pool is not None:
         pool.close()  # what the batch's leases did not spend goes back to the account
-    self._counters.route_millis.inc(int((time.monotonic() - started) * 1000))
+    finished = time.monotonic()
     results, dead = [], []
     now = int(time.time() * 1000)
     for rec in routed:
@@ -602,13 +682,13 @@ class _RouteBatchFn(beam.DoFn):
         dead.append(dead_letter(row, "route", "model_failure", row["error"] or "no answer",
                                 None, row_json(rec.row), failed_at=now))
     stop_if_a_tier_is_down(routed, results, self._config, ref.name)
-    self._counters.count(routed, results)
     table = self._table(results, routed)
     if dead:
       dead_letters = pa.concat_tables([batch.dead_letters, dead_letter_table(dead)])
     else:
       dead_letters = batch.dead_letters
-    yield batch.replace(rows=table, dead_letters=dead_letters)
+    return _Routed(batch.replace(rows=table, dead_letters=dead_letters), routed, results,
+                   started, finished)
 
   def _route(self, rows: list, pool, batch_key: str) -> list[RoutedRecord]:
     """Routes the batch; an error in code raises (the bundle fails), unless errors are

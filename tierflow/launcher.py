@@ -221,11 +221,12 @@ def _is_file(path: str) -> bool:
 
 def check_tiers(run, keys_here: bool = True) -> None:
   """Raises ValueError, naming the tier, when a model's key variable is not set or its
-  endpoint cannot be reached or refuses the key (one unbilled call: its models list).
+  endpoint cannot be reached or refuses the key (one unbilled call: its models list,
+  ``check_endpoint``, which imports no SDK).
   ``keys_here``: the run executes here; on an engine the key may live only on the
   workers, so a key missing here is a warning, not an error."""
   import os
-  from tierflow.connectors.llm_clients import ModelCallError, client_for
+  from tierflow.connectors.llm_clients import ModelCallError, check_endpoint
   for tier in ("small", "frontier"):
     model = getattr(run, tier)
     name = f"{tier} tier ({model.model} at {model.endpoint_host})"
@@ -236,7 +237,7 @@ def check_tiers(run, keys_here: bool = True) -> None:
                       model.api_key_env)
       continue
     try:
-      client_for(model).check()
+      check_endpoint(model)
     except ModelCallError as e:
       raise ValueError(f"{name}: {e}") from None
 
