@@ -22,8 +22,8 @@ its records for that stage and tier, never the batch.
 Two Beam transforms use it:
 
 * ``RouteBatches`` routes whole offset batches (``DecodedBatch``) in place: what
-  the tierflow pipelines use, one element per batch, so nothing shuffles or
-  buffers more than a batch, and the budget is earned per batch.
+  the tierflow pipelines use, one element per batch, so nothing shuffles, at most
+  ``ROUTED_AHEAD`` batches of a bundle are held, and the budget is earned per batch.
 * ``RouteThroughTiers`` (``route_rows``) routes a PCollection of dict rows for a
   user's own pipeline.
 """
