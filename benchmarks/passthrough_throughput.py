@@ -178,6 +178,7 @@ def child_raw(bootstrap: str, topic: str, fmt: str, n: str) -> dict:
 def child_tierflow(bootstrap: str, topic: str, fmt: str, n: str) -> dict:
   output = tempfile.mkdtemp(prefix="bench-tierflow-")
   try:
+    from tierflow import cli  # noqa: F401 - imports as `tierflow run` does (_lean_imports)
     from tierflow import launcher
     t0 = time.perf_counter()
     summary = launcher.launch("passthrough", [
@@ -220,12 +221,15 @@ def child_startup(bootstrap: str, topic: str, fmt: str, n: str, spawned_at: str)
 
 def child_imports() -> dict:
   """The floor under any start: importing the libraries a passthrough run uses (Beam with
-  its local runner, pyarrow's Parquet and datasets, confluent-kafka), nothing of tierflow."""
-  import apache_beam  # noqa: F401
-  from apache_beam.runners.portability import fn_api_runner  # noqa: F401
-  import confluent_kafka  # noqa: F401
-  import pyarrow.dataset  # noqa: F401
-  import pyarrow.parquet  # noqa: F401
+  its local runner, pyarrow's Parquet and datasets, confluent-kafka), nothing of tierflow,
+  the way the command imports them (collector off, pandas deferred: ``_lean_imports``)."""
+  from tierflow._lean_imports import lean_imports
+  with lean_imports():
+    import apache_beam  # noqa: F401
+    from apache_beam.runners.portability import fn_api_runner  # noqa: F401
+    import confluent_kafka  # noqa: F401
+    import pyarrow.dataset  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
   from tierflow._imported_heap import freeze_imported_heap  # exits as a run does (no import)
   freeze_imported_heap()
   return {"records": 0}

@@ -19,13 +19,16 @@ __all__ = ["BatchCoder", "estimated_bytes"]
 
 def estimated_bytes(batch: Any) -> int:
   """About what a batch holds in bytes: its Arrow tables' buffers (``DecodedBatch``), or
-  its keys and values plus 16 bytes a record (``KafkaBatch``)."""
+  its keys and values plus 16 bytes a record (``KafkaBatch``, its values counted once, as
+  read)."""
   rows = getattr(batch, "rows", None)
   if rows is not None:
     return rows.nbytes + batch.dead_letters.nbytes
   values, keys = batch.values, batch.keys
-  return (sum(len(v) for v in values if v is not None)
-          + sum(len(k) for k in keys if k is not None) + 16 * len(values))
+  value_bytes = getattr(batch, "value_bytes", -1)
+  if value_bytes < 0:
+    value_bytes = sum(map(len, filter(None, values)))
+  return value_bytes + sum(map(len, filter(None, keys))) + 16 * len(values)
 
 
 class BatchCoder(beam.coders.Coder):

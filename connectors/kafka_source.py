@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import time
 from typing import Iterator, NamedTuple, Optional
 
@@ -69,6 +70,11 @@ __all__ = [
 
 _LOGGER = logging.getLogger(__name__)
 METRICS_NAMESPACE = "tierflow.kafka"
+# A consumed message's parts, called over a whole chunk in C (``map``), not per message
+# in Python: the read path's per-record cost.
+_ERROR, _OFFSET, _TIMESTAMP, _KEY, _VALUE = map(operator.methodcaller, (
+    "error", "offset", "timestamp", "key", "value"))
+_SECOND = operator.itemgetter(1)  # ``timestamp()`` is (type, milliseconds)
 
 
 class KafkaRecord(NamedTuple):
@@ -100,6 +106,8 @@ class KafkaBatch:
     offsets, timestamps, keys, values: one entry per record.
     run_offsets: how many offsets the whole run covers, all partitions (0 for a
       streaming read); a batch's share of the run is ``(end - start) / run_offsets``.
+    value_bytes: the values' bytes in all (-1: not counted yet; ``batch_coder`` sizes the
+      batch by it).
   """
   topic: str
   partition: int
@@ -111,6 +119,7 @@ class KafkaBatch:
   keys: list
   values: list
   run_offsets: int = 0
+  value_bytes: int = -1
 
   def __len__(self) -> int:
     return len(self.offsets)
@@ -327,8 +336,13 @@ class _ReadPartitionFn(beam.DoFn):
         break
       got = 0
       chunk = []  # this consume's records of the batch, claimed together after it
-      for m in c.consume(min(boundary - position, cfg.max_poll_records),
-                         timeout=cfg.poll_timeout_ms / 1000.0):
+      consumed = c.consume(min(boundary - position, cfg.max_poll_records),
+                           timeout=cfg.poll_timeout_ms / 1000.0)
+      if consumed and _OFFSET(consumed[-1]) < boundary and not any(map(_ERROR, consumed)):
+        chunk = consumed  # the usual case, checked in C: records only, all in the batch
+        position = _OFFSET(consumed[-1]) + 1
+        consumed = ()
+      for m in consumed:
         error = m.error()
         if error is not None:
           if error.code() == KafkaError._PARTITION_EOF:
@@ -360,10 +374,10 @@ class _ReadPartitionFn(beam.DoFn):
           stop = tracker.current_restriction().stop
           chunk = [m for m in chunk if m.offset() < stop]
         caught_up = False
-        offsets += [m.offset() for m in chunk]
-        stamps += [m.timestamp()[1] for m in chunk]
-        keys += [m.key() for m in chunk]
-        values += [m.value() for m in chunk]
+        offsets += map(_OFFSET, chunk)
+        stamps += map(_SECOND, map(_TIMESTAMP, chunk))
+        keys += map(_KEY, chunk)
+        values += map(_VALUE, chunk)
         got = len(chunk)
       if split:
         break
@@ -389,9 +403,10 @@ class _ReadPartitionFn(beam.DoFn):
       if not tracker.try_claim(end - 1):  # the tail of the batch was gaps
         end = offsets[-1] + 1 if offsets else start
     if end > start:
-      self._emit_counts(offsets, values, end - start, deleted)
+      value_bytes = sum(map(len, filter(None, values)))
+      self._emit_counts(offsets, value_bytes, end - start, deleted)
       out = KafkaBatch(topic, partition, start, end, element.start,
-                       offsets, stamps, keys, values, element.run_offsets)
+                       offsets, stamps, keys, values, element.run_offsets, value_bytes)
       yield out if watermark is None else self._stamped(out, watermark, lag_ms)
     if expired:
       tracker.try_claim(UNBOUNDED)  # ends the restriction: nothing more to read
@@ -422,12 +437,12 @@ class _ReadPartitionFn(beam.DoFn):
       c.assign([topic_partition(topic, partition, skipped_to)])
     return skipped_to
 
-  def _emit_counts(self, offsets, values, covered, deleted):
+  def _emit_counts(self, offsets, value_bytes, covered, deleted):
     progress.add(read=len(offsets))
     self._covered.inc(covered)
     self._batches.inc()
     self._records.inc(len(offsets))
-    self._bytes.inc(sum(len(v) for v in values if v))
+    self._bytes.inc(value_bytes)
     if deleted:
       self._deleted.inc(deleted)
     if covered > len(offsets) + deleted:

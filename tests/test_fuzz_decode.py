@@ -72,3 +72,60 @@ def test_a_run_over_hostile_records_exits_0_with_every_offset_accounted(
   written = {r["ticket_id"] for r in read_duckdb(f"{output_dir}/results",
                                                   "SELECT ticket_id FROM t")}
   assert good_ids <= written
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_column_wise_checks_decide_as_the_value_by_value_path(seed):
+  """A batch with no tombstone, every record within the size limit and timestamps in range
+  is checked over whole columns (``decode._all_fit``, the JSON codec's joined-values
+  check); values that are JSON but not one object per line (``null``, ``{}``, a number, two
+  objects on a line, a leading space) decode exactly as value by value."""
+  import json
+  import random
+
+  from tierflow.connectors.codecs import DecodeError
+  rng = random.Random(seed)
+  good = [r["value"] for r in records("json", seed, hostile=0, good=200)]
+  odd = [b"null", b"{}", b"5", b"[1]", b'"s"', b"true", b" " + good[0], good[1] + b" " + good[2],
+         good[3][:-1] + b"\n}", json.dumps({"body": "a {\n{ b"}).encode()]
+  values = good + odd * 3
+  rng.shuffle(values)
+  n = len(values)
+  codec = make_codec("json", TICKET)
+  batch = KafkaBatch("fuzz", 0, 0, n, 0, list(range(n)), [T0_MS] * n, [None] * n, values)
+  out = decode_batch(batch, codec, schemas.to_arrow(row_schema(TICKET)),
+                     event_time_field="created_at", max_record_bytes=MAX_RECORD_BYTES)
+  expected_ok = []
+  for i, v in enumerate(values):
+    try:
+      codec.decode(v)
+      expected_ok.append(i)
+    except DecodeError:
+      pass
+  ok = out.rows.column("kafka_offset").to_pylist()
+  assert ok == expected_ok
+  assert sorted(ok + out.dead_letters.column("kafka_offset").to_pylist()) == list(range(n))
+  assert out.rows.column("record_id").to_pylist() == [f"fuzz-0-{i}" for i in ok]
+
+
+def test_a_json_null_is_not_a_row_of_nulls_where_every_field_may_be_null():
+  """pyarrow's JSON reader reads a ``null`` line as a row of nulls: with every field
+  nullable nothing else would refuse it, so the column-wise path must not hand it over."""
+  from tierflow.connectors.codecs import DecodeError
+  loose = {"type": "record", "name": "Loose", "fields": [
+      {"name": "a", "type": ["null", "long"], "default": None},
+      {"name": "body", "type": ["null", "string"], "default": None}]}
+  values = [b'{"a": 1}', b"null", b"{}", b'{"a": 2, "body": "x"}'] * 50
+  n = len(values)
+  codec = make_codec("json", loose)
+  batch = KafkaBatch("loose", 0, 0, n, 0, list(range(n)), [T0_MS] * n, [None] * n, values)
+  out = decode_batch(batch, codec, schemas.to_arrow(row_schema(loose)))
+  expected_ok = []
+  for i, v in enumerate(values):
+    try:
+      codec.decode(v)
+      expected_ok.append(i)
+    except DecodeError:
+      pass
+  assert len(expected_ok) == 150
+  assert out.rows.column("kafka_offset").to_pylist() == expected_ok
