@@ -12,6 +12,7 @@ before.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 
@@ -28,3 +29,20 @@ def freeze_imported_heap() -> bool:
     gc.freeze()
     _frozen = True
     return True
+
+
+@contextlib.contextmanager
+def no_collections(freeze: bool = False):
+  """No garbage collection inside (imports build objects by the hundred thousand, and
+  each collection walks all of them); ``freeze``: what exists at the end goes to the
+  permanent generation before collections resume, so the first one after does not walk
+  it either. Collections resume as they were."""
+  collecting = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if freeze:
+      gc.freeze()
+    if collecting:
+      gc.enable()

@@ -382,14 +382,15 @@ def _name_the_job(options: PipelineOptions, pipeline: str) -> str:
 def launch(name: str, argv: Sequence[str], *, wait: bool = True) -> RunSummary:
   from tierflow._memory import limit_malloc_arenas
   limit_malloc_arenas()  # before the runner and the Kafka clients start their threads
-  p, config = build(name, argv)
-  limits = limits_of(p.options)
-  engine = _on_an_engine(p.options)
-  job_name = _name_the_job(p.options, name) if engine else None
-  from tierflow.engine_errors import describe, flink_rest_address
-  rest = flink_rest_address(p.options) if engine else None  # before the runner rewrites it
-  from tierflow._imported_heap import freeze_imported_heap
-  freeze_imported_heap()  # what the imports built, never garbage: no collection walks it
+  from tierflow._imported_heap import freeze_imported_heap, no_collections
+  with no_collections():  # building imports the pipeline, its runner and their libraries
+    p, config = build(name, argv)
+    limits = limits_of(p.options)
+    engine = _on_an_engine(p.options)
+    job_name = _name_the_job(p.options, name) if engine else None
+    from tierflow.engine_errors import describe, flink_rest_address
+    rest = flink_rest_address(p.options) if engine else None  # before the runner rewrites it
+    freeze_imported_heap()  # what the imports built, never garbage: no collection walks it
   try:
     result = p.run()
     if not wait:
