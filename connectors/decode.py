@@ -158,7 +158,9 @@ def _all_fit(batch: KafkaBatch, max_record_bytes: int) -> bool:
   if None in values:
     return False  # tombstones: the record-by-record path says why each one fails
   sizes = np.fromiter(map(len, values), np.int64, len(values))
-  if any(keys):
+  if None not in keys:
+    sizes += np.fromiter(map(len, keys), np.int64, len(keys))
+  elif any(keys):
     sizes += np.fromiter((len(k) if k else 0 for k in keys), np.int64, len(keys))
   stamps = np.asarray(batch.timestamps, dtype=np.int64)
   return bool((sizes <= max_record_bytes).all() and (stamps >= MIN_MILLIS).all()
@@ -190,11 +192,14 @@ def decode_batch(batch: KafkaBatch, codec: Codec, row_arrow: pa.Schema, *,
         candidates.append(i)
     decoded = codec.decode_batch([batch.values[i] for i in candidates])
   failed.extend((candidates[j], t, r) for j, t, r in decoded.failed)
-  ok = [candidates[j] for j in decoded.ok]
+  ok = decoded.ok if isinstance(candidates, range) else [candidates[j] for j in decoded.ok]
   payload = decoded.table
 
-  offsets = np.asarray(batch.offsets, dtype=np.int64)[ok] if ok else np.zeros(0, np.int64)
-  kafka_ts = np.asarray(batch.timestamps, dtype=np.int64)[ok] if ok else np.zeros(0, np.int64)
+  every = len(ok) == n  # ok is in offset order: then it is every record, as they came
+  offsets = np.asarray(batch.offsets, dtype=np.int64)
+  kafka_ts = np.asarray(batch.timestamps, dtype=np.int64)
+  if not every:
+    offsets, kafka_ts = offsets[ok], kafka_ts[ok]
   event_ms = kafka_ts
   if event_time_field is not None and ok:
     column = payload.column(event_time_field).cast(pa.int64())

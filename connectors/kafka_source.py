@@ -374,7 +374,9 @@ class _ReadPartitionFn(beam.DoFn):
           stop = tracker.current_restriction().stop
           chunk = [m for m in chunk if m.offset() < stop]
         caught_up = False
-        offsets += map(_OFFSET, chunk)
+        first, last = _OFFSET(chunk[0]), _OFFSET(chunk[-1])
+        offsets += (range(first, last + 1) if last - first + 1 == len(chunk)  # no gap
+                    else map(_OFFSET, chunk))
         stamps += map(_SECOND, map(_TIMESTAMP, chunk))
         keys += map(_KEY, chunk)
         values += map(_VALUE, chunk)
