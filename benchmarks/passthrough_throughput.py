@@ -30,7 +30,9 @@ records, so throughput and peak RSS can be compared at two sizes.
 CLI runs it, over a topic of that many records: its CPU, when it read its first record
 (from the process's start) and how long the interpreter took to exit after the run; and,
 interleaved with it, a process that only imports the libraries such a run uses (Beam and
-its local runner, pyarrow, confluent-kafka): the floor under any start.
+its local runner, pyarrow, confluent-kafka), the way the command imports them
+(``tierflow/_lean_imports.py``): the floor under any start. The tierflow child of the
+throughput rounds imports as the command does too.
 
 Writes ``benchmarks/results/passthrough-<date>.json`` and prints Markdown.
 """
