@@ -31,8 +31,10 @@ the few holding instructions addressed to a model, which always escalate: nothin
 escalates, and a run where something did is an error) runs at
 each (batch_size x concurrency) point of ``--grid``; nothing can beat
 ``concurrency * batch_size / L`` records/s. Reported: the model stage's rate (N
-over the time spent routing, ``tierflow.routing.route_millis``) and the whole
-pipeline's (N over the run, start-up included), each as a fraction of the bound,
+over the time spent routing, ``tierflow.routing.route_millis``: the time any batch was
+routing, counted once where batches overlap) and the whole pipeline's (N over
+``launch`` to its summary: the preflight and the pipeline's start included, the
+process's imports before it not), each as a fraction of the bound,
 as the median of ``--repeats`` runs. Every part prints the load average its runs
 ended under.
 
