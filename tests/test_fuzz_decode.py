@@ -74,6 +74,19 @@ def test_a_run_over_hostile_records_exits_0_with_every_offset_accounted(
   assert good_ids <= written
 
 
+def _decoding_one_by_one(codec, values) -> list:
+  """The indices of the values the codec decodes on their own."""
+  from tierflow.connectors.codecs import DecodeError
+  ok = []
+  for i, v in enumerate(values):
+    try:
+      codec.decode(v)
+      ok.append(i)
+    except DecodeError:
+      pass
+  return ok
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_the_column_wise_checks_decide_as_the_value_by_value_path(seed):
   """A batch with no tombstone, every record within the size limit and timestamps in range
@@ -83,7 +96,6 @@ def test_the_column_wise_checks_decide_as_the_value_by_value_path(seed):
   import json
   import random
 
-  from tierflow.connectors.codecs import DecodeError
   rng = random.Random(seed)
   good = [r["value"] for r in records("json", seed, hostile=0, good=200)]
   odd = [b"null", b"{}", b"5", b"[1]", b'"s"', b"true", b" " + good[0], good[1] + b" " + good[2],
@@ -95,13 +107,7 @@ def test_the_column_wise_checks_decide_as_the_value_by_value_path(seed):
   batch = KafkaBatch("fuzz", 0, 0, n, 0, list(range(n)), [T0_MS] * n, [None] * n, values)
   out = decode_batch(batch, codec, schemas.to_arrow(row_schema(TICKET)),
                      event_time_field="created_at", max_record_bytes=MAX_RECORD_BYTES)
-  expected_ok = []
-  for i, v in enumerate(values):
-    try:
-      codec.decode(v)
-      expected_ok.append(i)
-    except DecodeError:
-      pass
+  expected_ok = _decoding_one_by_one(codec, values)
   ok = out.rows.column("kafka_offset").to_pylist()
   assert ok == expected_ok
   assert sorted(ok + out.dead_letters.column("kafka_offset").to_pylist()) == list(range(n))
@@ -111,7 +117,6 @@ def test_the_column_wise_checks_decide_as_the_value_by_value_path(seed):
 def test_a_json_null_is_not_a_row_of_nulls_where_every_field_may_be_null():
   """pyarrow's JSON reader reads a ``null`` line as a row of nulls: with every field
   nullable nothing else would refuse it, so the column-wise path must not hand it over."""
-  from tierflow.connectors.codecs import DecodeError
   loose = {"type": "record", "name": "Loose", "fields": [
       {"name": "a", "type": ["null", "long"], "default": None},
       {"name": "body", "type": ["null", "string"], "default": None}]}
@@ -120,12 +125,6 @@ def test_a_json_null_is_not_a_row_of_nulls_where_every_field_may_be_null():
   codec = make_codec("json", loose)
   batch = KafkaBatch("loose", 0, 0, n, 0, list(range(n)), [T0_MS] * n, [None] * n, values)
   out = decode_batch(batch, codec, schemas.to_arrow(row_schema(loose)))
-  expected_ok = []
-  for i, v in enumerate(values):
-    try:
-      codec.decode(v)
-      expected_ok.append(i)
-    except DecodeError:
-      pass
+  expected_ok = _decoding_one_by_one(codec, values)
   assert len(expected_ok) == 150
   assert out.rows.column("kafka_offset").to_pylist() == expected_ok
