@@ -624,6 +624,9 @@ class _RouteBatchFn(beam.DoFn):
     while self._in_flight and (self._in_flight[0].future.done() or self._wait_for_first()):
       yield self._emit(self._in_flight.popleft())
 
+  def start_bundle(self):
+    self._abandon()  # what a bundle that failed downstream of this step left in flight
+
   def finish_bundle(self):
     while self._in_flight:
       yield self._emit(self._in_flight.popleft())
@@ -647,7 +650,8 @@ class _RouteBatchFn(beam.DoFn):
 
   def _abandon(self) -> None:
     """A batch failed and so does the bundle: the batches routed after it finish (their
-    requests are under way) and are dropped with it; the runner retries them all."""
+    requests are under way) and are dropped with it; the runner retries them all. (Also
+    what a bundle that failed after this step, while batches were in flight, left.)"""
     while self._in_flight:
       concurrent.futures.wait([self._in_flight.popleft().future])
 
