@@ -32,9 +32,10 @@ escalates, and a run where something did is an error) runs at
 each (batch_size x concurrency) point of ``--grid``; nothing can beat
 ``concurrency * batch_size / L`` records/s. Reported: the model stage's rate (N
 over the time spent routing, ``tierflow.routing.route_millis``: the time any batch was
-routing, counted once where batches overlap) and the whole pipeline's (N over
-``launch`` to its summary: the preflight and the pipeline's start included, the
-process's imports before it not), each as a fraction of the bound,
+routing, counted once where batches overlap) and the whole pipeline's (N over the
+child process's whole life, as ``fresh_runs`` times it: the interpreter's start, the
+imports as ``tierflow run`` makes them, the preflight, the run and the exit), each as a
+fraction of the bound,
 as the median of ``--repeats`` runs. Every part prints the load average its runs
 ended under.
 
@@ -109,6 +110,7 @@ def config(endpoints: Endpoints, *, batch: int = 8, concurrency: int = 4,
 
 
 def child(pipeline: str, argv: list[str]) -> dict:
+  from tierflow import cli  # noqa: F401 - imports as `tierflow run` does (_lean_imports)
   from tierflow import launcher
   r0 = resource.getrusage(resource.RUSAGE_SELF)
   t0 = time.perf_counter()
