@@ -379,11 +379,10 @@ def _joined_if_each_one_object_line(values: Sequence[Optional[bytes]]) -> Option
   if b"\r" in joined:
     return None
   buf = np.frombuffer(joined, np.uint8)
-  if np.count_nonzero(buf == 0x0A) != len(values) - 1:  # a newline inside a value
-    return None
-  lengths = np.fromiter(map(len, values), np.int64, len(values)) + 1
-  starts = np.cumsum(lengths) - lengths
-  return joined if bool((buf[starts] == 0x7B).all()) else None
+  newlines = np.flatnonzero(buf == 0x0A)
+  if len(newlines) != len(values) - 1:  # a newline inside a value
+    return None  # else the joining newlines are all there are: each follows a value
+  return joined if buf[0] == 0x7B and bool((buf[newlines + 1] == 0x7B).all()) else None
 
 
 def _check_utf8(table: pa.Table) -> None:

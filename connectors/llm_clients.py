@@ -307,13 +307,16 @@ def check_endpoint(cfg: "ModelConfig", timeout_s: float = 10.0) -> None:
   the key header its SDK would use (``ModelClient.models_request``), sent by the standard
   library: the check imports no SDK. The anthropic SDK's import alone costs about 1 s of
   CPU, which a run pays only once a record escalates, not before it reads."""
+  import http.client
   import json
   import urllib.error
   import urllib.request
+
+  from tierflow import __version__
   cls = ModelClient.of_provider(cfg.provider)
   url, headers = cls.models_request(cfg, _api_key(cfg))
   headers = {**headers, **_worker_header(), "accept": "application/json",
-             "user-agent": f"tierflow/{_tierflow_version()}"}
+             "user-agent": f"tierflow/{__version__}"}
   request = urllib.request.Request(url, headers=headers, method="GET")
   try:
     with urllib.request.urlopen(request, timeout=timeout_s, context=_check_tls_context()):
@@ -327,14 +330,9 @@ def check_endpoint(cfg: "ModelConfig", timeout_s: float = 10.0) -> None:
       said = ""
     raise ModelCallError(kind_of_status(e.code), f"HTTP {e.code}" + (f": {said}" if said else ""),
                          e.code) from None
-  except (OSError, http_client_errors()) as e:  # refused, unresolvable, timed out, cut off
-    raise ModelCallError("connection", f"cannot reach {cfg.base_url or url.rsplit('/', 2)[0]} "
+  except (OSError, http.client.HTTPException) as e:  # refused, unresolvable, timed out, cut off
+    raise ModelCallError("connection", f"cannot reach {cfg.base_url or url} "
                          f"({type(getattr(e, 'reason', e)).__name__})") from None
-
-
-def http_client_errors() -> type:
-  import http.client
-  return http.client.HTTPException
 
 
 @functools.lru_cache(maxsize=None)
@@ -350,12 +348,6 @@ def _check_tls_context():
     except ImportError:
       pass
   return ssl.create_default_context(cafile=cafile, capath=capath)
-
-
-@functools.lru_cache(maxsize=None)
-def _tierflow_version() -> str:
-  from tierflow import __version__
-  return __version__
 
 
 def _httpx_of(sdk):
